@@ -1,0 +1,52 @@
+// stvit_kernels._C: the four STA kernel primitives, declared once for every device.
+//
+// Shapes (hh = H / h, ww = W / w; all tensors contiguous NCHW, one dtype, one device; the
+// host code in ops.cpp checks this before calling any of these):
+//   x, y, g : [B, C, H, W]      pixel features
+//   s       : [B, C, hh, ww]    super tokens
+//   A       : [B, 9, H, W]      association; neighbour k of pixel (i, j) is the super token of
+//                               cell (i / h + k / 3 - 1, j / w + k % 3 - 1), invalid outside the grid
+//
+// affinity(x, s, h, w, scale, softmax) -> A
+//     logit[k] = scale * <x[:, i, j], s[:, nbr_k]> for a valid k, exactly 0 for an invalid one;
+//     softmax over the 9 slots when `softmax`, else the logits themselves.
+// aggregate(x, A, h, w) -> (num [B, C, hh, ww], den [B, 1, hh, ww])
+//     num[:, u, v] = sum over pixels p and valid k with nbr_k(p) == (u, v) of A[k, p] * x[:, p];
+//     den the same sum of A[k, p].
+// upsample(s, A, h, w) -> y [B, C, H, W]
+//     y[:, p] = sum over valid k of A[k, p] * s[:, nbr_k(p)].
+// affinity_aggregate(x, s, h, w, scale) -> (A, num, den)
+//     affinity (with softmax) then aggregate, in one pass over x.
+//
+// Kernels accumulate in float32 (float64 for double inputs), never materialise a dense
+// token x super-token map nor a 9x copy of x, compute the scatter-to-super-token sums as
+// gathers or per-cell partial sums plus a reduction (deterministic, no atomics), and index
+// with int64 wherever an offset scales with B * C * H * W.
+#pragma once
+
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace stvit {
+
+using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+at::Tensor affinity_cpu(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
+                        double scale, bool softmax);
+Tensor2 aggregate_cpu(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w);
+at::Tensor upsample_cpu(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w);
+Tensor3 affinity_aggregate_cpu(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
+                               double scale);
+
+#ifdef STVIT_WITH_CUDA
+at::Tensor affinity_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
+                         double scale, bool softmax);
+Tensor2 aggregate_cuda(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w);
+at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w);
+Tensor3 affinity_aggregate_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
+                                double scale);
+#endif
+
+}  // namespace stvit

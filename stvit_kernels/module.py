@@ -1,0 +1,131 @@
+"""``SuperTokenAttention``: a drop-in for the official ``StokenAttention`` built on the fused ops."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._utils import StokenSize, pair
+from .ops import associate, stoken_upsample
+
+#: Buffers of the official module that this one computes implicitly (identity kernels of its
+#: unfold / fold convolutions); dropped when loading an official state dict.
+OFFICIAL_CONSTANT_KEYS = ("unfold.weights", "fold.weights")
+
+
+class RefineAttention(nn.Module):
+    """Multi-head self-attention over the tokens of a ``[B, C, H, W]`` map, parameter-compatible
+    with the official ``Attention`` (``qkv`` and ``proj`` are 1x1 convolutions).
+
+    The ``qkv`` output is read as ``[B, heads, 3 * head_dim, N]`` and split into q, k, v inside each
+    head (the official channel order), then runs ``F.scaled_dot_product_attention``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.):
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim ** -0.5
+        self.attn_drop_p = attn_drop
+        self.qkv = nn.Conv2d(dim, dim * 3, 1, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Conv2d(dim, dim, 1)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(x).reshape(B, self.num_heads, 3 * (C // self.num_heads), H * W)
+        q, k, v = (t.transpose(-1, -2) for t in qkv.chunk(3, dim=2))  # [B, heads, N, head_dim]
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop_p if self.training else 0.0, scale=self.scale)
+        out = out.transpose(-1, -2).reshape(B, C, H, W)
+        return self.proj_drop(self.proj(out))
+
+
+class SuperTokenAttention(nn.Module):
+    """Super Token Attention (STViT, CVPR 2023), state-dict compatible with the official
+    ``StokenAttention`` (minus its two constant ``unfold`` / ``fold`` buffers, which loading drops).
+
+    Forward on ``x: [B, dim, H, W]``: pad to multiples of ``stoken_size``, start from the
+    average-pooled super tokens, run ``n_iter`` association iterations (no gradient but through the
+    final aggregation, into ``x``), refine the super tokens (multi-head attention, or
+    conv1x1 -> depthwise 5x5 -> conv1x1 with ``refine_attention=False``), upsample them back with the
+    association (gradient into the super tokens only) and crop. ``stoken_size == (1, 1)`` is
+    ``refine`` over all ``H * W`` tokens.
+
+    Args:
+        dim: channels ``C``.
+        stoken_size: ``h`` or ``(h, w)``.
+        n_iter: association iterations (>= 1).
+        refine, refine_attention, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop: as in the
+            official module.
+        backend: force a backend for the STA ops (default: :func:`use_backend` / ``auto``).
+
+    Example:
+        >>> sta = SuperTokenAttention(64, stoken_size=8, num_heads=1)
+        >>> y = sta(torch.randn(2, 64, 56, 56))      # [2, 64, 56, 56]
+    """
+
+    def __init__(self, dim: int, stoken_size: StokenSize, n_iter: int = 1, refine: bool = True,
+                 refine_attention: bool = True, num_heads: int = 8, qkv_bias: bool = False,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.,
+                 backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(n_iter, int) or n_iter < 1:
+            raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+        self.dim = dim
+        self.n_iter = n_iter
+        self.stoken_size = pair(stoken_size)
+        self.refine = refine
+        self.refine_attention = refine_attention
+        self.scale = dim ** -0.5
+        self.backend = backend
+        if refine:
+            if refine_attention:
+                self.stoken_refine = RefineAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias,
+                                                     qk_scale=qk_scale, attn_drop=attn_drop,
+                                                     proj_drop=proj_drop)
+            else:
+                self.stoken_refine = nn.Sequential(
+                    nn.Conv2d(dim, dim, 1, 1, 0),
+                    nn.Conv2d(dim, dim, 5, 1, 2, groups=dim),
+                    nn.Conv2d(dim, dim, 1, 1, 0),
+                )
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, stoken_size={self.stoken_size}, n_iter={self.n_iter}, "
+                f"refine={self.refine}, refine_attention={self.refine_attention}")
+
+    def _refine(self, s: torch.Tensor) -> torch.Tensor:
+        return self.stoken_refine(s) if self.refine else s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"SuperTokenAttention(dim={self.dim}) expects x of shape "
+                             f"[B, {self.dim}, H, W], got x.shape={shape}")
+        h, w = self.stoken_size
+        if (h, w) == (1, 1):
+            return self._refine(x)
+        B, C, H0, W0 = x.shape
+        pad_r, pad_b = (w - W0 % w) % w, (h - H0 % h) % h
+        if pad_r or pad_b:
+            x = F.pad(x, (0, pad_r, 0, pad_b))
+        s0 = F.avg_pool2d(x.detach(), (h, w))
+        s, A = associate(x, s0, (h, w), self.n_iter, self.scale, backend=self.backend)
+        s = self._refine(s)
+        y = stoken_upsample(s, A, (h, w), backend=self.backend)
+        if pad_r or pad_b:
+            y = y[:, :, :H0, :W0]
+        return y
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in OFFICIAL_CONSTANT_KEYS:
+            state_dict.pop(prefix + key, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
