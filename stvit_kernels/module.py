@@ -119,7 +119,9 @@ class SuperTokenAttention(nn.Module):
             x = F.pad(x, (0, pad_r, 0, pad_b))
         s0 = F.avg_pool2d(x.detach(), (h, w))
         s, A = associate(x, s0, (h, w), self.n_iter, self.scale, backend=self.backend)
-        s = self._refine(s)
+        # under autocast the refine may return a lower precision than the association: upsample in
+        # the association's dtype
+        s = self._refine(s).to(A.dtype)
         y = stoken_upsample(s, A, (h, w), backend=self.backend)
         if pad_r or pad_b:
             y = y[:, :, :H0, :W0]
