@@ -1,0 +1,572 @@
+"""Triton kernels for the four STA primitives (the ``triton`` backend, :mod:`stvit_kernels.backends`).
+
+Shapes (``hh = H / h``, ``ww = W / w``; same contract as :mod:`stvit_kernels.reference`)::
+
+    x, y   [B, C, H, W]     pixel features
+    s      [B, C, hh, ww]   super tokens
+    A      [B, 9, H, W]     association; neighbour k of pixel (i, j) is the super token of the cell
+                            (i // h + k // 3 - 1, j // w + k % 3 - 1), invalid outside the grid
+
+    affinity(x, s, h, w, scale, softmax)  -> A             (softmax=False: the scaled logits)
+    aggregate(x, A, h, w)                 -> num [B, C, hh, ww], den [B, 1, hh, ww]
+    upsample(s, A, h, w)                  -> y [B, C, H, W]
+    affinity_aggregate(x, s, h, w, scale) -> A, num, den   (one program per cell does both)
+
+Design. A program owns one ``h x w`` cell of one image (``pid = b * hh * ww + ci * ww + cj``); the
+cell's pixels are flattened to ``p = a * w + b`` and processed in blocks of ``BLOCK_P`` (the next
+power of two >= h*w, capped at ``_MAX_BLOCK_P``; bigger cells loop or add a grid axis), channels in
+chunks of ``BLOCK_C``. The cell size ``(h, w)`` is a compile-time constant, so the pixel index
+arithmetic is shifts and masks. The 9 neighbour slots are padded to 16.
+
+* affinity, grid ``(B*hh*ww, pixel blocks)``: logits ``[BLOCK_P, 16] = x [BLOCK_P, C] @ s_nbr [C, 16]``
+  accumulated over channel chunks (``s_nbr`` is the 3x3 neighbourhood of super tokens, zero for an
+  invalid neighbour, so its logit is exactly 0), then a stable softmax over the 9 real slots.
+* aggregate, grid ``(B*hh*ww, channel chunks)``: per cell the 9 partial sums
+  ``[16, BLOCK_C] = A^T [16, P] @ x [P, BLOCK_C]`` (A loaded with invalid slots zeroed) go to a
+  workspace ``[B, hh, ww, 9, C]`` (``[B, hh, ww, 9]`` for den); :func:`_reduce_kernel` then adds,
+  for each super token ``(u, v)``, the partials of the 9 cells ``(u - di, v - dj)`` around it (a
+  ``[super tokens, 16, C]`` tile summed over its middle axis). Deterministic: no atomics, every sum
+  has one fixed order.
+* affinity_aggregate, grid ``(B*hh*ww,)``: the affinity program above, then, with A still in
+  registers, the aggregate partials of the same cell (x is read a second time, from L2), then the
+  same reduction. A cell bigger than one pixel block loops, accumulating its partials in its own
+  workspace rows (read-modify-write by the owning program only, after a barrier).
+* upsample, grid ``(B*hh*ww, pixel blocks, channel chunks)``:
+  ``y [BLOCK_P, BLOCK_C] = A [BLOCK_P, 16] @ s_nbr [16, BLOCK_C]`` (A with invalid slots zeroed).
+
+``tl.dot`` computes these matrix products when every dimension is >= 16 (``BLOCK_P >= 16`` and
+``C >= 16``) and the dtype is float16 / bfloat16 / float32 (float32 with ``input_precision="ieee"``,
+i.e. no TF32, so float32 results match the reference to ~1e-6); otherwise (small cells, few
+channels, float64) a broadcast multiply and ``tl.sum`` over a 3-D tile. Accumulation is float32
+(float64 for float64 inputs); outputs are in the input dtype; offsets that scale with ``B*C*H*W``
+are int64. No autotuning: block sizes follow from ``(C, h, w)`` (:func:`_plan`).
+
+Inputs are read through their strides (any layout, channels_last included, without a copy); outputs
+are contiguous. Under ``TRITON_INTERPRET=1`` (CPU tensors, how CI runs these kernels) bfloat16
+matrix products are computed from float32 copies of the operands, because the interpreter's
+``tl.dot`` multiplies the raw bits of bfloat16 operands (Triton 3.8); the result is the same
+(bfloat16 products are exact in float32). The interpreter also truncates float32 -> bfloat16
+casts where a GPU rounds to nearest, so bfloat16 outputs there are up to 1 ulp off instead of 1/2.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import NamedTuple, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+#: Largest pixel block of one program. A cell with more pixels loops (aggregate, fused) or gets a
+#: grid axis of pixel blocks (affinity, upsample). Tests lower it to exercise those paths.
+_MAX_BLOCK_P = 256
+#: Elements of a [BLOCK_P, BLOCK_C] tile of the tl.dot path, and of the reduction's 3-D tile.
+_TILE = 4096
+#: Elements of the [BLOCK_P, BLOCK_C, 16] product of the broadcast (no tl.dot) path.
+_TILE3 = 8192
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output and workspace is allocated here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _on_tensor_device(fn):
+    """Run ``fn(t, ...)`` with ``t``'s GPU as the current device: Triton launches on the current
+    CUDA device, which need not be the one of the tensors."""
+    @functools.wraps(fn)
+    def wrapper(t, *args, **kwargs):
+        with torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext():
+            return fn(t, *args, **kwargs)
+    return wrapper
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _split(scale: float) -> Tuple[float, float]:
+    """``scale = hi + lo`` with both float32-representable: float arguments reach a kernel as
+    float32, and float64 logits need the scale to ~1e-16."""
+    hi = float(torch.tensor(scale, dtype=torch.float32))
+    return hi, float(torch.tensor(scale - hi, dtype=torch.float32))
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+class _Plan(NamedTuple):
+    BLOCK_P: int     # pixels per block (power of two, >= 2)
+    N_PB: int        # pixel blocks per cell
+    BLOCK_C: int     # channels per chunk
+    USE_DOT: bool    # tl.dot for the [P, C] x [C, 16] / [16, P] x [P, C] products
+    DOT_UPCAST: bool  # interpreter + bfloat16: feed tl.dot float32 copies
+    num_warps: int
+
+
+def _plan(dtype: torch.dtype, C: int, h: int, w: int) -> _Plan:
+    """Block sizes for a cell of ``h x w`` pixels and ``C`` channels (every kernel but the
+    reduction multiplies a ``[P, C]`` tile with ``[C, 16]``, or ``[P, 16]`` with ``[16, C]``)."""
+    P = h * w
+    block_p = max(2, min(_pow2(P), _MAX_BLOCK_P))
+    n_pb = triton.cdiv(P, block_p)
+    use_dot = dtype != torch.float64 and block_p >= 16 and C >= 16
+    if use_dot:
+        block_c = max(16, min(_pow2(C), _TILE // block_p, 128))
+        work = block_p * (block_c + 16)
+        if dtype == torch.float32:
+            work *= 2  # an exact float32 tl.dot is a loop of FMAs on CUDA cores
+    else:
+        block_c = max(2, min(_pow2(C), _TILE3 // (16 * block_p), 64))
+        work = block_p * block_c * 16  # the 3-D broadcast
+    num_warps = 8 if work >= 8192 else 4 if work >= 2048 else 2
+    upcast = use_dot and dtype == torch.bfloat16 and _interpreting()
+    return _Plan(block_p, n_pb, block_c, use_dot, upcast, num_warps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks, inlined into the kernels. (Few and coarse on purpose: under TRITON_INTERPRET
+# every call of a nested @triton.jit function costs milliseconds.)
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _cell_of(pid, hh, ww):
+    """Program id ``b * hh * ww + ci * ww + cj`` -> ``b`` (int64: it multiplies batch strides),
+    ``ci``, ``cj``, and the cell's 9 neighbour slots padded to 16: slot ``o_k``, neighbour cell
+    ``(o_u, o_v)`` (int64) and validity ``m_k`` (False for invalid and padding slots)."""
+    n_cells = hh * ww
+    b = pid // n_cells
+    ci = (pid % n_cells) // ww
+    cj = pid % ww
+    o_k = tl.arange(0, 16)
+    o_u = ci + o_k // 3 - 1
+    o_v = cj + o_k % 3 - 1
+    m_k = (o_k < 9) & (o_u >= 0) & (o_u < hh) & (o_v >= 0) & (o_v < ww)
+    return b.to(tl.int64), ci, cj, o_k, o_u.to(tl.int64), o_v.to(tl.int64), m_k
+
+
+@triton.jit
+def _cell_pixels(ci, cj, pb, CELL_H: tl.constexpr, CELL_W: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Pixel block ``pb`` of cell (ci, cj), pixels flattened row-major inside the cell: image rows
+    and columns (int64) and the in-cell mask."""
+    o_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_p = o_p < CELL_H * CELL_W
+    o_i = (ci * CELL_H + o_p // CELL_W).to(tl.int64)
+    o_j = (cj * CELL_W + o_p % CELL_W).to(tl.int64)
+    return o_i, o_j, m_p
+
+
+@triton.jit
+def _cell_logits(p_xb, p_sb,
+                 C, o_xpix, m_p, o_snbr, o_k, m_k,
+                 sxc, ssc,
+                 scale_hi, scale_lo,
+                 SOFTMAX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                 USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``[BLOCK_P, 16]`` in the accumulation dtype: the scaled logits of one pixel block against
+    the cell's neighbours (exactly 0 for an invalid slot), or with ``SOFTMAX`` their softmax over
+    the slots 0..8 (slots 9..15 come out 0).
+
+    ``p_xb + o_xpix`` are the pixels' channel-0 addresses, ``p_sb + o_snbr`` the neighbours'."""
+    ACC = tl.float64 if p_xb.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.zeros([BLOCK_P, 16], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        m_c = o_c < C
+        o_c64 = o_c.to(tl.int64)
+        b_x = tl.load(p_xb + o_xpix[:, None] + o_c64[None, :] * sxc,
+                      mask=m_p[:, None] & m_c[None, :], other=0.)          # [BLOCK_P, BLOCK_C]
+        b_s = tl.load(p_sb + o_c64[:, None] * ssc + o_snbr[None, :],
+                      mask=m_c[:, None] & m_k[None, :], other=0.)          # [BLOCK_C, 16]
+        if USE_DOT:
+            if DOT_UPCAST:
+                b_x = b_x.to(tl.float32)
+                b_s = b_s.to(tl.float32)
+            acc += tl.dot(b_x, b_s, input_precision="ieee")
+        else:
+            acc += tl.sum(b_x.to(ACC)[:, :, None] * b_s.to(ACC)[None, :, :], axis=1)
+    logits = tl.where(m_k[None, :], acc * scale_hi + acc * scale_lo, 0.)
+    if SOFTMAX:
+        z = tl.where((o_k < 9)[None, :], logits, float("-inf"))
+        e = tl.exp(z - tl.max(z, axis=1)[:, None])
+        logits = e / tl.sum(e, axis=1)[:, None]
+    return logits
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _affinity_kernel(
+    # pointers
+    p_x, p_s, p_a,
+    # sizes
+    C, hh, ww,
+    # strides
+    sxb, sxc, sxh, sxw,
+    ssb, ssc, ssh, ssw,
+    sab, sak, sah, saw,
+    # scalars
+    scale_hi, scale_lo,
+    # meta
+    CELL_H: tl.constexpr, CELL_W: tl.constexpr, SOFTMAX: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Grid (B*hh*ww, pixel blocks): A (or the logits) of one pixel block of one cell."""
+    b, ci, cj, o_k, o_u, o_v, m_k = _cell_of(tl.program_id(0), hh, ww)
+    o_i, o_j, m_p = _cell_pixels(ci, cj, tl.program_id(1), CELL_H, CELL_W, BLOCK_P)
+    b_a = _cell_logits(p_x + b * sxb, p_s + b * ssb,
+                       C, o_i * sxh + o_j * sxw, m_p, o_u * ssh + o_v * ssw, o_k, m_k,
+                       sxc, ssc, scale_hi, scale_lo,
+                       SOFTMAX, BLOCK_P, BLOCK_C, USE_DOT, DOT_UPCAST)
+    p_out = p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None]
+    tl.store(p_out, b_a.to(p_a.dtype.element_ty), mask=m_p[:, None] & (o_k < 9)[None, :])
+
+
+@triton.jit
+def _aggregate_kernel(
+    # pointers
+    p_x, p_a, p_wnum, p_wden,
+    # sizes
+    C, hh, ww,
+    # strides
+    sxb, sxc, sxh, sxw,
+    sab, sak, sah, saw,
+    # meta
+    CELL_H: tl.constexpr, CELL_W: tl.constexpr, N_PB: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Grid (B*hh*ww, channel chunks): the cell's 9 partial sums ``A^T x`` of one channel chunk,
+    and (chunk 0) of ``A``, to the workspace rows ``pid * 9 + k``."""
+    pid = tl.program_id(0)
+    pc = tl.program_id(1)
+    b, ci, cj, o_k, o_u, o_v, m_k = _cell_of(pid, hh, ww)
+    o_c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    o_c64 = o_c.to(tl.int64)
+    ACC = p_wnum.dtype.element_ty
+
+    acc = tl.zeros([16, BLOCK_C], dtype=ACC)
+    acc_den = tl.zeros([16], dtype=ACC)
+    for pb in range(N_PB):
+        o_i, o_j, m_p = _cell_pixels(ci, cj, pb, CELL_H, CELL_W, BLOCK_P)
+        b_a = tl.load(p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None],
+                      mask=m_p[:, None] & m_k[None, :], other=0.)          # [BLOCK_P, 16]
+        b_x = tl.load(p_x + b * sxb + (o_i * sxh + o_j * sxw)[:, None] + o_c64[None, :] * sxc,
+                      mask=m_p[:, None] & m_c[None, :], other=0.)          # [BLOCK_P, BLOCK_C]
+        acc_den += tl.sum(b_a.to(ACC), axis=0)
+        if USE_DOT:
+            if DOT_UPCAST:
+                b_a = b_a.to(tl.float32)
+                b_x = b_x.to(tl.float32)
+            acc += tl.dot(tl.trans(b_a), b_x, input_precision="ieee")
+        else:
+            acc += tl.sum(b_a.to(ACC)[:, :, None] * b_x.to(ACC)[:, None, :], axis=0)
+
+    o_row = pid.to(tl.int64) * 9 + o_k.to(tl.int64)
+    tl.store(p_wnum + o_row[:, None] * C + o_c64[None, :], acc,
+             mask=(o_k < 9)[:, None] & m_c[None, :])
+    tl.store(p_wden + o_row, acc_den, mask=(o_k < 9) & (pc == 0))
+
+
+@triton.jit
+def _affinity_aggregate_kernel(
+    # pointers
+    p_x, p_s, p_a, p_wnum, p_wden,
+    # sizes
+    C, hh, ww,
+    # strides
+    sxb, sxc, sxh, sxw,
+    ssb, ssc, ssh, ssw,
+    sab, sak, sah, saw,
+    # scalars
+    scale_hi, scale_lo,
+    # meta
+    CELL_H: tl.constexpr, CELL_W: tl.constexpr, N_PB: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Grid (B*hh*ww,): A of the cell (stored), then, with A still in registers, the partial sums
+    ``A^T x`` and of ``A`` to the workspace rows ``pid * 9 + k``."""
+    pid = tl.program_id(0)
+    b, ci, cj, o_k, o_u, o_v, m_k = _cell_of(pid, hh, ww)
+    p_xb = p_x + b * sxb
+    ACC = p_wnum.dtype.element_ty
+    o_row = pid.to(tl.int64) * 9 + o_k.to(tl.int64)
+    m_row = o_k < 9
+
+    for pb in range(N_PB):
+        o_i, o_j, m_p = _cell_pixels(ci, cj, pb, CELL_H, CELL_W, BLOCK_P)
+        o_xpix = o_i * sxh + o_j * sxw
+        b_a = _cell_logits(p_xb, p_s + b * ssb,
+                           C, o_xpix, m_p, o_u * ssh + o_v * ssw, o_k, m_k,
+                           sxc, ssc, scale_hi, scale_lo,
+                           True, BLOCK_P, BLOCK_C, USE_DOT, DOT_UPCAST)
+        # A as stored (input dtype); pixels past the cell must not add to the sums
+        b_a = tl.where(m_p[:, None], b_a, 0.).to(p_a.dtype.element_ty)
+        p_out = p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None]
+        tl.store(p_out, b_a, mask=m_p[:, None] & m_row[None, :])
+
+        den = tl.sum(b_a.to(ACC), axis=0)
+        if N_PB > 1:
+            den += tl.load(p_wden + o_row, mask=m_row & (pb > 0), other=0.)
+        tl.store(p_wden + o_row, den, mask=m_row)
+        if USE_DOT:
+            if DOT_UPCAST:
+                b_a = b_a.to(tl.float32)
+            b_at = tl.trans(b_a)                                            # [16, BLOCK_P]
+        for c0 in range(0, C, BLOCK_C):
+            o_c = c0 + tl.arange(0, BLOCK_C)
+            m_c = o_c < C
+            o_c64 = o_c.to(tl.int64)
+            b_x = tl.load(p_xb + o_xpix[:, None] + o_c64[None, :] * sxc,
+                          mask=m_p[:, None] & m_c[None, :], other=0.)      # [BLOCK_P, BLOCK_C]
+            if USE_DOT:
+                if DOT_UPCAST:
+                    b_x = b_x.to(tl.float32)
+                part = tl.dot(b_at, b_x, input_precision="ieee")
+            else:
+                part = tl.sum(b_a.to(ACC)[:, :, None] * b_x.to(ACC)[:, None, :], axis=0)
+            p_ws = p_wnum + o_row[:, None] * C + o_c64[None, :]
+            m_ws = m_row[:, None] & m_c[None, :]
+            if N_PB > 1:
+                part += tl.load(p_ws, mask=m_ws & (pb > 0), other=0.)
+            tl.store(p_ws, part, mask=m_ws)
+        if N_PB > 1:
+            # the next pixel block reads these workspace rows back, maybe in other threads
+            tl.debug_barrier()
+
+
+@triton.jit
+def _reduce_kernel(
+    # pointers
+    p_wnum, p_wden, p_num, p_den,
+    # sizes
+    C, hh, ww,
+    # strides
+    snb, snc, snh, snw,
+    sdb, sdh, sdw,
+    # meta
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Grid (B * super-token blocks, channel chunks): ``num[:, u, v]`` = the sum over k of slot k
+    of cell ``(u - di, v - dj)`` (cells inside the grid only); ``den`` alike (chunk 0). The 9
+    terms are one ``[BLOCK_N, 16, BLOCK_C]`` tile summed over its middle axis: a fixed order."""
+    pid = tl.program_id(0)
+    pc = tl.program_id(1)
+    n_cells = hh * ww
+    n_blocks = tl.cdiv(n_cells, BLOCK_N)
+    b = (pid // n_blocks).to(tl.int64)
+    o_n = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_u = o_n // ww
+    o_v = o_n % ww
+    o_k = tl.arange(0, 16)
+    o_su = o_u[:, None] - (o_k // 3 - 1)[None, :]                            # [BLOCK_N, 16]
+    o_sv = o_v[:, None] - (o_k % 3 - 1)[None, :]
+    m_src = ((o_n < n_cells)[:, None] & (o_k < 9)[None, :]
+             & (o_su >= 0) & (o_su < hh) & (o_sv >= 0) & (o_sv < ww))
+    o_row = ((b * hh + o_su) * ww + o_sv) * 9 + o_k[None, :]                 # workspace rows
+    o_c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    o_c64 = o_c.to(tl.int64)
+
+    b_num = tl.sum(tl.load(p_wnum + o_row[:, :, None] * C + o_c64[None, None, :],
+                           mask=m_src[:, :, None] & m_c[None, None, :], other=0.), axis=1)
+    b_den = tl.sum(tl.load(p_wden + o_row, mask=m_src & (pc == 0), other=0.), axis=1)
+
+    o_uv = o_u.to(tl.int64) * snh + o_v.to(tl.int64) * snw
+    m_n = o_n < n_cells
+    tl.store(p_num + b * snb + o_c64[None, :] * snc + o_uv[:, None], b_num.to(p_num.dtype.element_ty),
+             mask=m_n[:, None] & m_c[None, :])
+    o_uv = o_u.to(tl.int64) * sdh + o_v.to(tl.int64) * sdw
+    tl.store(p_den + b * sdb + o_uv, b_den.to(p_den.dtype.element_ty), mask=m_n & (pc == 0))
+
+
+@triton.jit
+def _upsample_kernel(
+    # pointers
+    p_s, p_a, p_y,
+    # sizes
+    C, hh, ww,
+    # strides
+    ssb, ssc, ssh, ssw,
+    sab, sak, sah, saw,
+    syb, syc, syh, syw,
+    # meta
+    CELL_H: tl.constexpr, CELL_W: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Grid (B*hh*ww, pixel blocks, channel chunks): ``y [BLOCK_P, BLOCK_C] = A [BLOCK_P, 16] @
+    s_nbr [16, BLOCK_C]``, A loaded with its invalid slots zeroed (they are skipped)."""
+    b, ci, cj, o_k, o_u, o_v, m_k = _cell_of(tl.program_id(0), hh, ww)
+    o_i, o_j, m_p = _cell_pixels(ci, cj, tl.program_id(1), CELL_H, CELL_W, BLOCK_P)
+    o_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    o_c64 = o_c.to(tl.int64)
+    ACC = tl.float64 if p_y.dtype.element_ty == tl.float64 else tl.float32
+
+    b_a = tl.load(p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None],
+                  mask=m_p[:, None] & m_k[None, :], other=0.)              # [BLOCK_P, 16]
+    b_s = tl.load(p_s + b * ssb + (o_u * ssh + o_v * ssw)[:, None] + o_c64[None, :] * ssc,
+                  mask=m_k[:, None] & m_c[None, :], other=0.)              # [16, BLOCK_C]
+    if USE_DOT:
+        if DOT_UPCAST:
+            b_a = b_a.to(tl.float32)
+            b_s = b_s.to(tl.float32)
+        b_y = tl.dot(b_a, b_s, input_precision="ieee")
+    else:
+        b_y = tl.sum(b_a.to(ACC)[:, :, None] * b_s.to(ACC)[None, :, :], axis=1)
+
+    p_out = p_y + b * syb + o_c64[None, :] * syc + (o_i * syh + o_j * syw)[:, None]
+    tl.store(p_out, b_y.to(p_y.dtype.element_ty), mask=m_p[:, None] & m_c[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side
+# ------------------------------------------------------------------------------------------------
+
+def _reduce(wnum: torch.Tensor, wden: torch.Tensor, dtype: torch.dtype):
+    """Workspaces ``[B, hh, ww, 9, C]`` and ``[B, hh, ww, 9]`` -> ``num [B, C, hh, ww]``,
+    ``den [B, 1, hh, ww]``."""
+    B, hh, ww, _, C = wnum.shape
+    num = _empty((B, C, hh, ww), dtype, wnum.device)
+    den = _empty((B, 1, hh, ww), dtype, wnum.device)
+    block_c = max(2, min(_pow2(C), 64))
+    block_n = max(2, min(_TILE // (16 * block_c), 64, _pow2(hh * ww)))
+    n_chunks = max(1, triton.cdiv(C, block_c))  # chunk 0 also writes den, even when C == 0
+
+    def grid(meta):
+        return (B * triton.cdiv(hh * ww, meta["BLOCK_N"]), n_chunks)
+
+    _reduce_kernel[grid](
+        p_wnum=wnum, p_wden=wden, p_num=num, p_den=den,
+        C=C, hh=hh, ww=ww,
+        snb=num.stride(0), snc=num.stride(1), snh=num.stride(2), snw=num.stride(3),
+        sdb=den.stride(0), sdh=den.stride(2), sdw=den.stride(3),
+        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4 if block_n * block_c >= 128 else 2,
+    )
+    return num, den
+
+
+@_on_tensor_device
+def affinity(x: torch.Tensor, s: torch.Tensor, h: int, w: int, scale: float,
+             softmax: bool = True) -> torch.Tensor:
+    """``A [B, 9, H, W]``: softmax over the 9 neighbours of the scaled logits (``softmax=False``:
+    the scaled logits, 0 for an invalid neighbour)."""
+    B, C, H, W = x.shape
+    hh, ww = H // h, W // w
+    A = _empty((B, 9, H, W), x.dtype, x.device)
+    if A.numel() == 0:
+        return A
+    plan = _plan(x.dtype, C, h, w)
+    scale_hi, scale_lo = _split(scale)
+
+    def grid(meta):
+        return (B * hh * ww, triton.cdiv(h * w, meta["BLOCK_P"]))
+
+    _affinity_kernel[grid](
+        p_x=x, p_s=s, p_a=A,
+        C=C, hh=hh, ww=ww,
+        sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
+        ssb=s.stride(0), ssc=s.stride(1), ssh=s.stride(2), ssw=s.stride(3),
+        sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
+        scale_hi=scale_hi, scale_lo=scale_lo,
+        CELL_H=h, CELL_W=w, SOFTMAX=bool(softmax),
+        BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, USE_DOT=plan.USE_DOT,
+        DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
+    )
+    return A
+
+
+@_on_tensor_device
+def aggregate(x: torch.Tensor, A: torch.Tensor, h: int, w: int):
+    """``num [B, C, hh, ww]``, ``den [B, 1, hh, ww]``: per-cell partial sums, then a fixed-order
+    reduction over the 9 cells around each super token."""
+    B, C, H, W = x.shape
+    hh, ww = H // h, W // w
+    if B == 0:
+        return (_empty((0, C, hh, ww), x.dtype, x.device), _empty((0, 1, hh, ww), x.dtype, x.device))
+    acc = _acc_dtype(x.dtype)
+    wnum = _empty((B, hh, ww, 9, C), acc, x.device)
+    wden = _empty((B, hh, ww, 9), acc, x.device)
+    plan = _plan(x.dtype, C, h, w)
+    n_chunks = max(1, triton.cdiv(C, plan.BLOCK_C))
+
+    def grid(meta):
+        return (B * hh * ww, n_chunks)
+
+    _aggregate_kernel[grid](
+        p_x=x, p_a=A, p_wnum=wnum, p_wden=wden,
+        C=C, hh=hh, ww=ww,
+        sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
+        sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
+        CELL_H=h, CELL_W=w, N_PB=plan.N_PB,
+        BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, USE_DOT=plan.USE_DOT,
+        DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
+    )
+    return _reduce(wnum, wden, x.dtype)
+
+
+@_on_tensor_device
+def upsample(s: torch.Tensor, A: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``y [B, C, H, W]``, ``y[:, p] = sum over valid k of A[k, p] * s[:, nbr_k(p)]``."""
+    B, C, hh, ww = s.shape
+    H, W = A.shape[2], A.shape[3]
+    y = _empty((B, C, H, W), s.dtype, s.device)
+    if y.numel() == 0:
+        return y
+    plan = _plan(s.dtype, C, h, w)
+
+    def grid(meta):
+        return (B * hh * ww, triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))
+
+    _upsample_kernel[grid](
+        p_s=s, p_a=A, p_y=y,
+        C=C, hh=hh, ww=ww,
+        ssb=s.stride(0), ssc=s.stride(1), ssh=s.stride(2), ssw=s.stride(3),
+        sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
+        syb=y.stride(0), syc=y.stride(1), syh=y.stride(2), syw=y.stride(3),
+        CELL_H=h, CELL_W=w, BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C,
+        USE_DOT=plan.USE_DOT, DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
+    )
+    return y
+
+
+@_on_tensor_device
+def affinity_aggregate(x: torch.Tensor, s: torch.Tensor, h: int, w: int, scale: float):
+    """``(A, num, den)`` = ``affinity(x, s)`` then ``aggregate(x, A)``, one program per cell for
+    both (``num``/``den`` are computed from ``A`` as stored, i.e. rounded to the input dtype)."""
+    B, C, H, W = x.shape
+    hh, ww = H // h, W // w
+    A = _empty((B, 9, H, W), x.dtype, x.device)
+    if B == 0:
+        return (A, _empty((0, C, hh, ww), x.dtype, x.device), _empty((0, 1, hh, ww), x.dtype, x.device))
+    acc = _acc_dtype(x.dtype)
+    wnum = _empty((B, hh, ww, 9, C), acc, x.device)
+    wden = _empty((B, hh, ww, 9), acc, x.device)
+    plan = _plan(x.dtype, C, h, w)
+    scale_hi, scale_lo = _split(scale)
+
+    def grid(meta):
+        return (B * hh * ww,)
+
+    _affinity_aggregate_kernel[grid](
+        p_x=x, p_s=s, p_a=A, p_wnum=wnum, p_wden=wden,
+        C=C, hh=hh, ww=ww,
+        sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
+        ssb=s.stride(0), ssc=s.stride(1), ssh=s.stride(2), ssw=s.stride(3),
+        sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
+        scale_hi=scale_hi, scale_lo=scale_lo,
+        CELL_H=h, CELL_W=w, N_PB=plan.N_PB,
+        BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, USE_DOT=plan.USE_DOT,
+        DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
+    )
+    num, den = _reduce(wnum, wden, x.dtype)
+    return A, num, den
