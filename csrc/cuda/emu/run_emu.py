@@ -1,0 +1,149 @@
+"""Runs the CUDA kernels of csrc/cuda on the CPU, under a host emulator, against the reference.
+
+No GPU needed: emu_ext.cpp compiles sta_kernels.cuh + sta_launch.cuh (the very code the CUDA build
+uses) with g++, emu_shim.h standing in for the CUDA built-ins. The threads of a block run one at a
+time, in a random / reversed / in-order sequence between two barriers, so a missing __syncthreads
+gives wrong numbers; outputs, workspace and shared memory start NaN-poisoned, so an element never
+written shows. Plan limits are varied to drive every code path (channel chunks, several batches
+per tile, large cells, no x cache, opted-in shared memory).
+
+    python csrc/cuda/emu/run_emu.py            # full sweep, ~8 min on 2 cores
+    QUICK=1 python csrc/cuda/emu/run_emu.py    # production limits only, ~1 min
+"""
+import glob, hashlib, itertools, os, sys, time
+import torch
+from torch.utils.cpp_extension import load
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+sys.path.insert(0, ROOT)
+from stvit_kernels import reference as ref
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CUDA_DIR = os.environ.get("STVIT_CUDA_DIR", os.path.join(ROOT, "csrc", "cuda"))
+_h = hashlib.sha1(b"".join(open(f, "rb").read() for f in sorted(glob.glob(CUDA_DIR + "/*.cuh")) + [os.path.join(HERE, "emu_ext.cpp"), os.path.join(HERE, "emu_shim.h")])).hexdigest()[:10]
+emu = load(name=os.environ.get("STVIT_EMU_NAME", "stvit_emu") + "_" + _h, sources=[os.path.join(HERE, "emu_ext.cpp")],
+           extra_include_paths=[HERE, CUDA_DIR, os.path.join(ROOT, "csrc")],
+           extra_cflags=["-O1", "-std=c++20", "-Wno-unknown-pragmas"], verbose=False)
+
+# poison every at::empty (outputs and workspace) with NaN: an element a kernel forgets shows
+torch.use_deterministic_algorithms(True)
+torch.utils.deterministic.fill_uninitialized_memory = True
+
+CONFIGS = {  # (max_threads, smem_soft, smem_max, max_chunk, cache_x, tile_pixels)
+    "prod":      (256, 48 * 1024, 227 * 1024, 1 << 30, True, 1024),
+    "chunk8":    (256, 48 * 1024, 227 * 1024, 8, True, 1024),       # many s chunks (double: 4)
+    "threads32": (32, 48 * 1024, 227 * 1024, 1 << 30, True, 1024),  # many batches per tile
+    "tile1":     (64, 48 * 1024, 227 * 1024, 1 << 30, True, 1),     # tile = block (large cells loop)
+    "nocache":   (64, 48 * 1024, 48 * 1024, 8, False, 200),         # partial sums re-read x
+    "optin":     (256, 20000, 227 * 1024, 1 << 30, True, 1024),     # x cache only with opt-in smem
+}
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    assert not torch.isnan(a).any(), "NaN in output (unwritten element?)"
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+def check(name, out, want, dtype, info):
+    e = rel_err(out, want)
+    ok = e <= TOL[dtype]
+    if not ok:
+        print(f"FAIL {name} {info} err={e:.3e}")
+    return ok
+
+def run_case(B, C, H, W, h, w, dtype, cfg_name, order, seed):
+    g = torch.Generator().manual_seed(seed)
+    hh, ww = H // h, W // w
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    s = torch.randn(B, C, hh, ww, generator=g, dtype=torch.float64)
+    A = torch.randn(B, 9, H, W, generator=g, dtype=torch.float64).softmax(1)
+    scale = C ** -0.5 if C else 1.0
+    xd, sd, Ad = x.to(dtype), s.to(dtype), A.to(dtype)
+    x64, s64, A64 = xd.double(), sd.double(), Ad.double()   # truth on the rounded inputs
+    cfg = CONFIGS[cfg_name] + (order, seed)
+    info = f"B{B} C{C} {H}x{W} s{h}x{w} {str(dtype)[6:]} {cfg_name} order{order}"
+    ok = True
+    # affinity, softmax and logits
+    for sm in (True, False):
+        Ao = emu.affinity(xd, sd, h, w, scale, sm, *cfg)
+        ok &= check(f"affinity(softmax={sm})", Ao, ref.affinity(x64, s64, h, w, scale, sm), dtype, info)
+    # aggregate
+    num, den = emu.aggregate(xd, Ad, h, w, *cfg)
+    n_ref, d_ref = ref.aggregate(x64, A64, h, w)
+    if C: ok &= check("aggregate.num", num, n_ref, dtype, info)
+    ok &= check("aggregate.den", den, d_ref, dtype, info)
+    # aggregate with an arbitrary (signed) A, as the backward passes call it
+    Ag = torch.randn(B, 9, H, W, generator=g, dtype=torch.float64).to(dtype)
+    num2, den2 = emu.aggregate(xd, Ag, h, w, *cfg)
+    n2, d2 = ref.aggregate(x64, Ag.double(), h, w)
+    if C: ok &= check("aggregate(signed A).num", num2, n2, dtype, info)
+    ok &= check("aggregate(signed A).den", den2, d2, dtype, info)
+    # upsample
+    if C:
+        y = emu.upsample(sd, Ad, h, w, *cfg)
+        ok &= check("upsample", y, ref.upsample(s64, A64, h, w), dtype, info)
+        y2 = emu.upsample(sd, Ag, h, w, *cfg)
+        ok &= check("upsample(signed A)", y2, ref.upsample(s64, Ag.double(), h, w), dtype, info)
+    # fused
+    Af, nf, df = emu.affinity_aggregate(xd, sd, h, w, scale, *cfg)
+    Aa = emu.affinity(xd, sd, h, w, scale, True, *cfg)
+    if not torch.equal(Af, Aa):
+        print(f"FAIL fused A != affinity A {info}"); ok = False
+    ok &= check("fused.A", Af, ref.affinity(x64, s64, h, w, scale), dtype, info)
+    # the fused partial sums use the stored (rounded) A: compare with aggregate of that A
+    nr, dr = ref.aggregate(x64, Af.double(), h, w)
+    if C: ok &= check("fused.num", nf, nr, dtype, info)
+    ok &= check("fused.den", df, dr, dtype, info)
+    return ok
+
+SHAPES = [  # (B, C, H, W, h, w)
+    (2, 16, 16, 16, 8, 8),   # grid 2x2
+    (1, 3, 9, 15, 3, 5),     # odd, h != w
+    (2, 5, 8, 8, 8, 8),      # 1x1 grid
+    (1, 1, 12, 8, 4, 4),     # C = 1
+    (3, 13, 14, 21, 7, 3),
+    (2, 8, 8, 16, 8, 8),     # grid 1x2
+    (1, 20, 28, 28, 4, 4),   # 7x7 grid (stage-2 like)
+    (2, 9, 6, 10, 1, 2),     # h = 1
+    (1, 7, 10, 10, 2, 2),    # 5x5 grid
+    (1, 6, 5, 7, 1, 1),      # 1x1 cells (tile of many cells)
+    (1, 4, 7, 9, 7, 1),      # w = 1
+    (1, 5, 32, 16, 16, 16),  # 256-pixel cells, grid 2x1
+    (1, 3, 17, 40, 17, 20),  # 340-pixel cells (> 256 threads)
+    (1, 70, 16, 24, 8, 8),   # C not a multiple of the vector width, > one chunk of 64
+    (1, 0, 8, 8, 4, 4),      # C = 0
+    (2, 4, 3, 80, 1, 1),     # wide row of 1x1 cells (> 64 cells per row: several tiles)
+    (1, 3, 4, 260, 2, 2),    # 130 cells per row
+]
+
+def main():
+    quick = os.environ.get("QUICK")
+    only = os.environ.get("SHAPES")
+    if only:
+        keep = [int(v) for v in only.split(",")]
+        globals()["SHAPES"][:] = [SHAPES[i] for i in keep]
+    dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+    total = fails = 0
+    t0 = time.time()
+    if os.environ.get("DTYPES"):
+        dtypes = [getattr(torch, d) for d in os.environ["DTYPES"].split(",")]
+    for i, shape in enumerate(SHAPES):
+        for j, dt in enumerate(dtypes):
+            for cfg in CONFIGS:
+                order = (i + j) % 3
+                if quick and cfg != "prod": continue
+                total += 1
+                if not run_case(*shape, dt, cfg, order, seed=1000 * i + 10 * j + len(cfg)):
+                    fails += 1
+    # B = 0
+    x = torch.randn(0, 4, 8, 8); s = torch.randn(0, 4, 2, 2); A = torch.randn(0, 9, 8, 8)
+    cfg = CONFIGS["prod"] + (0, 0)
+    assert emu.affinity(x, s, 4, 4, 0.5, True, *cfg).shape == (0, 9, 8, 8)
+    n, d = emu.aggregate(x, A, 4, 4, *cfg); assert n.shape == (0, 4, 2, 2) and d.shape == (0, 1, 2, 2)
+    assert emu.upsample(s, A, 4, 4, *cfg).shape == (0, 4, 8, 8)
+    a, n, d = emu.affinity_aggregate(x, s, 4, 4, 0.5, *cfg); assert a.shape == (0, 9, 8, 8) and n.shape == (0, 4, 2, 2)
+    print(f"{total - fails}/{total} cases passed, {time.time() - t0:.0f}s")
+    sys.exit(1 if fails else 0)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+// The four CUDA entry points declared in csrc/stvit.h. Kernels: sta_kernels.cuh; allocation,
+// dispatch and launch sequence: sta_launch.cuh (shared with the host emulator of the tests).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "stvit.h"
+#include "sta_launch.cuh"
+
+namespace stvit {
+namespace {
+
+// Launches on the current stream of the inputs' device; opts in to more than 48 KB of dynamic
+// shared memory when a plan asks for it (very wide channels).
+struct CudaRuntime {
+  cudaStream_t stream;
+  cuda::PlanLimits lim;
+
+  CudaRuntime() : stream(at::cuda::getCurrentCUDAStream()) {
+    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+    lim.smem_max = static_cast<size_t>(prop->sharedMemPerBlockOptin);
+  }
+
+  cuda::PlanLimits limits() const { return lim; }
+
+  template <typename Params>
+  void launch(void (*kernel)(Params), int64_t blocks, int threads, size_t smem, const Params& p) {
+    if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    }
+    kernel<<<static_cast<unsigned int>(blocks), threads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+}  // namespace
+
+at::Tensor affinity_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
+                         double scale, bool softmax) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  CudaRuntime rt;
+  return cuda::affinity_impl(rt, x, s, h, w, scale, softmax);
+}
+
+Tensor2 aggregate_cuda(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  CudaRuntime rt;
+  return cuda::aggregate_impl(rt, x, A, h, w);
+}
+
+at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
+  const c10::cuda::OptionalCUDAGuard guard(A.device());
+  CudaRuntime rt;
+  return cuda::upsample_impl(rt, s, A, h, w);
+}
+
+Tensor3 affinity_aggregate_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
+                                double scale) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  CudaRuntime rt;
+  return cuda::affinity_aggregate_impl(rt, x, s, h, w, scale);
+}
+
+}  // namespace stvit

@@ -1,0 +1,583 @@
+// CUDA kernel templates of the four STA primitives (semantics: csrc/stvit.h, DESIGN.md §1).
+//
+// Work decomposition shared by every pixel-side kernel (the "cell tile"):
+//   * one thread block per (batch b, cell row ci, tile T): the tile is NC consecutive cells
+//     cj0 = T*NC .. cj0+nct-1 of cell row ci (nct = NC except for a shorter last tile), i.e. a
+//     h x (nct*w) pixel rectangle, numbered row-major p = r*TW + col (TW = nct*w);
+//   * the block walks the tile in batches of blockDim.x pixels, one thread per pixel (affinity
+//     and upsample: one batch unless a single cell has more pixels than the block; aggregating
+//     kernels: wider tiles, several batches, see plan_cells);
+//   * the super tokens the tile can see are the 3 x (NC+2) cells around it (extended columns
+//     e = 0..NC+1 stand for cell columns cj0-1 .. cj0+NC); they are staged in shared memory in
+//     chunks of CK channels, zero-filled outside the grid, so neighbour k of a pixel in tile cell
+//     tc reads row k/3, extended column tc + k%3 with no branch.
+//
+// The scatter-to-super-token sums (num, den) never use atomics: a block sums, for each of the
+// 3 x (NC+2) super tokens its pixels point at, the contributions of all its pixels (a fixed
+// order: source cell column, then pixel row, then pixel column) into a workspace slot; the small
+// reduce kernel then adds, for each super token, the <= 3 rows x <= 3 tiles slots that point at
+// it, in a fixed order. den rides along as channel C of x with the value 1.
+//
+// The same source builds with a host emulator (tests without a GPU): it defines
+// STVIT_DYNAMIC_SMEM and the CUDA built-ins before including this file.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <ATen/OpMathType.h>
+
+#ifndef STVIT_DYNAMIC_SMEM
+#define STVIT_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace stvit {
+namespace cuda {
+
+// ------------------------------------------------------------------------------------------------
+// Small helpers
+
+constexpr int kMaxThreads = 256;      // threads per block, at most
+constexpr int kMaxCellsPerTile = 64;  // bounds the 3 x (NC+2) staged super tokens for tiny cells
+
+template <typename T>
+__host__ __device__ __forceinline__ T imin(T a, T b) { return a < b ? a : b; }
+template <typename T>
+__host__ __device__ __forceinline__ T imax(T a, T b) { return a > b ? a : b; }
+__host__ __device__ __forceinline__ int round_up(int a, int m) { return (a + m - 1) / m * m; }
+
+__device__ __forceinline__ float exp_acc(float v) { return ::expf(v); }
+__device__ __forceinline__ double exp_acc(double v) { return ::exp(v); }
+
+// Channels per 16-byte vector of the accumulation type: 4 (float), 2 (double).
+template <typename acc_t>
+struct VecWidth {
+  static constexpr int value = 16 / static_cast<int>(sizeof(acc_t));
+};
+
+// N consecutive elements loaded/stored as one aligned vector (LDS/STS .64/.128).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* ptr) {
+  return *reinterpret_cast<const Vec<T, N>*>(ptr);
+}
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* ptr, const Vec<T, N>& val) {
+  *reinterpret_cast<Vec<T, N>*>(ptr) = val;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Parameters (one struct for every pixel-side kernel; unused pointers are null)
+
+template <typename scalar_t>
+struct CellParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = nullptr;     // [B, C, H, W]   affinity, aggregate, fused
+  const scalar_t* s = nullptr;     // [B, C, hh, ww] affinity, fused, upsample
+  const scalar_t* A_in = nullptr;  // [B, 9, H, W]   aggregate, upsample
+  scalar_t* A_out = nullptr;       // [B, 9, H, W]   affinity, fused
+  scalar_t* y = nullptr;           // [B, C, H, W]   upsample
+  acc_t* ws = nullptr;             // [B, hh, NT, 3, NC+2, CW] partial sums: aggregate, fused
+  acc_t scale = 0;
+  bool softmax = true;
+  int C = 0, H = 0, W = 0, h = 1, w = 1, hh = 0, ww = 0;
+  // tile plan (see Plan)
+  int NC = 1, NT = 1, CK = 0, SK = 0, XC = 0, CW = 0;
+  int a_off = 0, x_off = 0;  // byte offsets of the A and x regions in dynamic shared memory
+};
+
+// Where a block sits: batch b, cell row ci, tile T (cells cj0 .. cj0+nct-1), tile width TW and
+// pixel count TP.
+struct TileInfo {
+  int64_t b;
+  int ci, T, cj0, nct, TW, TP;
+};
+
+template <typename P>
+__device__ __forceinline__ TileInfo tile_of(const P& p) {
+  TileInfo t;
+  int64_t bid = blockIdx.x;
+  t.T = static_cast<int>(bid % p.NT);
+  bid /= p.NT;
+  t.ci = static_cast<int>(bid % p.hh);
+  t.b = bid / p.hh;
+  t.cj0 = t.T * p.NC;
+  t.nct = imin(p.NC, p.ww - t.cj0);
+  t.TW = t.nct * p.w;
+  t.TP = p.h * t.TW;
+  return t;
+}
+
+// Stage channels [c0, c0 + CK) of the 3 x (NC+2) super tokens around the tile into
+// s_sh[(row * (NC+2) + e) * SK + cc], zero outside the grid and for channels >= C.
+// Consecutive threads take consecutive extended columns: runs of contiguous reads of s.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void stage_stokens(acc_t* __restrict__ s_sh,
+                                              const scalar_t* __restrict__ s_b, int c0,
+                                              const CellParams<scalar_t>& p, const TileInfo& t) {
+  const int NCE = p.NC + 2;
+  const int n = 3 * NCE * p.CK;
+  const int64_t plane = static_cast<int64_t>(p.hh) * p.ww;
+  for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
+    const int e = idx % NCE;
+    const int rest = idx / NCE;
+    const int row = rest % 3;
+    const int cc = rest / 3;
+    const int u = t.ci + row - 1;
+    const int v = t.cj0 - 1 + e;
+    const int c = c0 + cc;
+    acc_t val = acc_t(0);
+    if (u >= 0 && u < p.hh && v >= 0 && v < p.ww && c < p.C) {
+      val = static_cast<acc_t>(s_b[c * plane + static_cast<int64_t>(u) * p.ww + v]);
+    }
+    s_sh[(row * NCE + e) * p.SK + cc] = val;
+  }
+}
+
+// Is neighbour k of a pixel in cell (ci, cj) inside the grid?
+__device__ __forceinline__ bool neighbour_valid(int k, int ci, int cj, int hh, int ww) {
+  const int u = ci + k / 3 - 1;
+  const int v = cj + k % 3 - 1;
+  return u >= 0 && u < hh && v >= 0 && v < ww;
+}
+
+enum CellMode : int {
+  kAffinity = 0,   // x, s -> A (softmax or logits)
+  kAggregate = 1,  // x, A -> workspace partial sums
+  kFused = 2,      // x, s -> A and workspace partial sums, one pass over x
+};
+
+// ------------------------------------------------------------------------------------------------
+// The pixel-side kernel of affinity, aggregate and the fused affinity + aggregate.
+//
+// Shared memory (dynamic): [ s_sh: 3 x (NC+2) x SK acc_t | A_sh: 9 x blockDim scalar_t |
+//                            x_sh: blockDim x XC scalar_t ]
+// s_sh only when computing logits, A_sh and x_sh only when aggregating (x_sh only with CACHE_X:
+// the batch's x is kept on chip between the logits and the partial sums, so x is read from
+// device memory once; without it the partial sums re-read x, mostly from L2).
+template <typename scalar_t, int MODE, bool CACHE_X>
+__global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = VecWidth<acc_t>::value;
+  constexpr bool kLogits = MODE != kAggregate;
+  constexpr bool kAgg = MODE != kAffinity;
+
+  STVIT_DYNAMIC_SMEM(smem);
+  acc_t* s_sh = reinterpret_cast<acc_t*>(smem);
+  scalar_t* A_sh = reinterpret_cast<scalar_t*>(smem + p.a_off);
+  scalar_t* x_sh = reinterpret_cast<scalar_t*>(smem + p.x_off);
+
+  const TileInfo t = tile_of(p);
+  const int BS = blockDim.x;
+  const int q = threadIdx.x;
+  const int NCE = p.NC + 2;
+  const int64_t HW = static_cast<int64_t>(p.H) * p.W;
+  const scalar_t* x_b = p.x + t.b * p.C * HW;
+
+  for (int pb = 0; pb < t.TP; pb += BS) {
+    // ---- this thread's pixel
+    const int pi = pb + q;
+    const bool active = pi < t.TP;
+    int tc = 0;        // its cell within the tile
+    int64_t pix = 0;   // its offset in an H x W plane
+    if (active) {
+      const int r = pi / t.TW;
+      const int col = pi - r * t.TW;
+      tc = col / p.w;
+      pix = static_cast<int64_t>(t.ci * p.h + r) * p.W + t.cj0 * p.w + col;
+    }
+
+    // ---- phase 1: the association of the batch's pixels (computed, or read)
+    if constexpr (kLogits) {
+      const scalar_t* s_b = p.s + t.b * p.C * static_cast<int64_t>(p.hh) * p.ww;
+      acc_t lg[9];
+#pragma unroll
+      for (int k = 0; k < 9; ++k) lg[k] = acc_t(0);
+      // the staged chunk survives between batches when one chunk holds every channel
+      const bool restage = (p.C > p.CK) || (pb == 0);
+      for (int c0 = 0; c0 < p.C; c0 += p.CK) {
+        if (restage) {
+          __syncthreads();  // everyone is done with the previous chunk
+          stage_stokens(s_sh, s_b, c0, p, t);
+          __syncthreads();
+        }
+        if (active) {
+          const int nv = imin(p.CK, p.C - c0);
+          const scalar_t* xp = x_b + c0 * HW + pix;
+#pragma unroll 2
+          for (int cc = 0; cc < nv; cc += V) {
+            Vec<scalar_t, V> xr;
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              xr.v[v] = (cc + v < nv) ? xp[(cc + v) * HW] : static_cast<scalar_t>(0.0f);
+            }
+            if constexpr (kAgg && CACHE_X) store_vec(x_sh + q * p.XC + c0 + cc, xr);
+#pragma unroll
+            for (int k = 0; k < 9; ++k) {
+              const Vec<acc_t, V> sv =
+                  load_vec<acc_t, V>(s_sh + ((k / 3) * NCE + tc + k % 3) * p.SK + cc);
+#pragma unroll
+              for (int v = 0; v < V; ++v) lg[k] += static_cast<acc_t>(xr.v[v]) * sv.v[v];
+            }
+          }
+        }
+      }
+      if (active) {
+        const int cj = t.cj0 + tc;
+        acc_t a[9];
+#pragma unroll
+        for (int k = 0; k < 9; ++k) {
+          // an invalid neighbour has logit exactly 0 (and still takes part in the softmax)
+          a[k] = neighbour_valid(k, t.ci, cj, p.hh, p.ww) ? lg[k] * p.scale : acc_t(0);
+        }
+        if (p.softmax) {
+          acc_t m = a[0];
+#pragma unroll
+          for (int k = 1; k < 9; ++k) m = a[k] > m ? a[k] : m;
+          acc_t z = acc_t(0);
+#pragma unroll
+          for (int k = 0; k < 9; ++k) {
+            a[k] = exp_acc(a[k] - m);
+            z += a[k];
+          }
+          const acc_t inv = acc_t(1) / z;
+#pragma unroll
+          for (int k = 0; k < 9; ++k) a[k] *= inv;
+        }
+        scalar_t* Ap = p.A_out + t.b * 9 * HW + pix;
+#pragma unroll
+        for (int k = 0; k < 9; ++k) {
+          const scalar_t val = static_cast<scalar_t>(a[k]);
+          Ap[k * HW] = val;
+          // aggregate with A as stored (rounded to scalar_t), like affinity then aggregate
+          if constexpr (kAgg) A_sh[k * BS + q] = val;
+        }
+      }
+    } else {
+      if (active) {
+        const scalar_t* Ap = p.A_in + t.b * 9 * HW + pix;
+#pragma unroll
+        for (int k = 0; k < 9; ++k) A_sh[k * BS + q] = Ap[k * HW];
+        if constexpr (CACHE_X) {
+          const scalar_t* xp = x_b + pix;
+#pragma unroll 2
+          for (int c = 0; c < p.C; c += V) {
+            Vec<scalar_t, V> xr;
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              xr.v[v] = (c + v < p.C) ? xp[(c + v) * HW] : static_cast<scalar_t>(0.0f);
+            }
+            store_vec(x_sh + q * p.XC + c, xr);
+          }
+        }
+      }
+    }
+
+    // ---- phase 2: partial sums of the batch's pixels into the tile's 3 x (NC+2) slots
+    if constexpr (kAgg) {
+      if (CACHE_X && active) {
+        // channel C of x is the constant 1 (-> den); the padding up to XC is 0
+        for (int c = p.C; c < p.XC; ++c) {
+          x_sh[q * p.XC + c] = static_cast<scalar_t>(c == p.C ? 1.0f : 0.0f);
+        }
+      }
+      __syncthreads();  // A_sh (and x_sh) of the batch are complete
+
+      const int NVC = p.CW / V;                       // channel vectors per slot
+      const int sc_lo = t.cj0 == 0 ? 1 : 0;           // extended columns that are in the grid
+      const int sc_hi = imin(t.nct + 1, p.ww - t.cj0);
+      const int nunits = (sc_hi - sc_lo + 1) * NVC;
+      const int nb = imin(BS, t.TP - pb);
+      const int r_first = pb / t.TW;
+      const int r_last = (pb + nb - 1) / t.TW;
+      acc_t* ws_tile = p.ws + ((t.b * p.hh + t.ci) * p.NT + t.T) * static_cast<int64_t>(3 * NCE * p.CW);
+      bool row_ok[3];
+#pragma unroll
+      for (int sr = 0; sr < 3; ++sr) row_ok[sr] = t.ci + sr - 1 >= 0 && t.ci + sr - 1 < p.hh;
+
+      for (int unit = q; unit < nunits; unit += BS) {
+        // unit = (extended column sc, channel vector c .. c+V-1), all 3 slot rows
+        const int sc = sc_lo + unit / NVC;
+        const int c = (unit % NVC) * V;
+        acc_t acc[3][V];
+#pragma unroll
+        for (int sr = 0; sr < 3; ++sr) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[sr][v] = acc_t(0);
+          if (pb > 0 && row_ok[sr]) {  // large cells: continue the earlier batches' sums
+            const Vec<acc_t, V> old = load_vec<acc_t, V>(ws_tile + (sr * NCE + sc) * p.CW + c);
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[sr][v] = old.v[v];
+          }
+        }
+        // the source cells pointing at column sc: tile cell tc with neighbour column kc = k % 3,
+        // tc + kc == sc; slot row sr takes neighbour k = sr * 3 + kc
+        for (int kc = 0; kc < 3; ++kc) {
+          const int tc_src = sc - kc;
+          if (tc_src < 0 || tc_src >= t.nct) continue;
+          for (int r = r_first; r <= r_last; ++r) {
+            const int row0 = r * t.TW + tc_src * p.w;  // tile index of the cell row's 1st pixel
+            const int lo = imax(pb, row0);
+            const int hi = imin(pb + nb, row0 + p.w);
+            const int64_t pix_row =
+                static_cast<int64_t>(t.ci * p.h + r) * p.W + t.cj0 * p.w - r * t.TW;
+            for (int pj = lo; pj < hi; ++pj) {
+              const int qq = pj - pb;
+              acc_t xv[V];
+              if constexpr (CACHE_X) {
+                const Vec<scalar_t, V> xs = load_vec<scalar_t, V>(x_sh + qq * p.XC + c);
+#pragma unroll
+                for (int v = 0; v < V; ++v) xv[v] = static_cast<acc_t>(xs.v[v]);
+              } else {
+                const scalar_t* xp = x_b + pix_row + pj;
+#pragma unroll
+                for (int v = 0; v < V; ++v) {
+                  const int cv = c + v;
+                  xv[v] = cv < p.C ? static_cast<acc_t>(xp[cv * HW]) : acc_t(cv == p.C ? 1 : 0);
+                }
+              }
+              const acc_t a0 = static_cast<acc_t>(A_sh[kc * BS + qq]);
+              const acc_t a1 = static_cast<acc_t>(A_sh[(3 + kc) * BS + qq]);
+              const acc_t a2 = static_cast<acc_t>(A_sh[(6 + kc) * BS + qq]);
+#pragma unroll
+              for (int v = 0; v < V; ++v) {
+                acc[0][v] += a0 * xv[v];
+                acc[1][v] += a1 * xv[v];
+                acc[2][v] += a2 * xv[v];
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int sr = 0; sr < 3; ++sr) {
+          if (!row_ok[sr]) continue;
+          Vec<acc_t, V> out;
+#pragma unroll
+          for (int v = 0; v < V; ++v) out.v[v] = acc[sr][v];
+          store_vec(ws_tile + (sr * NCE + sc) * p.CW + c, out);
+        }
+      }
+      __syncthreads();  // the next batch overwrites A_sh and x_sh
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// y[:, p] = sum over valid k of A[k, p] * s[:, nbr_k(p)]: one thread per pixel, its 9 weights in
+// registers (invalid ones zeroed), the super tokens from shared memory, V channels at a time.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads) upsample_kernel(const CellParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = VecWidth<acc_t>::value;
+
+  STVIT_DYNAMIC_SMEM(smem);
+  acc_t* s_sh = reinterpret_cast<acc_t*>(smem);
+
+  const TileInfo t = tile_of(p);
+  const int BS = blockDim.x;
+  const int NCE = p.NC + 2;
+  const int64_t HW = static_cast<int64_t>(p.H) * p.W;
+  const scalar_t* s_b = p.s + t.b * p.C * static_cast<int64_t>(p.hh) * p.ww;
+  scalar_t* y_b = p.y + t.b * p.C * HW;
+
+  for (int pb = 0; pb < t.TP; pb += BS) {
+    const int pi = pb + threadIdx.x;
+    const bool active = pi < t.TP;
+    int tc = 0;
+    int64_t pix = 0;
+    acc_t a[9];
+#pragma unroll
+    for (int k = 0; k < 9; ++k) a[k] = acc_t(0);
+    if (active) {
+      const int r = pi / t.TW;
+      const int col = pi - r * t.TW;
+      tc = col / p.w;
+      pix = static_cast<int64_t>(t.ci * p.h + r) * p.W + t.cj0 * p.w + col;
+      const scalar_t* Ap = p.A_in + t.b * 9 * HW + pix;
+      const int cj = t.cj0 + tc;
+#pragma unroll
+      for (int k = 0; k < 9; ++k) {
+        if (neighbour_valid(k, t.ci, cj, p.hh, p.ww)) a[k] = static_cast<acc_t>(Ap[k * HW]);
+      }
+    }
+    const bool restage = (p.C > p.CK) || (pb == 0);
+    for (int c0 = 0; c0 < p.C; c0 += p.CK) {
+      if (restage) {
+        __syncthreads();
+        stage_stokens(s_sh, s_b, c0, p, t);
+        __syncthreads();
+      }
+      if (active) {
+        const int nv = imin(p.CK, p.C - c0);
+        scalar_t* yp = y_b + c0 * HW + pix;
+#pragma unroll 2
+        for (int cc = 0; cc < nv; cc += V) {
+          acc_t out[V];
+#pragma unroll
+          for (int v = 0; v < V; ++v) out[v] = acc_t(0);
+#pragma unroll
+          for (int k = 0; k < 9; ++k) {
+            const Vec<acc_t, V> sv =
+                load_vec<acc_t, V>(s_sh + ((k / 3) * NCE + tc + k % 3) * p.SK + cc);
+#pragma unroll
+            for (int v = 0; v < V; ++v) out[v] += a[k] * sv.v[v];
+          }
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            if (cc + v < nv) yp[(cc + v) * HW] = static_cast<scalar_t>(out[v]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// num[b, c, u, v] (c < C) and den[b, 0, u, v] (c == C): the sum of the workspace slots that point
+// at super token (u, v), in a fixed order: source cell row u+1, u, u-1; within a row, the tile to
+// the left (when v is its tile's first column), v's own tile, the tile to the right (when v is
+// its tile's last column). One thread per output, consecutive threads along c (coalesced reads).
+template <typename scalar_t>
+struct ReduceParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* ws = nullptr;
+  scalar_t* num = nullptr;
+  scalar_t* den = nullptr;
+  int64_t B = 0;
+  int C = 0, hh = 0, ww = 0, NC = 1, NT = 1, CW = 0;
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads) reduce_kernel(const ReduceParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int NCE = p.NC + 2;
+  const int64_t C1 = static_cast<int64_t>(p.C) + 1;
+  const int64_t tile_sz = static_cast<int64_t>(3) * NCE * p.CW;
+  const int64_t total = p.B * p.hh * p.ww * C1;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += stride) {
+    const int c = static_cast<int>(idx % C1);
+    int64_t cell = idx / C1;
+    const int v = static_cast<int>(cell % p.ww);
+    cell /= p.ww;
+    const int u = static_cast<int>(cell % p.hh);
+    const int64_t b = cell / p.hh;
+    const int T0 = v / p.NC;
+    const int cv = v - T0 * p.NC;
+    acc_t sum = acc_t(0);
+#pragma unroll
+    for (int sr = 0; sr < 3; ++sr) {
+      const int ci = u + 1 - sr;  // source cell row: its slot row sr points at row ci + sr - 1 = u
+      if (ci < 0 || ci >= p.hh) continue;
+      const acc_t* row = p.ws + (b * p.hh + ci) * p.NT * tile_sz + c;
+      if (cv == 0 && T0 > 0) sum += row[(T0 - 1) * tile_sz + (sr * NCE + p.NC + 1) * p.CW];
+      sum += row[T0 * tile_sz + (sr * NCE + cv + 1) * p.CW];
+      if (cv == p.NC - 1 && T0 + 1 < p.NT) sum += row[(T0 + 1) * tile_sz + (sr * NCE) * p.CW];
+    }
+    if (c < p.C) {
+      p.num[((b * p.C + c) * p.hh + u) * p.ww + v] = static_cast<scalar_t>(sum);
+    } else {
+      p.den[(b * p.hh + u) * p.ww + v] = static_cast<scalar_t>(sum);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host-side planning: tile width, block size, channel chunk and shared-memory layout.
+
+struct PlanLimits {
+  int max_threads = kMaxThreads;
+  size_t smem_soft = 48 * 1024;  // what a block gets without opting in
+  size_t smem_max = 48 * 1024;   // the device's opt-in limit (sharedMemPerBlockOptin)
+  int max_chunk = 1 << 30;       // cap on CK (tests force small chunks with it)
+  bool cache_x = true;           // keep x on chip when it fits (tests turn it off)
+  int tile_pixels = 1024;        // pixels per tile aimed at when aggregating (see plan_cells)
+};
+
+struct Plan {
+  int BS = 32, NC = 1, NT = 1, CK = 0, SK = 0, XC = 0, CW = 0;
+  bool cache_x = false;
+  int a_off = 0, x_off = 0;
+  size_t smem = 0;
+};
+
+enum PlanKind : int { kPlanStokens = 0, kPlanAggregate = 1, kPlanFused = 2 };
+
+constexpr size_t kStokenSmem = 16 * 1024;  // shared memory aimed at for the staged super tokens
+
+inline size_t align16(size_t n) { return (n + 15) & ~static_cast<size_t>(15); }
+
+// kind: kPlanStokens (affinity, upsample: staged super tokens only), kPlanAggregate (A and x
+// tiles), kPlanFused (all three). acc_size / scalar_size: sizeof the accumulation / storage type.
+//
+// Affinity and upsample: a tile is at most one block of pixels. Aggregating kernels: a tile aims at
+// L.tile_pixels pixels whatever the block size (several batches per tile, partial sums carried in
+// the workspace, which stays in L2 between batches), because the workspace traffic per cell falls
+// with the tile width: 3 * (NC + 2) / NC slots of C+1 values per cell, 9 for NC = 1, 3 for a full
+// row of cells. The block size is the largest that keeps the batch's x on chip.
+inline Plan plan_cells(int kind, int C, int h, int w, int ww, int acc_size, int scalar_size,
+                       const PlanLimits& L) {
+  const int V = 16 / acc_size;
+  const int P = h * w;
+  const bool need_s = kind != kPlanAggregate;
+  const bool need_a = kind != kPlanStokens;
+
+  auto attempt = [&](int cand, bool cache, size_t limit, Plan& pl) -> bool {
+    pl = Plan();
+    const int target = need_a ? imax(cand, L.tile_pixels) : cand;
+    pl.NC = P >= target ? 1 : imin(ww, imin(target / P, kMaxCellsPerTile));
+    pl.BS = imin(cand, round_up(pl.NC * P, 32));
+    pl.NT = (ww + pl.NC - 1) / pl.NC;
+    pl.CW = round_up(C + 1, V);
+    pl.XC = round_up(C + 1, 2 * V) + V;  // XC / V odd: conflict-free vector stores of x rows
+    pl.cache_x = cache;
+    const size_t a_bytes = need_a ? align16(static_cast<size_t>(9) * pl.BS * scalar_size) : 0;
+    const size_t x_bytes = cache ? align16(static_cast<size_t>(pl.BS) * pl.XC * scalar_size) : 0;
+    size_t s_bytes = 0;
+    if (need_s) {
+      const size_t used = a_bytes + x_bytes;
+      if (used >= limit) return false;
+      const size_t budget = imin(kStokenSmem, limit - used);
+      const size_t per_channel = static_cast<size_t>(3) * (pl.NC + 2) * acc_size;
+      const int fit = static_cast<int>(budget / per_channel) - V;  // SK = CK + V
+      int ck = fit / (2 * V) * (2 * V);
+      ck = imin(ck, round_up(imax(C, 1), 2 * V));
+      ck = imin(ck, imax(L.max_chunk / (2 * V) * (2 * V), 2 * V));
+      pl.CK = imax(ck, 2 * V);
+      pl.SK = pl.CK + V;  // SK / V odd: conflict-free when a warp spans several cells
+      s_bytes = align16(per_channel * pl.SK);
+    } else {
+      pl.CK = 2 * V;
+      pl.SK = 3 * V;
+    }
+    pl.a_off = static_cast<int>(s_bytes);
+    pl.x_off = static_cast<int>(s_bytes + a_bytes);
+    pl.smem = s_bytes + a_bytes + x_bytes;
+    return pl.smem <= limit;
+  };
+
+  Plan pl;
+  const int top = imin(kMaxThreads, L.max_threads);
+  if (!need_a) {
+    attempt(top, false, imax(L.smem_soft, L.smem_max), pl);
+    return pl;
+  }
+  // keep x on chip: the largest block that fits without opting in, else opt in with a small one
+  for (int cand = top; L.cache_x && cand >= 32; cand /= 2) {
+    if (attempt(cand, true, L.smem_soft, pl)) return pl;
+  }
+  for (int cand = imin(top, 128); L.cache_x && cand >= 32; cand /= 2) {
+    if (attempt(cand, true, L.smem_max, pl)) return pl;
+  }
+  // very wide channels: the partial sums re-read x
+  attempt(top, false, imax(L.smem_soft, L.smem_max), pl);
+  return pl;
+}
+
+}  // namespace cuda
+}  // namespace stvit

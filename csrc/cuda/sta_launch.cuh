@@ -1,0 +1,224 @@
+// Host glue of the CUDA STA primitives: output allocation, dtype dispatch, planning and launches.
+//
+// Written once against a small runtime policy `RT` so that the exact same code drives the real
+// kernels (sta_cuda.cu: CudaRuntime, launches with <<<>>> on the current stream) and a host
+// emulator used to test the kernels on machines without a GPU. RT provides:
+//   PlanLimits limits();
+//   void launch(kernel, int64_t blocks, int threads, size_t smem, params);
+#pragma once
+
+#include <tuple>
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/ScalarType.h>
+
+#include "sta_kernels.cuh"
+
+namespace stvit {
+namespace cuda {
+
+inline void check_grid(const char* op, const at::Tensor& t, const char* name, int64_t h,
+                       int64_t w) {
+  TORCH_CHECK(t.dim() == 4 && t.is_contiguous(), op, ": ", name,
+              " must be a contiguous 4-D tensor, got shape ", t.sizes());
+  TORCH_CHECK(h >= 1 && w >= 1 && t.size(2) % h == 0 && t.size(3) % w == 0, op, ": ", name,
+              ".shape=", t.sizes(), " is not divisible by stoken_size=(", h, ", ", w, ")");
+  // pixel indices inside a tile (at most one cell row: h * W pixels) are 32-bit
+  TORCH_CHECK(t.size(1) < (int64_t(1) << 30) && t.size(2) < (int64_t(1) << 30) &&
+                  t.size(3) < (int64_t(1) << 30) && h * t.size(3) < (int64_t(1) << 31),
+              op, ": ", name, ".shape=", t.sizes(), " is too large");
+}
+
+inline void check_pair(const char* op, const at::Tensor& a, const char* an, const at::Tensor& b,
+                       const char* bn) {
+  TORCH_CHECK(b.dim() == 4 && b.is_contiguous(), op, ": ", bn,
+              " must be a contiguous 4-D tensor, got shape ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.device() == b.device(), op, ": ", an, " (",
+              a.scalar_type(), ", ", a.device(), ") and ", bn, " (", b.scalar_type(), ", ",
+              b.device(), ") must have the same dtype and device");
+}
+
+inline int64_t grid_blocks(const char* op, int64_t B, int hh, const Plan& pl) {
+  const int64_t blocks = B * hh * pl.NT;
+  TORCH_CHECK(blocks <= int64_t(0x7fffffff), op, ": too many blocks (", blocks, ")");
+  return blocks;
+}
+
+template <typename scalar_t>
+CellParams<scalar_t> cell_params(const Plan& pl, int64_t C, int64_t H, int64_t W, int64_t h,
+                                 int64_t w) {
+  CellParams<scalar_t> p;
+  p.C = static_cast<int>(C);
+  p.H = static_cast<int>(H);
+  p.W = static_cast<int>(W);
+  p.h = static_cast<int>(h);
+  p.w = static_cast<int>(w);
+  p.hh = static_cast<int>(H / h);
+  p.ww = static_cast<int>(W / w);
+  p.NC = pl.NC;
+  p.NT = pl.NT;
+  p.CK = pl.CK;
+  p.SK = pl.SK;
+  p.XC = pl.XC;
+  p.CW = pl.CW;
+  p.a_off = pl.a_off;
+  p.x_off = pl.x_off;
+  return p;
+}
+
+template <typename scalar_t>
+Plan plan_for(int kind, int64_t C, int64_t h, int64_t w, int64_t ww, const PlanLimits& L) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return plan_cells(kind, static_cast<int>(C), static_cast<int>(h), static_cast<int>(w),
+                    static_cast<int>(ww), static_cast<int>(sizeof(acc_t)),
+                    static_cast<int>(sizeof(scalar_t)), L);
+}
+
+// The partial-sum workspace [B, hh, NT, 3, NC+2, CW] in the accumulation type.
+template <typename scalar_t>
+at::Tensor workspace(const at::Tensor& like, int64_t B, int64_t hh, const Plan& pl) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = B * hh * pl.NT * 3 * (pl.NC + 2) * pl.CW;
+  return at::empty({n}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// Adds the workspace slots into num [B, C, hh, ww] and den [B, 1, hh, ww].
+template <typename scalar_t, class RT>
+void launch_reduce(RT& rt, const at::Tensor& ws, at::Tensor& num, at::Tensor& den, int64_t B,
+                   int64_t C, int64_t hh, int64_t ww, const Plan& pl) {
+  using acc_t = at::opmath_type<scalar_t>;
+  ReduceParams<scalar_t> r;
+  r.ws = ws.data_ptr<acc_t>();
+  r.num = C > 0 ? num.data_ptr<scalar_t>() : nullptr;
+  r.den = den.data_ptr<scalar_t>();
+  r.B = B;
+  r.C = static_cast<int>(C);
+  r.hh = static_cast<int>(hh);
+  r.ww = static_cast<int>(ww);
+  r.NC = pl.NC;
+  r.NT = pl.NT;
+  r.CW = pl.CW;
+  const int64_t total = B * hh * ww * (C + 1);
+  const int threads = kMaxThreads;
+  const int64_t blocks = imin<int64_t>((total + threads - 1) / threads, int64_t(1) << 20);
+  rt.launch(reduce_kernel<scalar_t>, blocks, threads, 0, r);
+}
+
+template <class RT>
+at::Tensor affinity_impl(RT& rt, const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
+                         double scale, bool softmax) {
+  constexpr const char* op = "stvit::affinity (CUDA)";
+  check_grid(op, x, "x", h, w);
+  check_pair(op, x, "x", s, "s");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t hh = H / h, ww = W / w;
+  TORCH_CHECK(s.size(0) == B && s.size(1) == C && s.size(2) == hh && s.size(3) == ww, op,
+              ": s.shape=", s.sizes(), " does not match x.shape=", x.sizes());
+  at::Tensor A = at::empty({B, 9, H, W}, x.options());
+  if (A.numel() == 0) return A;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stvit_affinity_cuda", [&] {
+    const Plan pl = plan_for<scalar_t>(kPlanStokens, C, h, w, ww, rt.limits());
+    CellParams<scalar_t> p = cell_params<scalar_t>(pl, C, H, W, h, w);
+    p.x = x.data_ptr<scalar_t>();
+    p.s = s.data_ptr<scalar_t>();
+    p.A_out = A.data_ptr<scalar_t>();
+    p.scale = static_cast<typename CellParams<scalar_t>::acc_t>(scale);
+    p.softmax = softmax;
+    rt.launch(cell_kernel<scalar_t, kAffinity, false>, grid_blocks(op, B, hh, pl), pl.BS,
+              pl.smem, p);
+  });
+  return A;
+}
+
+template <class RT>
+std::tuple<at::Tensor, at::Tensor> aggregate_impl(RT& rt, const at::Tensor& x, const at::Tensor& A,
+                                                  int64_t h, int64_t w) {
+  constexpr const char* op = "stvit::aggregate (CUDA)";
+  check_grid(op, x, "x", h, w);
+  check_pair(op, x, "x", A, "A");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t hh = H / h, ww = W / w;
+  TORCH_CHECK(A.size(0) == B && A.size(1) == 9 && A.size(2) == H && A.size(3) == W, op,
+              ": A.shape=", A.sizes(), " does not match x.shape=", x.sizes());
+  at::Tensor num = at::empty({B, C, hh, ww}, x.options());
+  at::Tensor den = at::empty({B, 1, hh, ww}, x.options());
+  if (den.numel() == 0) return {num, den};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stvit_aggregate_cuda", [&] {
+    const Plan pl = plan_for<scalar_t>(kPlanAggregate, C, h, w, ww, rt.limits());
+    CellParams<scalar_t> p = cell_params<scalar_t>(pl, C, H, W, h, w);
+    at::Tensor ws = workspace<scalar_t>(x, B, hh, pl);
+    p.x = C > 0 ? x.data_ptr<scalar_t>() : nullptr;
+    p.A_in = A.data_ptr<scalar_t>();
+    p.ws = ws.data_ptr<at::opmath_type<scalar_t>>();
+    const int64_t blocks = grid_blocks(op, B, hh, pl);
+    if (pl.cache_x) {
+      rt.launch(cell_kernel<scalar_t, kAggregate, true>, blocks, pl.BS, pl.smem, p);
+    } else {
+      rt.launch(cell_kernel<scalar_t, kAggregate, false>, blocks, pl.BS, pl.smem, p);
+    }
+    launch_reduce<scalar_t>(rt, ws, num, den, B, C, hh, ww, pl);
+  });
+  return {num, den};
+}
+
+template <class RT>
+at::Tensor upsample_impl(RT& rt, const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
+  constexpr const char* op = "stvit::upsample (CUDA)";
+  check_grid(op, A, "A", h, w);
+  check_pair(op, A, "A", s, "s");
+  const int64_t B = A.size(0), H = A.size(2), W = A.size(3);
+  const int64_t C = s.size(1), hh = H / h, ww = W / w;
+  TORCH_CHECK(A.size(1) == 9 && s.size(0) == B && s.size(2) == hh && s.size(3) == ww, op,
+              ": s.shape=", s.sizes(), " does not match A.shape=", A.sizes());
+  at::Tensor y = at::empty({B, C, H, W}, s.options());
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "stvit_upsample_cuda", [&] {
+    const Plan pl = plan_for<scalar_t>(kPlanStokens, C, h, w, ww, rt.limits());
+    CellParams<scalar_t> p = cell_params<scalar_t>(pl, C, H, W, h, w);
+    p.s = s.data_ptr<scalar_t>();
+    p.A_in = A.data_ptr<scalar_t>();
+    p.y = y.data_ptr<scalar_t>();
+    rt.launch(upsample_kernel<scalar_t>, grid_blocks(op, B, hh, pl), pl.BS, pl.smem, p);
+  });
+  return y;
+}
+
+template <class RT>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_aggregate_impl(
+    RT& rt, const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale) {
+  constexpr const char* op = "stvit::affinity_aggregate (CUDA)";
+  check_grid(op, x, "x", h, w);
+  check_pair(op, x, "x", s, "s");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t hh = H / h, ww = W / w;
+  TORCH_CHECK(s.size(0) == B && s.size(1) == C && s.size(2) == hh && s.size(3) == ww, op,
+              ": s.shape=", s.sizes(), " does not match x.shape=", x.sizes());
+  at::Tensor A = at::empty({B, 9, H, W}, x.options());
+  at::Tensor num = at::empty({B, C, hh, ww}, x.options());
+  at::Tensor den = at::empty({B, 1, hh, ww}, x.options());
+  if (A.numel() == 0) return {A, num, den};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stvit_affinity_aggregate_cuda", [&] {
+    const Plan pl = plan_for<scalar_t>(kPlanFused, C, h, w, ww, rt.limits());
+    CellParams<scalar_t> p = cell_params<scalar_t>(pl, C, H, W, h, w);
+    at::Tensor ws = workspace<scalar_t>(x, B, hh, pl);
+    p.x = C > 0 ? x.data_ptr<scalar_t>() : nullptr;
+    p.s = C > 0 ? s.data_ptr<scalar_t>() : nullptr;
+    p.A_out = A.data_ptr<scalar_t>();
+    p.ws = ws.data_ptr<at::opmath_type<scalar_t>>();
+    p.scale = static_cast<typename CellParams<scalar_t>::acc_t>(scale);
+    p.softmax = true;
+    const int64_t blocks = grid_blocks(op, B, hh, pl);
+    if (pl.cache_x) {
+      rt.launch(cell_kernel<scalar_t, kFused, true>, blocks, pl.BS, pl.smem, p);
+    } else {
+      rt.launch(cell_kernel<scalar_t, kFused, false>, blocks, pl.BS, pl.smem, p);
+    }
+    launch_reduce<scalar_t>(rt, ws, num, den, B, C, hh, ww, pl);
+  });
+  return {A, num, den};
+}
+
+}  // namespace cuda
+}  // namespace stvit
