@@ -20,7 +20,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csr
 $(VENV)/.deps:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "setuptools>=64" wheel
-	$(PIP) install $(TORCH) triton numpy pytest pytest-benchmark hypothesis ninja pybind11
+	$(PIP) install $(TORCH) triton numpy pytest pytest-benchmark hypothesis ninja pybind11 matplotlib
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
@@ -33,7 +33,7 @@ test: install
 	$(PY) -m pytest tests -q -rs
 
 bench: install
-	$(PY) benchmarks/bench_sta.py
+	$(PY) benchmarks/bench_ops.py --quick
 
 clean:
 	rm -rf build *.egg-info stvit_kernels/_C*.so stvit_kernels/_build_info.py $(VENV)/.built

@@ -1,0 +1,287 @@
+"""STViT-S/B/L throughput (images per second): the reference backend against the best fused backend.
+
+For every model, ``mode`` (``infer``: forward under ``torch.no_grad`` in eval mode; ``train``: one
+training step, forward + cross-entropy + backward + AdamW step, in train mode), ``precision``
+(``float32``, or ``autocast``: ``torch.autocast`` in bfloat16 around the forward and the loss) and
+with or without ``torch.compile`` (the model compiled, default settings; compile time is not
+timed), the model runs once with every super token attention on the ``reference`` backend and once
+on the best fused backend of the device (``cuda`` > ``triton`` on a GPU, ``cpu`` on a CPU: what
+``auto`` picks). Both start from the same weights; inputs are random images cycled from a small
+pool (never zeros), labels random. Timing as in ``bench_ops.py`` (GPU: ``do_bench`` median with
+``--rep-ms`` of repetitions, one provider after the other; CPU: ``torch.utils.benchmark``, the two
+models timed in interleaved rounds); images/s = batch / median time. On a GPU also the peak extra
+memory of one step (``torch.cuda.max_memory_allocated``).
+
+Target (GPU, computed): STViT-S inference, float32, eager, fused >= 1.5x the reference-backend
+model; the other settings' ratios are listed for information.
+
+    python benchmarks/bench_model.py --quick        # CPU: STViT-S, batch 2, fp32, infer + train, eager
+    python benchmarks/bench_model.py --device cuda  # STViT-S/B/L, batch 64, 224², fp32 + autocast,
+                                                    # infer + train, eager + compiled
+    python benchmarks/bench_model.py --device cuda --models small --compile on --modes infer
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import traceback
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import stvit  # noqa: E402
+import stvit_kernels as sk  # noqa: E402
+
+MODELS = {"small": stvit.stvit_small, "base": stvit.stvit_base, "large": stvit.stvit_large}
+
+
+def set_backend(model: torch.nn.Module, backend: str) -> None:
+    """Point every super token attention of the model at one backend."""
+    for m in model.modules():
+        if isinstance(m, sk.SuperTokenAttention):
+            m.backend = backend
+
+
+def make_step(model, mode: str, precision: str, device, pool, labels, compiled: bool):
+    """``(step, optimizer)``: one inference call or one training step on the next input batch."""
+    amp_dtype = torch.bfloat16
+    autocast = precision == "autocast"
+    run = torch.compile(model) if compiled else model
+    cyc = common.Cycle(list(zip(pool, labels)))
+
+    def ctx():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=autocast)
+
+    if mode == "infer":
+        model.eval()
+
+        def step():
+            x, _ = cyc.next()
+            with torch.no_grad(), ctx():
+                return run(x)
+        return step, None
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        x, y = cyc.next()
+        opt.zero_grad(set_to_none=True)
+        with ctx():
+            loss = F.cross_entropy(run(x), y)
+        loss.backward()
+        opt.step()
+    return step, opt
+
+
+def _failure(e: BaseException, compiled: bool) -> Dict:
+    oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+    msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    what = "out of memory" if oom else ("torch.compile failed" if compiled else "failed")
+    if not oom:
+        traceback.print_exc(limit=4, file=sys.stderr)
+    return dict(status="skipped" if oom or compiled else "error", note=f"{what}: {type(e).__name__}: {msg}")
+
+
+def run_group(base_model, name, providers, mode, precision, compiled, args, device, pool, labels) -> List[Dict]:
+    """One setting for every provider: on a GPU one after the other (``do_bench``), on a CPU both
+    models alive and timed in interleaved rounds (the load of a shared machine weighs on both)."""
+    rows = {p: dict(model=name, provider=p, backend=p, mode=mode, precision=precision, compile=compiled,
+                    batch=args.batch, resolution=args.resolution) for p in providers}
+    steps: Dict[str, object] = {}
+    keep = []   # models and optimizers of the CPU steps
+
+    def build(p):
+        model = copy.deepcopy(base_model)
+        set_backend(model, p)
+        step, opt = make_step(model, mode, precision, device, pool, labels, compiled)
+        # warm-up: compilation (2 calls: the first compiles, the second checks for a recompile) or
+        # one call on the CPU (do_bench warms up by itself)
+        for _ in range(2 if compiled else (1 if device.type == "cpu" else 0)):
+            step()
+        common.sync(device)
+        return step, (model, opt)
+
+    for p in providers:
+        try:
+            step, objs = build(p)
+            if device.type == "cuda":
+                rows[p].update(common.time_call(step, device, args.min_run_time, rep_ms=args.rep_ms))
+                rows[p]["peak_bytes"] = common.cuda_peak_bytes(step, device)
+                rows[p]["status"] = "ok"
+            else:
+                steps[p] = step
+                keep.append(objs)
+        except Exception as e:  # noqa: BLE001
+            rows[p].update(_failure(e, compiled))
+        finally:
+            if device.type == "cuda":
+                step = objs = None
+                if compiled:
+                    torch._dynamo.reset()
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+    if steps:
+        try:
+            for p, t in common.time_interleaved(steps, args.min_run_time, min_rounds=3, block_s=0.0).items():
+                rows[p].update(t, status="ok")
+        except Exception as e:  # noqa: BLE001
+            for p in steps:
+                rows[p].update(_failure(e, compiled))
+        finally:
+            steps.clear()
+            keep.clear()
+            if compiled:
+                torch._dynamo.reset()
+    for p, r in rows.items():
+        if r.get("status") == "ok":
+            r["images_per_s"] = args.batch / (r["ms"] * 1e-3)
+            print(f"  {name:6s} {p:10s} {mode:6s} {precision:9s} {'compiled' if compiled else 'eager':9s}"
+                  f" {common.fmt_ms(r['ms']):>9s} ms  {r['images_per_s']:9.1f} img/s", file=sys.stderr)
+        else:
+            print(f"  {name:6s} {p:10s} {mode:6s} {precision:9s} {r.get('note')}", file=sys.stderr)
+    return list(rows.values())
+
+
+def speedups(rows: List[Dict], device) -> List[Dict]:
+    """Fused / reference images-per-second ratio for every measured setting; the issue's target
+    (GPU: STViT-S inference float32 eager >= 1.5x) carries a threshold."""
+    out = []
+    ok = [r for r in rows if r.get("status") == "ok"]
+    for key in dict.fromkeys((r["model"], r["mode"], r["precision"], r["compile"]) for r in rows):
+        sel = [r for r in ok if (r["model"], r["mode"], r["precision"], r["compile"]) == key]
+        ref = [r for r in sel if r["provider"] == "reference"]
+        fus = [r for r in sel if r["provider"] != "reference"]
+        value = (max(r["images_per_s"] for r in fus) / ref[0]["images_per_s"]) if ref and fus else None
+        is_target = device.type == "cuda" and key == ("small", "infer", "float32", False)
+        threshold = 1.5 if is_target else None
+        model, mode, precision, compiled = key
+        out.append(dict(
+            name=(f"{device.type}: STViT-{model[0].upper()} {mode}, {precision}, "
+                  f"{'compiled' if compiled else 'eager'}: fused / reference images/s"),
+            threshold=threshold, value=value, unit="x",
+            met=None if value is None or threshold is None else bool(value >= threshold),
+            details=dict(reference=ref[0]["images_per_s"] if ref else None,
+                         fused={r["provider"]: r["images_per_s"] for r in fus}),
+            note=None if value is not None else "not measured (a setting failed or was skipped)"))
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="CPU-sized: STViT-S, batch 2, float32, infer + train, eager (a couple of minutes)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=None)
+    p.add_argument("--batch", type=int, default=None, help="default 64 (--quick: 2)")
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--precisions", nargs="+", choices=["float32", "autocast"], default=None)
+    p.add_argument("--modes", nargs="+", choices=["infer", "train"], default=None)
+    p.add_argument("--compile", choices=["off", "on", "both"], default=None,
+                   help="default: both (--quick: off; compiling the model takes minutes on 2 cores)")
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="backends to compare (default: reference and the best fused one)")
+    p.add_argument("--min-run-time", type=float, default=1.0, help="CPU: seconds per measurement")
+    p.add_argument("--rep-ms", type=int, default=1000, help="GPU: do_bench repetition time")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<device kind>_model.json)")
+    p.add_argument("--append", action="store_true",
+                   help="merge into an existing JSON of the same device (settings measured again replace "
+                        "the old rows): the GPU suite runs model by model")
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--plot", action="store_true", help="also draw <stem>.png (plot.py)")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.models = args.models or (["small"] if q else list(MODELS))
+    args.batch = args.batch or (2 if q else 64)
+    args.precisions = args.precisions or (["float32"] if q else ["float32", "autocast"])
+    args.modes = args.modes or ["infer", "train"]
+    args.compile = args.compile or ("off" if q else "both")
+    return args
+
+
+def main(argv=None) -> Dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fused = common.fused_backends(device, torch.float32)
+    providers = args.providers or (["reference"] + fused[:1])
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    meta = common.metadata(device, argv)
+    print(f"device: {meta['device']}; providers: {providers}", file=sys.stderr)
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n_pool = 3
+    pool = [torch.randn(args.batch, 3, args.resolution, args.resolution, generator=g).to(device)
+            for _ in range(n_pool)]
+    labels = [torch.randint(0, 1000, (args.batch,), generator=g).to(device) for _ in range(n_pool)]
+
+    rows: List[Dict] = []
+    for name in args.models:
+        torch.manual_seed(0)
+        base = MODELS[name](num_classes=1000).to(device)
+        print(f"\nSTViT-{name}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, "
+              f"batch {args.batch}, {args.resolution}²", file=sys.stderr)
+        for compiled in compiles:
+            for mode in args.modes:
+                for precision in args.precisions:
+                    rows += run_group(base, name, providers, mode, precision, compiled, args,
+                                      device, pool, labels)
+        del base
+    out = args.out or os.path.join(common.RESULTS_DIR, f"{meta['device_kind']}_model.json")
+    meta["commands"] = [meta["command"]]
+    if args.append and not args.no_save:
+        rows, meta["commands"] = common.merge_results(
+            out, rows, ("model", "provider", "mode", "precision", "compile", "batch", "resolution"), meta,
+            same={})
+    targets = speedups(rows, device)
+    providers = list(dict.fromkeys([r["provider"] for r in rows] + providers))
+
+    print(f"\nSTViT throughput on {meta['device']} ({meta['threads']} threads), torch {meta['torch']}; "
+          f"batch {args.batch}, {args.resolution}²; images/s (median)")
+    print(f"{'model':7s} {'mode':6s} {'precision':9s} {'compile':8s}" + "".join(f"{p:>12s}" for p in providers)
+          + f"{'fused/ref':>11s}")
+    for t, key in zip(targets, dict.fromkeys((r["model"], r["mode"], r["precision"], r["compile"]) for r in rows)):
+        cells = []
+        for p in providers:
+            r = next((r for r in rows if (r["model"], r["mode"], r["precision"], r["compile"]) == key
+                      and r["provider"] == p), None)
+            cells.append(f"{r['images_per_s']:.1f}" if r and r.get("status") == "ok" else (r or {}).get("status", "-"))
+        ratio = "-" if t["value"] is None else f"{t['value']:.2f}x"
+        verdict = "" if t["threshold"] is None else (f"  target >= {t['threshold']:g}x: "
+                                                    + ("MET" if t["met"] else "NOT MET"))
+        print(f"{key[0]:7s} {key[1]:6s} {key[2]:9s} {'yes' if key[3] else 'no':8s}"
+              + "".join(f"{c:>12s}" for c in cells) + f"{ratio:>11s}{verdict}")
+    notes = sorted({f"{r['provider']} {r['model']} {r['mode']} {r['precision']}: {r['note']}"
+                    for r in rows if r.get("note")})
+    for n in notes:
+        print(f"  note: {n}")
+
+    payload = dict(kind="model", meta=meta,
+                   config=dict(args=vars(args), models=args.models, providers=providers, fused_backends=fused,
+                               autocast_dtype="bfloat16", optimizer="AdamW(lr=1e-5)", input_pool=n_pool,
+                               timing=(f"triton.testing.do_bench median, rep {args.rep_ms} ms"
+                                       if device.type == "cuda" else
+                                       "torch.utils.benchmark Timer.timeit, providers interleaved round by "
+                                       f"round, >= {args.min_run_time} s and 3 rounds each; median")),
+                   results=rows, targets=targets)
+    if not args.no_save:
+        common.save_json(out, payload)
+        if args.plot:
+            import plot
+
+            plot.plot_file(out)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

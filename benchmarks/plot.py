@@ -1,0 +1,348 @@
+"""Plots and README tables drawn from the JSON the benchmark scripts write (never from new runs).
+
+    python benchmarks/plot.py benchmarks/results/cpu_ops.json          # -> cpu_ops_time.png, cpu_ops_memory.png
+    python benchmarks/plot.py benchmarks/results/cpu_model.json        # -> cpu_model.png
+    python benchmarks/plot.py --markdown benchmarks/results/cpu_ops.json benchmarks/results/cpu_model.json
+
+Op results (``bench_ops.py``): ``<stem>_time.png``, median time against the number of tokens
+(H*W), log-log, one line per provider, one panel per op and mode (sweep shapes only);
+``<stem>_memory.png``, memory against tokens per op: the GPU's peak extra memory of a fwd+bwd
+call where it was measured, else the bytes saved for backward (see ``benchmarks/common.py``).
+Model results (``bench_model.py``): ``<stem>.png``, images per second per model and setting.
+``--markdown`` prints the tables for a README instead (no matplotlib needed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+#: Fixed colours and markers, so a provider looks the same in every figure.
+STYLE = {
+    "reference": ("#7f7f7f", "o"),
+    "reference+compile": ("#bcbd22", "v"),
+    "cpu": ("#1f77b4", "s"),
+    "cuda": ("#d62728", "s"),
+    "triton": ("#2ca02c", "D"),
+    "dense-sdpa": ("#9467bd", "^"),
+    "dense-naive": ("#8c564b", "x"),
+}
+MODE_ORDER = ("fwd", "bwd", "fwd+bwd")
+
+
+def load(path: str) -> Dict:
+    with open(path) as f:
+        data = json.load(f)
+    data.setdefault("kind", "model" if "models" in data.get("config", {}) else "ops")
+    return data
+
+
+def _style(provider: str):
+    return STYLE.get(provider, (None, "o"))
+
+
+def _title(data: Dict, extra: str = "") -> str:
+    m = data["meta"]
+    threads = f", {m['threads']} threads" if m.get("device_type") == "cpu" else ""
+    return f"{m['device']}{threads} — torch {m['torch']} — {m['date'][:10]}{extra}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _token_axis(ax, sides: List[int]) -> None:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ticks = sorted(set(sides))
+    ax.set_xticks([s * s for s in ticks])
+    ax.set_xticklabels([f"{s}²" for s in ticks], fontsize=8)
+    ax.minorticks_off()
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _header(fig, handles: Dict, title: str) -> None:
+    """Title (two lines) and the provider legend above the panels, in a fixed band of inches."""
+    h = fig.get_figheight()
+    band = 1.0  # inches
+    fig.tight_layout(rect=(0, 0, 1, 1 - band / h))
+    fig.suptitle(title, fontsize=10, y=1 - 0.05 / h, va="top")
+    fig.legend(list(handles.values()), list(handles.keys()), loc="upper center",
+               ncol=min(7, len(handles)), bbox_to_anchor=(0.5, 1 - 0.5 / h), frameon=False, fontsize=9)
+
+
+def plot_ops(data: Dict, stem: str) -> List[str]:
+    """``<stem>_time.png`` and ``<stem>_memory.png``; returns the paths written."""
+    plt = _plt()
+    rows = [r for r in data["results"] if r.get("tag") == "sweep" and r.get("status") == "ok"]
+    if not rows:
+        print(f"{stem}: no sweep results to plot", file=sys.stderr)
+        return []
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in rows)]
+    r0 = rows[0]
+    shape = f"B={r0['batch']}, C={r0['dim']}, {r0['stoken']}x{r0['stoken']} super tokens, {r0['heads']} head(s), {r0['dtype']}"
+    written = []
+
+    # time vs tokens
+    fig, axes = plt.subplots(len(ops), len(modes), figsize=(4.2 * len(modes), 3.2 * len(ops)),
+                             squeeze=False)
+    handles = {}
+    for i, op in enumerate(ops):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            sel = [r for r in rows if r["op"] == op and r["mode"] == mode]
+            for prov in dict.fromkeys(r["provider"] for r in sel):
+                pts = sorted((r["tokens"], r["ms"]) for r in sel if r["provider"] == prov)
+                color, marker = _style(prov)
+                (h,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color,
+                               label=prov, linewidth=1.5, markersize=5)
+                handles.setdefault(prov, h)
+            _token_axis(ax, [r["side"] for r in rows])
+            ax.set_title(f"{op} — {mode}", fontsize=10)
+            if j == 0:
+                ax.set_ylabel("time (ms, median)")
+            if i == len(ops) - 1:
+                ax.set_xlabel("tokens (H×W)")
+            if not sel:
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    _header(fig, handles, f"{_title(data)}\n{shape}")
+    path = f"{stem}_time.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    written.append(path)
+
+    # memory vs tokens
+    mem_rows, label = _memory_rows(rows)
+    if mem_rows:
+        mops = list(dict.fromkeys(r["op"] for r in mem_rows))
+        fig, axes = plt.subplots(1, len(mops), figsize=(4.4 * len(mops), 3.6), squeeze=False)
+        handles = {}
+        for j, op in enumerate(mops):
+            ax = axes[0][j]
+            sel = [r for r in mem_rows if r["op"] == op]
+            nothing = []
+            for prov in dict.fromkeys(r["provider"] for r in sel):
+                pts = sorted((r["tokens"], r["_mem"]) for r in sel if r["provider"] == prov)
+                if all(p[1] == 0 for p in pts):
+                    nothing.append(prov)
+                color, marker = _style(prov)
+                # 0 bytes cannot sit on a log axis: drawn as a gap, named in the panel instead
+                (h,) = ax.plot([p[0] for p in pts], [p[1] / (1 << 20) if p[1] > 0 else float("nan")
+                                                     for p in pts],
+                               marker=marker, color=color, label=prov, linewidth=1.5, markersize=5)
+                handles.setdefault(prov, h)
+            if nothing:
+                ax.text(0.03, 0.97, "0 bytes beyond the inputs: " + ", ".join(nothing),
+                        transform=ax.transAxes, va="top", fontsize=8)
+            _token_axis(ax, [r["side"] for r in rows])
+            ax.set_title(op, fontsize=10)
+            ax.set_xlabel("tokens (H×W)")
+            if j == 0:
+                ax.set_ylabel(f"{label} (MiB)")
+        _header(fig, handles, f"{_title(data)}\n{shape}")
+        path = f"{stem}_memory.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _memory_rows(rows: List[Dict]):
+    """Rows with a memory figure, and its label: GPU peak of fwd+bwd if measured, else saved bytes."""
+    peak = [dict(r, _mem=r["peak_bytes"]) for r in rows
+            if r["mode"] == "fwd+bwd" and r.get("peak_bytes") is not None]
+    if peak:
+        return peak, "peak extra memory, fwd+bwd"
+    seen, out = set(), []
+    for r in rows:
+        key = (r["op"], r["provider"], r["side"])
+        if r.get("saved_bytes") is not None and key not in seen:
+            seen.add(key)
+            out.append(dict(r, _mem=r["saved_bytes"]))
+    return out, "saved for backward"
+
+
+def plot_model(data: Dict, stem: str) -> List[str]:
+    plt = _plt()
+    rows = [r for r in data["results"] if r.get("status") == "ok"]
+    if not rows:
+        print(f"{stem}: no model results to plot", file=sys.stderr)
+        return []
+    settings = list(dict.fromkeys((r["model"], r["mode"], r["precision"], r["compile"]) for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(settings) + 2), 4))
+    width = 0.8 / max(1, len(providers))
+    for k, prov in enumerate(providers):
+        vals = []
+        for s in settings:
+            hit = [r for r in rows if (r["model"], r["mode"], r["precision"], r["compile"]) == s
+                   and r["provider"] == prov]
+            vals.append(hit[0]["images_per_s"] if hit else 0)
+        color, _ = _style(prov.split("+")[0])
+        ax.bar([i + (k - (len(providers) - 1) / 2) * width for i in range(len(settings))], vals,
+               width, label=prov, color=color)
+    ax.set_xticks(range(len(settings)))
+    ax.set_xticklabels([f"{m}\n{mode} {p}\n{'compiled' if c else 'eager'}" for m, mode, p, c in settings],
+                       fontsize=8)
+    ax.set_ylabel("images / s")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    b = rows[0]["batch"]
+    ax.set_title(f"{_title(data)}\nSTViT, batch {b}, {rows[0]['resolution']}²", fontsize=10)
+    fig.tight_layout()
+    path = f"{stem}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return [path]
+
+
+def plot_file(path: str) -> List[str]:
+    """Draw the figures of one results file next to it; returns the paths written (none if
+    matplotlib is missing)."""
+    try:
+        _plt()
+    except ImportError:
+        print("matplotlib is not installed: no PNGs (pip install matplotlib)", file=sys.stderr)
+        return []
+    data = load(path)
+    stem = os.path.splitext(path)[0]
+    written = plot_model(data, stem) if data["kind"] == "model" else plot_ops(data, stem)
+    for p in written:
+        print(f"wrote {p}", file=sys.stderr)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------
+# Markdown
+# ------------------------------------------------------------------------------------------------
+
+def _md_row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _ratio(a: Optional[Dict], b: Optional[Dict]) -> str:
+    return "–" if not a or not b else f"{a['ms'] / b['ms']:.1f}x"
+
+
+def markdown_ops(data: Dict) -> str:
+    fused = set(data["config"].get("fused_backends", []))
+    rows = data["results"]
+    out = [f"**STA ops** — {_title(data)}, {rows[0]['dtype'] if rows else ''}. "
+           f"Median ms; ratios are times measured in the same run.", ""]
+    if data.get("copy_bandwidth"):
+        out += [f"Copy bandwidth: {data['copy_bandwidth']['gbps']:.0f} GB/s.", ""]
+    for op, tag in dict.fromkeys((r["op"], r["tag"]) for r in rows):
+        sel = [r for r in rows if r["op"] == op and r["tag"] == tag]
+        provs = list(dict.fromkeys(r["provider"] for r in sel))
+        fprovs = [p for p in provs if p in fused]
+        r0 = sel[0]
+        out.append(f"`{op}` ({tag}: B={r0['batch']}, C={r0['dim']}, {r0['stoken']}x{r0['stoken']} "
+                   f"super tokens, {r0['heads']} head(s))")
+        out.append("")
+        extra = (["reference / fused"] if fprovs and "reference" in provs else []) + \
+                (["SDPA / STA"] if "dense-sdpa" in provs else []) + \
+                (["fused % of copy BW"] if any("bw_frac" in r for r in sel) else [])
+        out.append(_md_row(["tokens", "mode"] + provs + extra))
+        out.append(_md_row(["---:", ":--"] + ["---:"] * (len(provs) + len(extra))))
+        for side, mode in dict.fromkeys((r["side"], r["mode"]) for r in sel):
+            cells = {r["provider"]: r for r in sel if r["side"] == side and r["mode"] == mode}
+            ok = {k: v for k, v in cells.items() if v.get("status") == "ok"}
+            line = [f"{side}²", mode]
+            for p in provs:
+                r = cells.get(p)
+                line.append(common.fmt_ms(r["ms"]) if r and r.get("status") == "ok"
+                            else (r or {}).get("status", "–"))
+            bf = min((ok[p] for p in fprovs if p in ok), key=lambda r: r["ms"], default=None)
+            bs = bf or ok.get("reference")
+            if "reference / fused" in extra:
+                line.append(_ratio(ok.get("reference"), bf))
+            if "SDPA / STA" in extra:
+                line.append(_ratio(ok.get("dense-sdpa"), bs))
+            if "fused % of copy BW" in extra:
+                line.append(f"{100 * bf['bw_frac']:.0f}%" if bf and "bw_frac" in bf else "–")
+            out.append(_md_row(line))
+        out.append("")
+    if data.get("targets"):
+        out += ["Targets (computed from the figures above):", "",
+                _md_row(["target", "measured", "threshold", "met"]), _md_row([":--", "---:", "---:", ":-:"])]
+        for t in data["targets"]:
+            frac = t["unit"] == "fraction"
+            val = "not measured" if t["value"] is None else (
+                f"{100 * t['value']:.0f}%" if frac else f"{t['value']:.2f}x")
+            thr = "info" if t["threshold"] is None else (
+                f"≥ {100 * t['threshold']:.0f}%" if frac else f"≥ {t['threshold']:g}x")
+            met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
+            out.append(_md_row([t["name"], val, thr, met]))
+        out.append("")
+    out.append(f"Command: `{data['meta']['command']}`")
+    return "\n".join(out)
+
+
+def markdown_model(data: Dict) -> str:
+    rows = [r for r in data["results"]]
+    out = [f"**STViT images/s** — {_title(data)}.", ""]
+    provs = list(dict.fromkeys(r["provider"] for r in rows))
+    ref = [p for p in provs if p.startswith("reference")]
+    fus = [p for p in provs if not p.startswith("reference")]
+    out.append(_md_row(["model", "mode", "precision", "torch.compile", "batch"] + provs
+                       + (["fused / reference"] if ref and fus else [])))
+    out.append(_md_row([":--", ":--", ":--", ":--", "---:"] + ["---:"] * (len(provs) + (1 if ref and fus else 0))))
+    for key in dict.fromkeys((r["model"], r["mode"], r["precision"], r["compile"]) for r in rows):
+        sel = {r["provider"]: r for r in rows if (r["model"], r["mode"], r["precision"], r["compile"]) == key}
+        line = [key[0], key[1], key[2], "yes" if key[3] else "no", next(iter(sel.values()))["batch"]]
+        for p in provs:
+            r = sel.get(p)
+            line.append(f"{r['images_per_s']:.1f}" if r and r.get("status") == "ok"
+                        else (r or {}).get("status", "–"))
+        if ref and fus:
+            a = [sel[p] for p in ref if p in sel and sel[p].get("status") == "ok"]
+            b = [sel[p] for p in fus if p in sel and sel[p].get("status") == "ok"]
+            line.append(f"{max(x['images_per_s'] for x in b) / a[0]['images_per_s']:.2f}x" if a and b else "–")
+        out.append(_md_row(line))
+    out.append("")
+    if data.get("targets"):
+        out += [_md_row(["target", "measured", "threshold", "met"]), _md_row([":--", "---:", "---:", ":-:"])]
+        for t in data["targets"]:
+            val = "not measured" if t["value"] is None else f"{t['value']:.2f}x"
+            thr = "info" if t["threshold"] is None else f"≥ {t['threshold']:g}x"
+            out.append(_md_row([t["name"], val, thr, {True: "yes", False: "**no**", None: "–"}[t["met"]]]))
+        out.append("")
+    out.append(f"Command: `{data['meta']['command']}`")
+    return "\n".join(out)
+
+
+def markdown(path: str) -> str:
+    data = load(path)
+    return markdown_model(data) if data["kind"] == "model" else markdown_ops(data)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", help="results JSON written by bench_ops.py / bench_model.py")
+    p.add_argument("--markdown", action="store_true", help="print README tables instead of drawing")
+    args = p.parse_args(argv)
+    for path in args.files:
+        if args.markdown:
+            print(markdown(path))
+            print()
+        else:
+            plot_file(path)
+
+
+if __name__ == "__main__":
+    main()

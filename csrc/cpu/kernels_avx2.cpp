@@ -1,0 +1,32 @@
+// The CPU kernels compiled for x86-64 CPUs with AVX2 and FMA, chosen at run time (see kernels.h).
+// Every header is included before the target switch (see kernels_impl.h).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <new>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "kernels.h"
+
+#if defined(STVIT_CPU_HAVE_AVX2)
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+#define STVIT_CPU_ISA isa_avx2
+#define STVIT_CPU_TABLE kernels_avx2
+#include "kernels_impl.h"
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#endif  // STVIT_CPU_HAVE_AVX2

@@ -1,0 +1,14 @@
+// The CPU kernels compiled for the build's baseline instruction set (see kernels.h).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <new>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "kernels.h"
+
+#define STVIT_CPU_ISA isa_default
+#define STVIT_CPU_TABLE kernels_default
+#include "kernels_impl.h"

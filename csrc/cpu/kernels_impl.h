@@ -1,0 +1,586 @@
+// Bodies of the CPU kernels declared in kernels.h. Compiled once per instruction set: included
+// by kernels_default.cpp and kernels_avx2.cpp with
+//   STVIT_CPU_ISA    the namespace that holds this copy (distinct symbols per ISA), and
+//   STVIT_CPU_TABLE  the KernelSet getter of kernels.h that this copy defines.
+// It includes nothing itself: the including file includes every header *before* switching the
+// target ISA on, so that no inline function of a header is compiled for a wider ISA than the
+// build's baseline (the linker could otherwise keep that copy for every caller). No include guard
+// on purpose.
+//
+// Vectors are GCC/Clang vector extensions of 32 bytes (8 floats or 4 doubles): one AVX2 register,
+// two SSE registers in the baseline build.
+
+namespace stvit {
+namespace cpu {
+namespace STVIT_CPU_ISA {
+
+#define STVIT_INLINE inline __attribute__((always_inline))
+
+typedef float vfloat __attribute__((vector_size(32)));
+typedef double vdouble __attribute__((vector_size(32)));
+typedef int32_t vint32 __attribute__((vector_size(32)));
+typedef uint32_t vuint32 __attribute__((vector_size(32)));
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef vfloat type;
+  static constexpr int N = 8;
+};
+template <>
+struct Vec<double> {
+  typedef vdouble type;
+  static constexpr int N = 4;
+};
+
+template <typename T>
+STVIT_INLINE typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+STVIT_INLINE void vstore(T* p, typename Vec<T>::type v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// d[j] = s[j] converted, for j < n (one row of a cell).
+template <typename To, typename From>
+STVIT_INLINE void convert_row(To* __restrict d, const From* __restrict s, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) d[j] = static_cast<To>(s[j]);
+}
+
+template <typename T>
+STVIT_INLINE typename Vec<T>::type vsplat(T a) {
+  return typename Vec<T>::type{} + a;
+}
+
+// Lane-wise max; a NaN in `a` is kept (and a NaN anywhere in a softmax row makes the row NaN
+// through exp anyway).
+template <typename V>
+STVIT_INLINE V vmax(V a, V b) {
+  const auto b_larger = a < b;
+  typedef decltype(b_larger) M;
+  return (V)(((M)a & ~b_larger) | ((M)b & b_larger));
+}
+
+// Sum of the lanes, always in the same order.
+template <typename T>
+STVIT_INLINE T hsum(typename Vec<T>::type v) {
+  T s = v[0];
+  for (int l = 1; l < Vec<T>::N; ++l) s += v[l];
+  return s;
+}
+
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define STVIT_HAVE_SHUFFLEVECTOR 1
+#endif
+#endif
+
+// out[i] = the sum of the lanes of v[i], for N vectors of N lanes: a transpose-and-add tree (the
+// same fixed order every time), far cheaper than N separate lane sums.
+STVIT_INLINE vfloat transpose_sum(const vfloat* v) {
+#ifdef STVIT_HAVE_SHUFFLEVECTOR
+  vfloat a[4], b[2];
+  for (int i = 0; i < 4; ++i) {  // a[i] = pairs of v[2i], v[2i+1] interleaved
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  for (int i = 0; i < 2; ++i) {  // b[i] = quarter sums of v[4i .. 4i+3]
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  return __builtin_shufflevector(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
+#else
+  vfloat out;
+  for (int i = 0; i < 8; ++i) out[i] = hsum<float>(v[i]);
+  return out;
+#endif
+}
+
+STVIT_INLINE vdouble transpose_sum(const vdouble* v) {
+#ifdef STVIT_HAVE_SHUFFLEVECTOR
+  vdouble a[2];
+  for (int i = 0; i < 2; ++i) {
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 4, 2, 6) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 1, 5, 3, 7);
+  }
+  return __builtin_shufflevector(a[0], a[1], 0, 1, 4, 5) +
+         __builtin_shufflevector(a[0], a[1], 2, 3, 6, 7);
+#else
+  vdouble out;
+  for (int i = 0; i < 4; ++i) out[i] = hsum<double>(v[i]);
+  return out;
+#endif
+}
+
+// exp(x) for x <= 0, as the softmax needs it after subtracting the row max, 8 lanes at once.
+// exp(x) = 2^n * e^r with n = floor(x / ln 2 + 1/2) and r = x - n ln 2 in [-ln2/2, ln2/2]; ln 2 is
+// split in two (its 16 leading bits, exact when multiplied by |n| <= 126, and the rest) so that r
+// carries no cancellation error; e^r comes from its Taylor series up to r^7 (truncation error
+// below 1e-8 relative, under one float ulp) and 2^n from its exponent bits. Results below
+// FLT_MIN (x < -126 ln 2) are flushed to 0 (the exact value is < 1.2e-38); NaN propagates.
+STVIT_INLINE vfloat exp_nonpositive(vfloat x) {
+  constexpr double kLn2 = 0.693147180559945309417232121458176568;
+  constexpr float kLog2e = static_cast<float>(1.0 / kLn2);
+  constexpr float kLn2Hi = 45426.0f / 65536.0f;
+  constexpr float kLn2Lo = static_cast<float>(kLn2 - 45426.0 / 65536.0);
+  constexpr float kMinArg = static_cast<float>(-126.0 * kLn2);
+  constexpr int kExpBias = 127, kMantissaBits = 23;
+
+  const vint32 underflow = x < kMinArg;
+  const vint32 is_nan = x != x;
+  x = (vfloat)(((vint32)x & ~underflow) | ((vint32)vsplat(kMinArg) & underflow));
+  vfloat t = x * kLog2e + 0.5f;
+  t = (vfloat)((vint32)t & ~is_nan);  // keep the int conversion defined; r stays NaN
+  vint32 n = __builtin_convertvector(t, vint32);  // rounds toward 0 ...
+  n += (__builtin_convertvector(n, vfloat) > t);  // ... so step down where that went up: floor
+  const vfloat fn = __builtin_convertvector(n, vfloat);
+  const vfloat r = (x - fn * kLn2Hi) - fn * kLn2Lo;
+  vfloat p = vsplat(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vfloat two_n = (vfloat)((vuint32)(n + kExpBias) << kMantissaBits);
+  return (vfloat)((vint32)(p * two_n) & ~underflow);
+}
+
+STVIT_INLINE vdouble exp_nonpositive(vdouble x) {
+  for (int l = 0; l < Vec<double>::N; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+
+// A zero-filled, 64-byte aligned buffer of n elements.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {
+    const size_t bytes = sizeof(T) * static_cast<size_t>(n > 0 ? n : 1);
+    p_ = static_cast<T*>(::operator new(bytes, std::align_val_t(64)));
+    std::memset(p_, 0, bytes);
+  }
+  ~Scratch() { ::operator delete(p_, std::align_val_t(64)); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* get() const { return p_; }
+
+ private:
+  T* p_;
+};
+
+// A band: the row of cells (b, u, 0 .. ww-1). Its pixels are, in every plane, the h image rows
+// u*h .. u*h+h-1, one contiguous stretch of h*W elements: bands are read and written as whole rows.
+struct Band {
+  int64_t b, u, row0;  // row0: offset of the band's first pixel in an image plane
+};
+
+// Per-thread tiles of one band and the register-blocked loops over one cell of it. A cell's tile
+// holds its pixels contiguously (index r * w + j), zero-padded to a whole number of vectors (npad),
+// in the accumulation type: xt is [ww][C][npad], at is [ww][9][npad]. The super tokens the band's
+// cells neighbour are in st, [C][3][ww + 2]: grid rows u-1, u, u+1 with a zero column on either
+// side and zero rows outside the grid, so that slot k = 3 * i + j of cell v is st[c][i][v + j]
+// (0 for an invalid slot) for every cell, edge cells included.
+template <typename scalar_t>
+struct BandTiles {
+  using acc_t = acc_type<scalar_t>;
+  using V = typename Vec<acc_t>::type;
+  static constexpr int N = Vec<acc_t>::N;
+
+  // Cells' tiles are `skew` elements (64 bytes) further apart than their size, so that the tiles
+  // of a band do not all start at the same offset modulo 4 KiB (the stores of a band load would
+  // then alias each other in the store buffer).
+  static constexpr int64_t skew = 64 / sizeof(acc_t);
+  // A band is a short contiguous stretch (h*W elements) of each of many planes, too short for the
+  // hardware prefetchers: loads of a band prefetch the plane about this far ahead.
+  static constexpr int64_t kPrefetchBytes = 16384;
+
+  const Geometry& g;
+  const int64_t np, npad, HW, xstride, astride, srow, schan;
+  Scratch<acc_t> xt;  // pixel features (x, or an incoming gradient; y for the upsampling)
+  Scratch<acc_t> at;  // logits / affinities
+  Scratch<acc_t> st;  // neighbour super tokens of the band
+
+  BandTiles(const Geometry& geom, bool need_pixels, bool need_stokens)
+      : g(geom),
+        np(geom.h * geom.w),
+        npad((geom.h * geom.w + N - 1) / N * N),
+        HW(geom.H * geom.W),
+        xstride(geom.C * npad + skew),
+        astride(9 * npad + skew),
+        srow(geom.ww + 2),
+        schan(3 * (geom.ww + 2)),
+        xt(need_pixels ? geom.ww * xstride : 0),
+        at(geom.ww * astride),
+        st(need_stokens ? geom.C * 3 * (geom.ww + 2) : 0) {}
+
+  Band locate(int64_t idx) const {
+    Band band;
+    band.b = idx / g.hh;
+    band.u = idx - band.b * g.hh;
+    band.row0 = band.u * g.h * g.W;
+    return band;
+  }
+
+  acc_t* pixels(int64_t v) const { return xt.get() + v * xstride; }
+  acc_t* affinity(int64_t v) const { return at.get() + v * astride; }
+
+  // Whether slot k of cell (u, v) is inside the grid.
+  bool valid(int64_t u, int64_t v, int k) const {
+    const int64_t nu = u + k / 3 - 1, nv = v + k % 3 - 1;
+    return nu >= 0 && nu < g.hh && nv >= 0 && nv < g.ww;
+  }
+
+  int64_t planes_ahead() const {
+    const int64_t bytes = g.h * g.W * static_cast<int64_t>(sizeof(scalar_t));
+    return bytes >= kPrefetchBytes ? 1 : kPrefetchBytes / bytes;
+  }
+
+  // Prefetch plane k of the band.
+  STVIT_INLINE void prefetch_plane(const scalar_t* img, int64_t k, const Band& band) const {
+    const char* p = reinterpret_cast<const char*>(img + k * HW + band.row0);
+    const int64_t bytes = g.h * g.W * static_cast<int64_t>(sizeof(scalar_t));
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
+  }
+
+  // Moves planes between an image ([planes, H, W], band rows only) and the cells' tiles (cells
+  // `stride` apart); `to_tile` says which way. kW is the cell width when known at compile time
+  // (the common ones, so that each row segment is a fixed-size copy), 0 otherwise.
+  template <bool to_tile, int kW, typename Img, typename Tile>
+  void move_impl(Img* img, int64_t planes, const Band& band, Tile* tile, int64_t stride) const {
+    const int64_t w = kW > 0 ? kW : g.w;
+    // loads prefetch; stores do not (outputs are usually fresh memory, which a prefetch cannot
+    // bring in before the first write maps the page)
+    const int64_t ahead = to_tile ? planes_ahead() : 0;
+    for (int64_t k = 0; k < planes && k < ahead; ++k) prefetch_plane(img, k, band);
+    for (int64_t k = 0; k < planes; ++k) {
+      if (to_tile && k + ahead < planes) prefetch_plane(img, k + ahead, band);
+      for (int64_t r = 0; r < g.h; ++r) {
+        Img* row = img + k * HW + band.row0 + r * g.W;
+        Tile* cell = tile + k * npad + r * w;
+        for (int64_t v = 0; v < g.ww; ++v) {
+          if constexpr (to_tile) {
+            convert_row(cell + v * stride, row + v * w, w);
+          } else {
+            convert_row(row + v * w, cell + v * stride, w);
+          }
+        }
+      }
+    }
+  }
+
+  template <bool to_tile, typename Img, typename Tile>
+  void move(Img* img, int64_t planes, const Band& band, Tile* tile, int64_t stride) const {
+    switch (g.w) {
+      case 4: return move_impl<to_tile, 4>(img, planes, band, tile, stride);
+      case 8: return move_impl<to_tile, 8>(img, planes, band, tile, stride);
+      default: return move_impl<to_tile, 0>(img, planes, band, tile, stride);
+    }
+  }
+
+  // tile[v][k][r * w + j] = img[k][band row r][v * w + j] for k < planes.
+  void load(const scalar_t* img, int64_t planes, const Band& band, acc_t* tile, int64_t stride) const {
+    move<true>(img, planes, band, tile, stride);
+  }
+
+  void store(scalar_t* img, int64_t planes, const Band& band, const acc_t* tile, int64_t stride) const {
+    move<false>(img, planes, band, tile, stride);
+  }
+
+  // The band's affinities, with the rows of invalid slots zeroed (the upsampling and the
+  // aggregation ignore those slots whatever A holds there).
+  void load_affinity(const scalar_t* A_img, const Band& band) {
+    load(A_img, 9, band, at.get(), astride);
+    for (int64_t v = 0; v < g.ww; ++v) {
+      for (int k = 0; k < 9; ++k) {
+        if (!valid(band.u, v, k)) std::memset(affinity(v) + k * npad, 0, sizeof(acc_t) * np);
+      }
+    }
+  }
+
+  // st from s_img, one image of super tokens [C, hh, ww].
+  void load_stokens(const scalar_t* s_img, const Band& band) {
+    const int64_t cells = g.cells();
+    acc_t* dst = st.get();
+    for (int64_t ch = 0; ch < g.C; ++ch) {
+      for (int i = 0; i < 3; ++i) {
+        acc_t* d = dst + ch * schan + i * srow;
+        const int64_t nu = band.u + i - 1;
+        if (nu < 0 || nu >= g.hh) {
+          for (int64_t j = 0; j < srow; ++j) d[j] = acc_t(0);
+          continue;
+        }
+        d[0] = d[srow - 1] = acc_t(0);
+        convert_row(d + 1, s_img + ch * cells + nu * g.ww, g.ww);
+      }
+    }
+  }
+
+  // a[k][p] = scale * sum_c s_k[c] * x[c][p] for cell v, exactly 0 for an invalid slot.
+  void logits(int64_t u, int64_t v, const acc_t* x, acc_t* a, acc_t scale) const {
+    const acc_t* s0 = st.get() + v;  // slot 3 * i + j of channel c: s0[c * schan + i * srow + j]
+    const acc_t* s1 = s0 + srow;
+    const acc_t* s2 = s1 + srow;
+    for (int64_t p0 = 0; p0 < npad; p0 += N) {
+      V acc[9];
+      for (int k = 0; k < 9; ++k) acc[k] = V{};
+      for (int64_t ch = 0; ch < g.C; ++ch) {
+        const V xv = vload(x + ch * npad + p0);
+        const int64_t o = ch * schan;
+        for (int j = 0; j < 3; ++j) {
+          acc[j] += xv * s0[o + j];
+          acc[3 + j] += xv * s1[o + j];
+          acc[6 + j] += xv * s2[o + j];
+        }
+      }
+      for (int k = 0; k < 9; ++k) vstore(a + k * npad + p0, acc[k] * scale);
+    }
+    for (int k = 0; k < 9; ++k) {
+      if (!valid(u, v, k)) std::memset(a + k * npad, 0, sizeof(acc_t) * npad);
+    }
+  }
+
+  // Softmax over the 9 slots of every pixel, in place (pad lanes included).
+  void softmax(acc_t* a) const {
+    for (int64_t p0 = 0; p0 < npad; p0 += N) {
+      V l[9];
+      for (int k = 0; k < 9; ++k) l[k] = vload(a + k * npad + p0);
+      V m = l[0];
+      for (int k = 1; k < 9; ++k) m = vmax(m, l[k]);
+      V sum = V{};
+      for (int k = 0; k < 9; ++k) {
+        l[k] = exp_nonpositive(l[k] - m);
+        sum += l[k];
+      }
+      for (int k = 0; k < 9; ++k) vstore(a + k * npad + p0, l[k] / sum);
+    }
+  }
+
+  // Zero the pad lanes, so that they add nothing to the partial sums.
+  void clear_pad(acc_t* a) const {
+    for (int k = 0; k < 9; ++k) {
+      for (int64_t p = np; p < npad; ++p) a[k * npad + p] = acc_t(0);
+    }
+  }
+
+  // acc[k] = sum over the pixel chunks of a[k][chunk] * x[chunk] (x: one channel of the tile).
+  STVIT_INLINE void dot9(const acc_t* x, const acc_t* a, V* acc) const {
+    for (int k = 0; k < 9; ++k) acc[k] = V{};
+    for (int64_t p0 = 0; p0 < npad; p0 += N) {
+      const V xv = vload(x + p0);
+      for (int k = 0; k < 9; ++k) acc[k] += vload(a + k * npad + p0) * xv;
+    }
+  }
+
+  // pnum[k][c] = sum_p a[k][p] * x[c][p], pden[k] = sum_p a[k][p] (all 9 slots). Channels go in
+  // blocks of N whose per-lane sums are reduced together (transpose_sum).
+  void partials(const acc_t* x, const acc_t* a, acc_t* pnum, acc_t* pden) const {
+    V block[9][N];
+    V acc[9];
+    int64_t ch0 = 0;
+    for (; ch0 + N <= g.C; ch0 += N) {
+      for (int i = 0; i < N; ++i) {
+        dot9(x + (ch0 + i) * npad, a, acc);
+        for (int k = 0; k < 9; ++k) block[k][i] = acc[k];
+      }
+      for (int k = 0; k < 9; ++k) vstore(pnum + k * g.C + ch0, transpose_sum(block[k]));
+    }
+    for (; ch0 < g.C; ++ch0) {
+      dot9(x + ch0 * npad, a, acc);
+      for (int k = 0; k < 9; ++k) pnum[k * g.C + ch0] = hsum<acc_t>(acc[k]);
+    }
+    for (int k = 0; k < 9; ++k) {
+      V sum = V{};
+      for (int64_t p0 = 0; p0 < npad; p0 += N) sum += vload(a + k * npad + p0);
+      pden[k] = hsum<acc_t>(sum);
+    }
+  }
+
+  // y[c][p] = sum_k a[k][p] * s_k[c] for cell v (a: rows of invalid slots zeroed), handed to
+  // `put(c, p0, yv)` one vector of pixels p0 .. p0+N-1 at a time.
+  template <typename Put>
+  STVIT_INLINE void upsample(int64_t v, const acc_t* a, Put put) const {
+    const acc_t* s0 = st.get() + v;
+    const acc_t* s1 = s0 + srow;
+    const acc_t* s2 = s1 + srow;
+    for (int64_t p0 = 0; p0 < npad; p0 += N) {
+      V ak[9];
+      for (int k = 0; k < 9; ++k) ak[k] = vload(a + k * npad + p0);
+      for (int64_t ch = 0; ch < g.C; ++ch) {
+        const int64_t o = ch * schan;
+        V yv = ak[0] * s0[o];
+        yv += ak[1] * s0[o + 1];
+        yv += ak[2] * s0[o + 2];
+        yv += ak[3] * s1[o];
+        yv += ak[4] * s1[o + 1];
+        yv += ak[5] * s1[o + 2];
+        yv += ak[6] * s2[o];
+        yv += ak[7] * s2[o + 1];
+        yv += ak[8] * s2[o + 2];
+        put(ch, p0, yv);
+      }
+    }
+  }
+
+  // Whether the upsampling of cells of (compile-time) width kW writes straight to the output: when
+  // kW is a multiple or a divisor of N, every vector of a cell's pixels is whole row segments.
+  template <int kW>
+  static constexpr bool direct_upsample() {
+    return kW > 0 && (kW % N == 0 || N % kW == 0);
+  }
+
+  // The upsampling of a band, written to y_img (one image [C, H, W]) straight from the registers
+  // (direct_upsample) or through the tile xt and a band store.
+  template <int kW>
+  void upsample_band(const Band& band, scalar_t* y_img) const {
+    if constexpr (direct_upsample<kW>()) {
+      constexpr int kSeg = kW < N ? kW : N;  // elements per row segment of a vector
+      for (int64_t v = 0; v < g.ww; ++v) {
+        scalar_t* yv0 = y_img + band.row0 + v * kW;
+        upsample(v, affinity(v), [&](int64_t ch, int64_t p0, V yv) {
+          acc_t lanes[N];
+          vstore(lanes, yv);
+          for (int q = 0; q < N; q += kSeg) {
+            const int64_t p = p0 + q;
+            if (p >= np) break;
+            convert_row(yv0 + ch * HW + (p / kW) * g.W + p % kW, lanes + q, kSeg);
+          }
+        });
+      }
+    } else {
+      for (int64_t v = 0; v < g.ww; ++v) {
+        acc_t* yt = pixels(v);
+        upsample(v, affinity(v), [&](int64_t ch, int64_t p0, V yv) { vstore(yt + ch * npad + p0, yv); });
+      }
+      store(y_img, g.C, band, xt.get(), xstride);
+    }
+  }
+};
+
+template <typename scalar_t>
+void affinity_bands(const Geometry& g, const scalar_t* x, const scalar_t* s, scalar_t* A,
+                    acc_type<scalar_t> scale, bool softmax, int64_t begin, int64_t end) {
+  BandTiles<scalar_t> t(g, /*need_pixels=*/true, /*need_stokens=*/true);
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const Band band = t.locate(idx);
+    t.load(x + band.b * g.C * t.HW, g.C, band, t.xt.get(), t.xstride);
+    t.load_stokens(s + band.b * g.C * g.cells(), band);
+    for (int64_t v = 0; v < g.ww; ++v) {
+      t.logits(band.u, v, t.pixels(v), t.affinity(v), scale);
+      if (softmax) t.softmax(t.affinity(v));
+    }
+    t.store(A + band.b * 9 * t.HW, 9, band, t.at.get(), t.astride);
+  }
+}
+
+template <typename scalar_t>
+void partial_bands(const Geometry& g, const scalar_t* x, const scalar_t* A,
+                   acc_type<scalar_t>* pnum, acc_type<scalar_t>* pden, int64_t begin,
+                   int64_t end) {
+  BandTiles<scalar_t> t(g, /*need_pixels=*/true, /*need_stokens=*/false);
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const Band band = t.locate(idx);
+    t.load(x + band.b * g.C * t.HW, g.C, band, t.xt.get(), t.xstride);
+    t.load_affinity(A + band.b * 9 * t.HW, band);
+    for (int64_t v = 0; v < g.ww; ++v) {
+      const int64_t cell = idx * g.ww + v;
+      t.partials(t.pixels(v), t.affinity(v), pnum + cell * 9 * g.C, pden + cell * 9);
+    }
+  }
+}
+
+template <typename scalar_t>
+void affinity_partial_bands(const Geometry& g, const scalar_t* x, const scalar_t* s,
+                            scalar_t* A, acc_type<scalar_t> scale, acc_type<scalar_t>* pnum,
+                            acc_type<scalar_t>* pden, int64_t begin, int64_t end) {
+  BandTiles<scalar_t> t(g, /*need_pixels=*/true, /*need_stokens=*/true);
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const Band band = t.locate(idx);
+    t.load(x + band.b * g.C * t.HW, g.C, band, t.xt.get(), t.xstride);
+    t.load_stokens(s + band.b * g.C * g.cells(), band);
+    for (int64_t v = 0; v < g.ww; ++v) {  // each cell while its tile is in L1
+      const int64_t cell = idx * g.ww + v;
+      t.logits(band.u, v, t.pixels(v), t.affinity(v), scale);
+      t.softmax(t.affinity(v));
+      t.clear_pad(t.affinity(v));  // (the store below writes the real pixels only)
+      t.partials(t.pixels(v), t.affinity(v), pnum + cell * 9 * g.C, pden + cell * 9);
+    }
+    t.store(A + band.b * 9 * t.HW, 9, band, t.at.get(), t.astride);
+  }
+}
+
+// num[b, :, u, v] / den[b, 0, u, v] = the partials that the 3x3 cells around (u, v) hold for it:
+// cell (u - di, v - dj), slot k = (di + 1) * 3 + (dj + 1), added in the order k = 0..8.
+template <typename scalar_t>
+void reduce_stokens(const Geometry& g, const acc_type<scalar_t>* pnum,
+                    const acc_type<scalar_t>* pden, scalar_t* num, scalar_t* den, int64_t begin,
+                    int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t cells = g.cells(), C = g.C;
+  Scratch<acc_t> row(C);
+  acc_t* acc = row.get();
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t b = idx / cells, r = idx - b * cells, u = r / g.ww, v = r - u * g.ww;
+    for (int64_t ch = 0; ch < C; ++ch) acc[ch] = acc_t(0);
+    acc_t d = acc_t(0);
+    for (int k = 0; k < 9; ++k) {
+      const int64_t su = u - (k / 3 - 1), sv = v - (k % 3 - 1);
+      if (su < 0 || su >= g.hh || sv < 0 || sv >= g.ww) continue;
+      const int64_t src = b * cells + su * g.ww + sv;
+      const acc_t* p = pnum + (src * 9 + k) * C;
+      for (int64_t ch = 0; ch < C; ++ch) acc[ch] += p[ch];
+      d += pden[src * 9 + k];
+    }
+    for (int64_t ch = 0; ch < C; ++ch) num[(b * C + ch) * cells + r] = static_cast<scalar_t>(acc[ch]);
+    den[idx] = static_cast<scalar_t>(d);
+  }
+}
+
+template <typename scalar_t>
+void upsample_bands(const Geometry& g, const scalar_t* s, const scalar_t* A, scalar_t* y,
+                    int64_t begin, int64_t end) {
+  using T = BandTiles<scalar_t>;
+  const bool direct = (g.w == 4 && T::template direct_upsample<4>()) ||
+                      (g.w == 8 && T::template direct_upsample<8>());
+  T t(g, /*need_pixels=*/!direct, /*need_stokens=*/true);
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const Band band = t.locate(idx);
+    t.load_affinity(A + band.b * 9 * t.HW, band);
+    t.load_stokens(s + band.b * g.C * g.cells(), band);
+    scalar_t* y_img = y + band.b * g.C * t.HW;
+    switch (g.w) {
+      case 4: t.template upsample_band<4>(band, y_img); break;
+      case 8: t.template upsample_band<8>(band, y_img); break;
+      default: t.template upsample_band<0>(band, y_img); break;
+    }
+  }
+}
+
+#undef STVIT_INLINE
+#undef STVIT_HAVE_SHUFFLEVECTOR
+
+}  // namespace STVIT_CPU_ISA
+
+template <typename scalar_t>
+const KernelSet<scalar_t>& STVIT_CPU_TABLE() {
+  static const KernelSet<scalar_t> table{
+      &STVIT_CPU_ISA::affinity_bands<scalar_t>, &STVIT_CPU_ISA::partial_bands<scalar_t>,
+      &STVIT_CPU_ISA::affinity_partial_bands<scalar_t>, &STVIT_CPU_ISA::reduce_stokens<scalar_t>,
+      &STVIT_CPU_ISA::upsample_bands<scalar_t>};
+  return table;
+}
+
+template const KernelSet<float>& STVIT_CPU_TABLE<float>();
+template const KernelSet<double>& STVIT_CPU_TABLE<double>();
+template const KernelSet<c10::Half>& STVIT_CPU_TABLE<c10::Half>();
+template const KernelSet<c10::BFloat16>& STVIT_CPU_TABLE<c10::BFloat16>();
+
+}  // namespace cpu
+}  // namespace stvit

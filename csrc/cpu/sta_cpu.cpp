@@ -1,0 +1,207 @@
+// The four STA primitives on the CPU (declared in stvit.h): output allocation, dtype dispatch,
+// threading (at::parallel_for over bands of cells, then over super tokens for the aggregation's
+// second pass) and the choice of the kernels' instruction set. The kernels are in kernels_impl.h.
+// Inputs arrive checked (shapes, dtypes, contiguity) by the host wrappers of ops.cpp.
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <limits>
+#include <string>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <c10/util/Exception.h>
+
+#include "cpu/kernels.h"
+#include "stvit.h"
+
+namespace stvit {
+namespace cpu {
+namespace {
+
+enum Isa : int { kIsaDefault = 0, kIsaAvx2 = 1 };
+
+bool cpu_has_avx2() {
+#ifdef STVIT_CPU_HAVE_AVX2
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+int isa_from_environment() {
+  const int best = cpu_has_avx2() ? kIsaAvx2 : kIsaDefault;
+  const char* env = std::getenv("STVIT_CPU_ISA");
+  if (env == nullptr || *env == '\0' || std::string(env) == "auto") return best;
+  if (std::string(env) == "default") return kIsaDefault;
+  if (std::string(env) == "avx2" && best == kIsaAvx2) return kIsaAvx2;
+  TORCH_WARN("stvit_kernels: ignoring STVIT_CPU_ISA=", env, " (expected auto, default",
+             best == kIsaAvx2 ? " or avx2" : "; this CPU or build has no AVX2 + FMA", ")");
+  return best;
+}
+
+std::atomic<int>& active_isa() {
+  static std::atomic<int> value{isa_from_environment()};
+  return value;
+}
+
+template <typename scalar_t>
+const KernelSet<scalar_t>& kernels() {
+#ifdef STVIT_CPU_HAVE_AVX2
+  if (active_isa().load(std::memory_order_relaxed) == kIsaAvx2) return kernels_avx2<scalar_t>();
+#endif
+  return kernels_default<scalar_t>();
+}
+
+}  // namespace
+
+namespace {
+std::atomic<bool> poison_flag{false};
+}  // namespace
+
+void set_poison(bool on) { poison_flag.store(on); }
+bool poison() { return poison_flag.load(std::memory_order_relaxed); }
+
+std::string isa() { return active_isa().load() == kIsaAvx2 ? "avx2" : "default"; }
+
+void set_isa(const std::string& name) {
+  if (name == "auto") {
+    active_isa().store(cpu_has_avx2() ? kIsaAvx2 : kIsaDefault);
+  } else if (name == "default") {
+    active_isa().store(kIsaDefault);
+  } else if (name == "avx2") {
+    TORCH_CHECK(cpu_has_avx2(), "stvit_kernels: the avx2 CPU kernels need an x86-64 CPU with AVX2 "
+                "and FMA (and a GCC/Clang build); this one has not");
+    active_isa().store(kIsaAvx2);
+  } else {
+    TORCH_CHECK(false, "stvit_kernels: unknown CPU ISA '", name, "' (expected auto, default, avx2)");
+  }
+}
+
+}  // namespace cpu
+
+namespace {
+
+// at::empty, or NaN-filled when the poison testing aid is on.
+at::Tensor new_tensor(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (cpu::poison()) return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+  return at::empty(sizes, options);
+}
+
+cpu::Geometry geometry(const at::Tensor& pixels, int64_t C, int64_t h, int64_t w) {
+  cpu::Geometry g;
+  g.B = pixels.size(0);
+  g.C = C;
+  g.H = pixels.size(2);
+  g.W = pixels.size(3);
+  g.h = h;
+  g.w = w;
+  g.hh = g.H / h;
+  g.ww = g.W / w;
+  return g;
+}
+
+// Items (bands or super tokens) per task: at least kGrainWork multiply-adds (the grain of ATen's
+// own element-wise loops, at::internal::GRAIN_SIZE), so that small problems stay on one thread.
+constexpr int64_t kGrainWork = 32768;
+
+int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_item));
+}
+
+// Per-cell partials -> (num, den); shared by aggregate and affinity_aggregate. `bands_pass`
+// fills pnum / pden for a range of bands.
+template <typename scalar_t, typename BandsPass>
+Tensor2 reduce_partials(const cpu::Geometry& g, const at::Tensor& like, BandsPass bands_pass) {
+  using acc_t = cpu::acc_type<scalar_t>;
+  const auto acc_options = like.options().dtype(at::toOpMathType(like.scalar_type()));
+  at::Tensor pnum = new_tensor({g.B * g.cells(), 9, g.C}, acc_options);
+  at::Tensor pden = new_tensor({g.B * g.cells(), 9}, acc_options);
+  at::Tensor num = new_tensor({g.B, g.C, g.hh, g.ww}, like.options());
+  at::Tensor den = new_tensor({g.B, 1, g.hh, g.ww}, like.options());
+  acc_t* pn = pnum.mutable_data_ptr<acc_t>();
+  acc_t* pd = pden.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, g.B * g.hh, grain(9 * g.C * g.h * g.W),
+                   [&](int64_t begin, int64_t end) { bands_pass(pn, pd, begin, end); });
+  const auto& k = cpu::kernels<scalar_t>();
+  scalar_t* np = num.mutable_data_ptr<scalar_t>();
+  scalar_t* dp = den.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, g.B * g.cells(), grain(9 * g.C), [&](int64_t begin, int64_t end) {
+    k.reduce(g, pn, pd, np, dp, begin, end);
+  });
+  return {num, den};
+}
+
+}  // namespace
+
+at::Tensor affinity_cpu(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
+                        double scale, bool softmax) {
+  const cpu::Geometry g = geometry(x, x.size(1), h, w);
+  at::Tensor A = new_tensor({g.B, 9, g.H, g.W}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "stvit::affinity_cpu", [&] {
+    using acc_t = cpu::acc_type<scalar_t>;
+    const auto& k = cpu::kernels<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    scalar_t* Ap = A.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.B * g.hh, grain(9 * g.C * g.h * g.W),
+                     [&](int64_t begin, int64_t end) {
+                       k.affinity(g, xp, sp, Ap, static_cast<acc_t>(scale), softmax, begin, end);
+                     });
+  });
+  return A;
+}
+
+Tensor2 aggregate_cpu(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w) {
+  const cpu::Geometry g = geometry(x, x.size(1), h, w);
+  Tensor2 out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "stvit::aggregate_cpu", [&] {
+    using acc_t = cpu::acc_type<scalar_t>;
+    const auto& k = cpu::kernels<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* Ap = A.const_data_ptr<scalar_t>();
+    out = reduce_partials<scalar_t>(g, x, [&](acc_t* pn, acc_t* pd, int64_t begin, int64_t end) {
+      k.partials(g, xp, Ap, pn, pd, begin, end);
+    });
+  });
+  return out;
+}
+
+at::Tensor upsample_cpu(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
+  const cpu::Geometry g = geometry(A, s.size(1), h, w);
+  at::Tensor y = new_tensor({g.B, g.C, g.H, g.W}, s.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "stvit::upsample_cpu", [&] {
+    const auto& k = cpu::kernels<scalar_t>();
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* Ap = A.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.B * g.hh, grain(9 * g.C * g.h * g.W),
+                     [&](int64_t begin, int64_t end) { k.upsample(g, sp, Ap, yp, begin, end); });
+  });
+  return y;
+}
+
+Tensor3 affinity_aggregate_cpu(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
+                               double scale) {
+  const cpu::Geometry g = geometry(x, x.size(1), h, w);
+  at::Tensor A = new_tensor({g.B, 9, g.H, g.W}, x.options());
+  Tensor2 nd;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "stvit::affinity_aggregate_cpu", [&] {
+    using acc_t = cpu::acc_type<scalar_t>;
+    const auto& k = cpu::kernels<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    scalar_t* Ap = A.mutable_data_ptr<scalar_t>();
+    nd = reduce_partials<scalar_t>(g, x, [&](acc_t* pn, acc_t* pd, int64_t begin, int64_t end) {
+      k.affinity_partials(g, xp, sp, Ap, static_cast<acc_t>(scale), pn, pd, begin, end);
+    });
+  });
+  return {A, std::get<0>(nd), std::get<1>(nd)};
+}
+
+}  // namespace stvit

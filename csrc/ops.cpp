@@ -1,0 +1,215 @@
+// Host side of stvit_kernels._C: the `torch.ops.stvit` operators (schemas, input checks, CUDA
+// device guard) and the small Python module. The kernels behind the four primitives are the
+// *_cpu functions of csrc/cpu and the *_cuda functions of csrc/cuda (stvit.h); every check
+// happens here, once, before either is called, and raises through TORCH_CHECK.
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#ifdef STVIT_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#include "cpu/kernels.h"
+#include "stvit.h"
+
+namespace stvit {
+namespace {
+
+void check_tensor(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4, "stvit::", op, ": ", name, " must be 4-D, got ", name, ".shape=",
+              t.sizes());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "stvit::", op, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
+              name, ".dtype=", dt);
+  TORCH_CHECK(t.is_contiguous(), "stvit::", op, ": ", name,
+              " must be contiguous (NCHW), got strides ", t.strides(), " for shape ", t.sizes());
+}
+
+void check_same(const char* op, const char* a_name, const at::Tensor& a, const char* b_name,
+                const at::Tensor& b) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "stvit::", op, ": ", a_name, " and ", b_name,
+              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), "stvit::", op, ": ", a_name, " and ", b_name,
+              " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+// H, W of `pixels` ([B, K, H, W]) divisible by the cell size (h, w).
+void check_cells(const char* op, const char* name, const at::Tensor& pixels, int64_t h,
+                 int64_t w) {
+  TORCH_CHECK(h >= 1 && w >= 1, "stvit::", op, ": the super-token size must be positive, got (h, w) = (",
+              h, ", ", w, ")");
+  TORCH_CHECK(pixels.size(2) % h == 0 && pixels.size(3) % w == 0, "stvit::", op, ": ", name,
+              " must have H and W divisible by the super-token size, got ", name, ".shape=",
+              pixels.sizes(), " and (h, w) = (", h, ", ", w, ")");
+}
+
+// x [B, C, H, W] and s [B, C, H/h, W/w].
+void check_pixels_stokens(const char* op, const at::Tensor& x, const at::Tensor& s, int64_t h,
+                          int64_t w) {
+  check_tensor(op, "x", x);
+  check_tensor(op, "s", s);
+  check_same(op, "x", x, "s", s);
+  check_cells(op, "x", x, h, w);
+  TORCH_CHECK(s.size(0) == x.size(0) && s.size(1) == x.size(1) && s.size(2) == x.size(2) / h &&
+                  s.size(3) == x.size(3) / w,
+              "stvit::", op, ": s must have shape [B, C, H/h, W/w] = [", x.size(0), ", ", x.size(1),
+              ", ", x.size(2) / h, ", ", x.size(3) / w, "], got s.shape=", s.sizes(),
+              " with x.shape=", x.sizes(), " and (h, w) = (", h, ", ", w, ")");
+}
+
+// A [B, 9, H, W] against pixels [B, C, H, W].
+void check_pixels_affinity(const char* op, const at::Tensor& x, const at::Tensor& A, int64_t h,
+                           int64_t w) {
+  check_tensor(op, "x", x);
+  check_tensor(op, "A", A);
+  check_same(op, "x", x, "A", A);
+  check_cells(op, "x", x, h, w);
+  TORCH_CHECK(A.size(0) == x.size(0) && A.size(1) == 9 && A.size(2) == x.size(2) &&
+                  A.size(3) == x.size(3),
+              "stvit::", op, ": A must have shape [B, 9, H, W] = [", x.size(0), ", 9, ", x.size(2),
+              ", ", x.size(3), "], got A.shape=", A.sizes(), " with x.shape=", x.sizes());
+}
+
+// s [B, C, hh, ww] against A [B, 9, hh*h, ww*w].
+void check_stokens_affinity(const char* op, const at::Tensor& s, const at::Tensor& A, int64_t h,
+                            int64_t w) {
+  check_tensor(op, "s", s);
+  check_tensor(op, "A", A);
+  check_same(op, "s", s, "A", A);
+  check_cells(op, "A", A, h, w);
+  TORCH_CHECK(A.size(0) == s.size(0) && A.size(1) == 9 && A.size(2) == s.size(2) * h &&
+                  A.size(3) == s.size(3) * w,
+              "stvit::", op, ": s [B, C, hh, ww] and A [B, 9, hh*h, ww*w] do not match: s.shape=",
+              s.sizes(), ", A.shape=", A.sizes(), ", (h, w) = (", h, ", ", w, ")");
+}
+
+// The kernels of one device type behind one interface.
+struct CpuKernels {
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
+  static at::Tensor affinity(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
+                             double scale, bool softmax) {
+    return affinity_cpu(x, s, h, w, scale, softmax);
+  }
+  static Tensor2 aggregate(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w) {
+    return aggregate_cpu(x, A, h, w);
+  }
+  static at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
+    return upsample_cpu(s, A, h, w);
+  }
+  static Tensor3 affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h,
+                                    int64_t w, double scale) {
+    return affinity_aggregate_cpu(x, s, h, w, scale);
+  }
+};
+
+#ifdef STVIT_WITH_CUDA
+struct CudaKernels {
+  // Kernels launch on the inputs' device (and its current stream), whatever device is current.
+  struct Guard {
+    explicit Guard(const at::Tensor& t) : guard(t.device()) {}
+    c10::cuda::CUDAGuard guard;
+  };
+  static at::Tensor affinity(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
+                             double scale, bool softmax) {
+    return affinity_cuda(x, s, h, w, scale, softmax);
+  }
+  static Tensor2 aggregate(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w) {
+    return aggregate_cuda(x, A, h, w);
+  }
+  static at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
+    return upsample_cuda(s, A, h, w);
+  }
+  static Tensor3 affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h,
+                                    int64_t w, double scale) {
+    return affinity_aggregate_cuda(x, s, h, w, scale);
+  }
+};
+#endif
+
+template <typename K>
+at::Tensor affinity(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale,
+                    bool softmax) {
+  check_pixels_stokens("affinity", x, s, h, w);
+  typename K::Guard guard(x);
+  return K::affinity(x, s, h, w, scale, softmax);
+}
+
+template <typename K>
+Tensor2 aggregate(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w) {
+  check_pixels_affinity("aggregate", x, A, h, w);
+  typename K::Guard guard(x);
+  return K::aggregate(x, A, h, w);
+}
+
+template <typename K>
+at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
+  check_stokens_affinity("upsample", s, A, h, w);
+  typename K::Guard guard(s);
+  return K::upsample(s, A, h, w);
+}
+
+template <typename K>
+Tensor3 affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
+                           double scale) {
+  check_pixels_stokens("affinity_aggregate", x, s, h, w);
+  typename K::Guard guard(x);
+  return K::affinity_aggregate(x, s, h, w, scale);
+}
+
+}  // namespace
+}  // namespace stvit
+
+TORCH_LIBRARY(stvit, m) {
+  m.def("affinity(Tensor x, Tensor s, int h, int w, float scale, bool softmax) -> Tensor");
+  m.def("aggregate(Tensor x, Tensor A, int h, int w) -> (Tensor, Tensor)");
+  m.def("upsample(Tensor s, Tensor A, int h, int w) -> Tensor");
+  m.def("affinity_aggregate(Tensor x, Tensor s, int h, int w, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(stvit, CPU, m) {
+  using K = stvit::CpuKernels;
+  m.impl("affinity", &stvit::affinity<K>);
+  m.impl("aggregate", &stvit::aggregate<K>);
+  m.impl("upsample", &stvit::upsample<K>);
+  m.impl("affinity_aggregate", &stvit::affinity_aggregate<K>);
+}
+
+#ifdef STVIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(stvit, CUDA, m) {
+  using K = stvit::CudaKernels;
+  m.impl("affinity", &stvit::affinity<K>);
+  m.impl("aggregate", &stvit::aggregate<K>);
+  m.impl("upsample", &stvit::upsample<K>);
+  m.impl("affinity_aggregate", &stvit::affinity_aggregate<K>);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "stvit_kernels._C: registers the torch.ops.stvit operators (CPU, and CUDA if built)";
+  m.def("built_with_cuda", [] {
+#ifdef STVIT_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "True if the CUDA kernels were compiled in.");
+  m.def("torch_version", [] { return std::string(TORCH_VERSION); },
+        "The torch version the extension was compiled against.");
+  m.def("cpu_isa", &stvit::cpu::isa,
+        "Instruction set of the CPU kernels in use: 'avx2' or 'default'.");
+  m.def("set_cpu_isa", &stvit::cpu::set_isa, pybind11::arg("name"),
+        "Use the 'avx2' or 'default' CPU kernels, or 'auto' (the best this CPU runs); "
+        "the environment variable STVIT_CPU_ISA sets the initial choice.");
+  m.def("_set_poison", &stvit::cpu::set_poison, pybind11::arg("on"),
+        "Testing aid: fill every output and workspace of the CPU kernels with NaN before they run.");
+}
