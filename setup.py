@@ -115,7 +115,8 @@ def nvidia_wheel_include_dirs():
     for base in sorted(set(sys.path)):
         root = os.path.join(base, "nvidia")
         if base and os.path.isdir(root):
-            dirs += sorted(d for d in glob.glob(os.path.join(root, "*", "include")) if os.path.isdir(d))
+            dirs += sorted(d for d in glob.glob(os.path.join(root, "*", "include"))
+                           if os.path.isdir(d))
     seen, out = set(), []
     for d in dirs:
         real = os.path.realpath(d)

@@ -80,11 +80,11 @@ def make_step(model, mode: str, precision: str, device, pool, labels, compiled: 
     return step, opt
 
 
-def _failure(e: BaseException, compiled: bool) -> Dict:
+def _failure(e: BaseException, compiled: bool, print_tb: bool = True) -> Dict:
     oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
     msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     what = "out of memory" if oom else ("torch.compile failed" if compiled else "failed")
-    if not oom:
+    if not oom and print_tb:
         traceback.print_exc(limit=4, file=sys.stderr)
     return dict(status="skipped" if oom or compiled else "error", note=f"{what}: {type(e).__name__}: {msg}")
 
@@ -129,11 +129,12 @@ def run_group(base_model, name, providers, mode, precision, compiled, args, devi
                 torch.cuda.empty_cache()
     if steps:
         try:
-            for p, t in common.time_interleaved(steps, args.min_run_time, min_rounds=3, block_s=0.0).items():
+            timings, errors = common.time_interleaved(steps, args.min_run_time, min_rounds=3, block_s=0.0)
+            for p, t in timings.items():
                 rows[p].update(t, status="ok")
-        except Exception as e:  # noqa: BLE001
-            for p in steps:
-                rows[p].update(_failure(e, compiled))
+            for p, e in errors.items():
+                traceback.print_exception(type(e), e, e.__traceback__, limit=4, file=sys.stderr)
+                rows[p].update(_failure(e, compiled, print_tb=False))
         finally:
             steps.clear()
             keep.clear()
@@ -255,7 +256,8 @@ def main(argv=None) -> Dict:
         for p in providers:
             r = next((r for r in rows if (r["model"], r["mode"], r["precision"], r["compile"]) == key
                       and r["provider"] == p), None)
-            cells.append(f"{r['images_per_s']:.1f}" if r and r.get("status") == "ok" else (r or {}).get("status", "-"))
+            v = r["images_per_s"] if r and r.get("status") == "ok" else None
+            cells.append((f"{v:.1f}" if v >= 10 else f"{v:.3g}") if v is not None else (r or {}).get("status", "-"))
         ratio = "-" if t["value"] is None else f"{t['value']:.2f}x"
         verdict = "" if t["threshold"] is None else (f"  target >= {t['threshold']:g}x: "
                                                     + ("MET" if t["met"] else "NOT MET"))

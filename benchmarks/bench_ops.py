@@ -87,6 +87,8 @@ DENSE = ("dense-sdpa", "dense-naive")
 #: Token-grid sides of the sweep: 224, 320, 384, 512, 640, 768, 896, 1024 input pixels / 4.
 FULL_SIDES = (56, 80, 96, 128, 160, 192, 224, 256)
 QUICK_SIDES = (56, 96, 128)
+#: Sweep sizes at which the compiled reference is measured by default (a compile per size and mode).
+FULL_COMPILE_SIDES = (56, 128, 256)
 #: STViT-S stage 1 / stage 2 (C, side at 224², super-token size, heads).
 STAGE1 = dict(dim=64, side=56, stoken=8, heads=1)
 STAGE2 = dict(dim=128, side=28, stoken=4, heads=2)
@@ -211,9 +213,11 @@ class Providers:
     ``torch.compile`` sees the same function across the sweep (automatic dynamic shapes then
     compile a few graphs per op instead of one per size)."""
 
-    def __init__(self, device, dtype, fused: Sequence[str], naive_max_bytes: int):
+    def __init__(self, device, dtype, fused: Sequence[str], naive_max_bytes: int,
+                 compile_sides: Optional[Sequence[int]] = None):
         self.device, self.dtype, self.fused = device, dtype, list(fused)
         self.naive_max_bytes = naive_max_bytes
+        self.compile_sides = set(compile_sides) if compile_sides else None
         self._modules: Dict[Tuple, nn.Module] = {}
         self._compiled: Dict[Tuple, Callable] = {}
         self.compile_failed: Dict[Tuple, str] = {}
@@ -253,6 +257,8 @@ class Providers:
                                   f" > --naive-max-gib {self.naive_max_bytes / (1 << 30):g}")
             return NaiveDenseAttention(dense), list(dense.parameters()), None
         compiled = provider == "reference+compile"
+        if compiled and case.tag == "sweep" and self.compile_sides and case.side not in self.compile_sides:
+            return None, [], None   # not compiled at this size (--compile-sides): not measured
         backend = "reference" if compiled else provider
         if case.op == "sta":
             m = copy.copy(self._sta(case))   # shallow: same parameters, its own backend attribute
@@ -265,7 +271,9 @@ class Providers:
             if key in self.compile_failed:
                 return None, [], self.compile_failed[key]
             if key not in self._compiled:
-                self._compiled[key] = torch.compile(fn)
+                # static shapes: a graph per size (automatic dynamic shapes hit an inductor error on
+                # the reference's index arithmetic in torch 2.14)
+                self._compiled[key] = torch.compile(fn, dynamic=False)
             fn = self._compiled[key]
         return fn, params, None
 
@@ -364,7 +372,8 @@ def build_cases(args, device, fused_names) -> List[Case]:
     ops = args.ops or (["sta"] if quick else list(OPS))
     sides = args.sides or (QUICK_SIDES if quick else FULL_SIDES)
     batch = _default_batch(args, device)
-    cases = [Case(op, batch, args.dim, side, args.stoken, args.heads) for op in ops for side in sides]
+    cases = [] if args.no_sweep else [Case(op, batch, args.dim, side, args.stoken, args.heads)
+                                      for op in ops for side in sides]
     if not args.no_targets:
         cases += target_cases(device, args.preset, fused_names)
     return cases
@@ -411,16 +420,31 @@ def run_case(case: Case, providers: Sequence[str], modes: Sequence[str], prov: P
                 rows.append(dict(base, provider=provider, mode=mode, status="skipped", note=note))
             print(f"  {provider:18s} {note}", file=sys.stderr)
             continue
-        out_specs = []
+        # warm-up (torch.compile compiles here, untimed): one forward + backward, during which the
+        # bytes saved for backward are counted; compiled providers also build their no-grad graph
+        out_specs, saved = [], None
         try:
-            with torch.no_grad():
-                fn(*pool[0])
+            compiled = provider.endswith("compile")
+            if compiled or not any(m != "fwd" for m in case_modes):
+                with torch.no_grad():
+                    fn(*pool[0])
             if any(m != "fwd" for m in case_modes):
-                outs = _diff(_as_tuple(fn(*pool[0])))
+                box = []
+                if compiled:   # compile without hooks first; count the saved bytes afterwards
+                    box.append(fn(*pool[0]))
+                else:
+                    saved = common.saved_bytes(lambda: box.append(fn(*pool[0])), exclude=list(pool[0]) + params)
+                outs = _diff(_as_tuple(box.pop()))
                 out_specs = [(o.shape, o.dtype) for o in outs]
                 if outs:
                     sum(o.float().sum() for o in outs).backward()
                 del outs
+                if compiled:
+                    try:
+                        saved = common.saved_bytes(lambda: fn(*pool[0]), exclude=list(pool[0]) + params)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  {provider:18s} saved_bytes failed: {_failure_note(e, provider)}",
+                              file=sys.stderr)
         except Exception as e:  # noqa: BLE001
             note = _failure_note(e, provider)
             if provider == "reference+compile":
@@ -431,12 +455,6 @@ def run_case(case: Case, providers: Sequence[str], modes: Sequence[str], prov: P
             print(f"  {provider:18s} {note}", file=sys.stderr)
             _free(device)
             continue
-        saved = None
-        if case.op != "affinity_aggregate" and any(m != "fwd" for m in case_modes):
-            try:
-                saved = common.saved_bytes(lambda: fn(*pool[0]), exclude=list(pool[0]) + params)
-            except Exception as e:  # noqa: BLE001
-                print(f"  {provider:18s} saved_bytes failed: {_failure_note(e, provider)}", file=sys.stderr)
         _zero_grads(pool, params)
         ready[provider] = (fn, params, saved, out_specs)
 
@@ -447,11 +465,11 @@ def run_case(case: Case, providers: Sequence[str], modes: Sequence[str], prov: P
         releases: List[Callable] = []
 
         def fail(provider, e):
-            mode_rows[provider].update(status="skipped" if _is_oom(e) else "error",
-                                       note=_failure_note(e, provider))
+            status = "skipped" if _is_oom(e) or provider.endswith("compile") else "error"
+            mode_rows[provider].update(status=status, note=_failure_note(e, provider))
             print(f"  {provider:18s} {mode:8s} {mode_rows[provider]['note']}", file=sys.stderr)
-            if not _is_oom(e):
-                traceback.print_exc(limit=3, file=sys.stderr)
+            if status == "error":
+                traceback.print_exception(type(e), e, e.__traceback__, limit=4, file=sys.stderr)
 
         for provider, (fn, params, saved, out_specs) in ready.items():
             mode_rows[provider] = dict(base, provider=provider, mode=mode, saved_bytes=saved)
@@ -477,10 +495,11 @@ def run_case(case: Case, providers: Sequence[str], modes: Sequence[str], prov: P
                     fail(provider, e)
         if steps:
             try:
-                for provider, t in common.time_interleaved(steps, args.min_run_time).items():
+                timings, errors = common.time_interleaved(steps, args.min_run_time,
+                                                          block_s=min(0.05, args.min_run_time / 3))
+                for provider, t in timings.items():
                     mode_rows[provider].update(t, status="ok")
-            except Exception as e:  # noqa: BLE001
-                for provider in steps:
+                for provider, e in errors.items():
                     fail(provider, e)
             finally:
                 for release in releases:
@@ -564,11 +583,12 @@ def evaluate_targets(rows: List[Dict], device, dtype, fused_names: Sequence[str]
     fused = list(fused_names)
     out = []
     if device.type == "cpu":
+        cpu = f"cpu ({torch.get_num_threads()} threads)"
         for tag, what in (("stage1-b8", "stage 1 (B=8, C=64, 56x56, 8x8, 1 head)"),
                           ("stage2-b8", "stage 2 (B=8, C=128, 28x28, 4x4, 2 heads)")):
             for mode, thr in (("fwd+bwd", 3.0), ("fwd", None)):
                 v, d = _speedup(rows, ["reference"], fused, op="sta", tag=tag, mode=mode, dtype=dt)
-                out.append(_target(f"cpu: STA {mode}, best fused / reference, STViT-S {what}, {dt}",
+                out.append(_target(f"{cpu}: STA {mode}, best fused / reference, STViT-S {what}, {dt}",
                                    thr, v, d))
         return out
     for mode, thr in (("fwd", 8.0), ("fwd+bwd", 5.0)):
@@ -604,6 +624,9 @@ def print_table(rows: List[Dict], targets: List[Dict], meta: Dict, copy_bw: Opti
     p = lambda *a: print(*a, file=file)  # noqa: E731
     p(f"\nSTA benchmark on {meta['device']} ({meta['threads']} threads), torch {meta['torch']}, "
       f"{rows[0]['dtype'] if rows else ''}; times in ms (median)")
+    busy = common.busy_warning(meta)
+    if busy:
+        p(busy)
     if copy_bw:
         p(f"copy bandwidth: {copy_bw['gbps']:.0f} GB/s")
     groups = list(dict.fromkeys((r["op"], r["tag"]) for r in rows))
@@ -689,7 +712,11 @@ def parse_args(argv=None):
                         "triton, dense-sdpa, dense-naive (default: by preset)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=None,
                    help="default: fwd fwd+bwd (quick), all three (full)")
+    p.add_argument("--compile-sides", nargs="+", type=int, default=None,
+                   help="sweep sides at which reference+compile runs (default: 56 128 256 with the "
+                        "preset's sides, every side given with --sides); target shapes always")
     p.add_argument("--no-targets", action="store_true", help="leave out the target shapes")
+    p.add_argument("--no-sweep", action="store_true", help="only the target shapes")
     p.add_argument("--naive-max-gib", type=float, default=None,
                    help="skip dense-naive when its N x N map exceeds this (default: 4 GPU, 0.5 CPU)")
     p.add_argument("--min-run-time", type=float, default=0.3, help="CPU: seconds per measurement")
@@ -715,6 +742,15 @@ def main(argv=None) -> Dict:
     for name in ("recompile_limit", "cache_size_limit"):   # one compiled function serves a sweep
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
+    # The bwd mode replays a retained graph (backward(retain_graph=True)), which a compiled backward
+    # with donated buffers (a memory optimisation of AOTAutograd) refuses: turn them off.
+    try:
+        import torch._functorch.config as functorch_config
+
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
+    except ImportError:
+        pass
     if args.sides:
         bad = [s for s in args.sides if s % args.stoken]
         if bad:
@@ -736,7 +772,8 @@ def main(argv=None) -> Dict:
     copy_bw = common.copy_bandwidth(device) if device.type == "cuda" else None
     if copy_bw:
         print(f"copy bandwidth: {copy_bw['gbps']:.0f} GB/s", file=sys.stderr)
-    prov = Providers(device, dtype, fused_names, int(naive_gib * (1 << 30)))
+    prov = Providers(device, dtype, fused_names, int(naive_gib * (1 << 30)),
+                     compile_sides=args.compile_sides or (None if args.sides else FULL_COMPILE_SIDES))
     rows: List[Dict] = []
     for case in cases:
         rows += run_case(case, providers, args.modes, prov, args, device, dtype,
@@ -769,7 +806,10 @@ def main(argv=None) -> Dict:
                                 "affinity fwd X+S+A, bwd 2A+2X+2S; aggregate fwd X+A+S+D, bwd S+D+2X+2A; "
                                 "upsample fwd S+A+X, bwd X+2S+2A; affinity_aggregate fwd X+S+A+S+D; "
                                 "associate fwd X+S+A+S, bwd S+D+A+X"),
-                    naive_max_bytes=prov.naive_max_bytes),
+                    naive_max_bytes=prov.naive_max_bytes,
+                    compile=dict(provider="reference+compile", options="torch.compile(fn, dynamic=False)",
+                                 sweep_sides=sorted(prov.compile_sides) if prov.compile_sides else "all",
+                                 donated_buffer=False)),
         copy_bandwidth=copy_bw, results=rows, targets=targets)
     if not args.no_save:
         common.save_json(out, payload)

@@ -32,7 +32,7 @@ import platform
 import re
 import subprocess
 import sys
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -128,6 +128,21 @@ def _loadavg() -> Optional[List[float]]:
         return [round(v, 2) for v in os.getloadavg()]
     except (OSError, AttributeError):
         return None
+
+
+def busy_warning(meta: Dict) -> Optional[str]:
+    """A warning line when a CPU run started on a busy machine (1-minute load average above half
+    the cores): with several threads, every parallel region then waits for descheduled threads and
+    CPU timings swing by orders of magnitude; one thread (``--threads 1``) is much steadier."""
+    load, cores = meta.get("load_avg_start"), meta.get("cpu_count") or 1
+    if meta.get("device_type") != "cpu" or not load or load[0] <= 0.5 * cores:
+        return None
+    if (meta.get("threads") or 1) > 1:
+        return (f"WARNING: the machine was busy (load average {load[0]:g} on {cores} cores) when this "
+                f"run started: CPU timings with {meta.get('threads')} threads are unreliable; "
+                f"--threads 1 is steadier")
+    return (f"note: the machine was busy (load average {load[0]:g} on {cores} cores): times are "
+            f"inflated; the providers ran in interleaved rounds, so their ratios hold better")
 
 
 def save_json(path: str, payload: Dict) -> None:
@@ -238,7 +253,8 @@ def time_call(fn: Callable[[], object], device: torch.device, min_run_time: floa
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], min_run_time: float = 0.3,
-                     min_rounds: int = 3, block_s: float = 0.05) -> Dict[str, Dict[str, float]]:
+                     min_rounds: int = 3, block_s: float = 0.05
+                     ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, BaseException]]:
     """CPU: time several callables (the providers of one case and mode) in interleaved rounds, so
     that load changes on a shared machine hit all of them alike and their ratios stay honest.
 
@@ -246,7 +262,8 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], min_run_time: float =
     ``torch.utils.benchmark.Timer.timeit(n)`` (``n`` calls, about ``block_s`` seconds, at least
     one; round 0 is one call each, which sizes the blocks: the callables must be warm already);
     rounds go on until every callable has run ``min_run_time`` seconds and ``min_rounds`` rounds.
-    Per callable: the median of its blocks' per-call times and their quartiles, in ms."""
+    Returns, per callable, the median of its blocks' per-call times and their quartiles in ms;
+    and the exceptions of the callables that raised (they leave the rounds, the others go on)."""
     import torch.utils.benchmark as tb
 
     names = list(fns)
@@ -254,13 +271,21 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], min_run_time: float =
               for k in names}
     number = {k: 1 for k in names}   # round 0: one call each, which also sizes the blocks
     blocks: Dict[str, List[float]] = {k: [] for k in names}
+    calls = {k: 0 for k in names}
     spent = {k: 0.0 for k in names}
+    errors: Dict[str, BaseException] = {}
     r = 0
-    while r < min_rounds or min(spent.values()) < min_run_time:
+    while names and (r < min_rounds or min(spent[k] for k in names) < min_run_time):
         order = names[r % len(names):] + names[:r % len(names)]
         for k in order:
-            m = timers[k].timeit(number[k])
+            try:
+                m = timers[k].timeit(number[k])
+            except Exception as e:  # noqa: BLE001
+                errors[k] = e
+                names.remove(k)
+                continue
             blocks[k].append(m.median)
+            calls[k] += number[k]
             spent[k] += m.median * number[k]
             if r == 0:
                 number[k] = max(1, int(block_s / max(m.median, 1e-7)))
@@ -270,9 +295,8 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], min_run_time: float =
         ts = sorted(blocks[k])
         q = lambda p: ts[min(len(ts) - 1, int(p * (len(ts) - 1) + 0.5))]  # noqa: E731
         med = ts[len(ts) // 2] if len(ts) % 2 else 0.5 * (ts[len(ts) // 2 - 1] + ts[len(ts) // 2])
-        out[k] = dict(ms=med * 1e3, ms_lo=q(0.25) * 1e3, ms_hi=q(0.75) * 1e3, n=len(ts) * number[k],
-                      rounds=len(ts))
-    return out
+        out[k] = dict(ms=med * 1e3, ms_lo=q(0.25) * 1e3, ms_hi=q(0.75) * 1e3, n=calls[k], rounds=len(ts))
+    return out, errors
 
 
 def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:

@@ -178,33 +178,40 @@ def _memory_rows(rows: List[Dict]):
 
 
 def plot_model(data: Dict, stem: str) -> List[str]:
+    """``<stem>.png``: images/s, one panel per model, bars per provider for every setting."""
     plt = _plt()
     rows = [r for r in data["results"] if r.get("status") == "ok"]
     if not rows:
         print(f"{stem}: no model results to plot", file=sys.stderr)
         return []
-    settings = list(dict.fromkeys((r["model"], r["mode"], r["precision"], r["compile"]) for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(settings) + 2), 4))
+    settings = list(dict.fromkeys((r["mode"], r["precision"], r["compile"]) for r in rows))
+    fig, axes = plt.subplots(len(models), 1, figsize=(max(6.0, 1.3 * len(settings) + 2), 3.3 * len(models)),
+                             squeeze=False)
     width = 0.8 / max(1, len(providers))
-    for k, prov in enumerate(providers):
-        vals = []
-        for s in settings:
-            hit = [r for r in rows if (r["model"], r["mode"], r["precision"], r["compile"]) == s
-                   and r["provider"] == prov]
-            vals.append(hit[0]["images_per_s"] if hit else 0)
-        color, _ = _style(prov.split("+")[0])
-        ax.bar([i + (k - (len(providers) - 1) / 2) * width for i in range(len(settings))], vals,
-               width, label=prov, color=color)
-    ax.set_xticks(range(len(settings)))
-    ax.set_xticklabels([f"{m}\n{mode} {p}\n{'compiled' if c else 'eager'}" for m, mode, p, c in settings],
-                       fontsize=8)
-    ax.set_ylabel("images / s")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(frameon=False, fontsize=8)
+    handles = {}
+    for i, model in enumerate(models):
+        ax = axes[i][0]
+        for k, prov in enumerate(providers):
+            xs, vals = [], []
+            for j, st in enumerate(settings):
+                hit = [r for r in rows if r["model"] == model and r["provider"] == prov
+                       and (r["mode"], r["precision"], r["compile"]) == st]
+                if hit:
+                    xs.append(j + (k - (len(providers) - 1) / 2) * width)
+                    vals.append(hit[0]["images_per_s"])
+            color, _ = _style(prov)
+            h = ax.bar(xs, vals, width, label=prov, color=color)
+            handles.setdefault(prov, h)
+        ax.set_xticks(range(len(settings)))
+        ax.set_xticklabels([f"{mode} {p}\n{'compiled' if c else 'eager'}" for mode, p, c in settings],
+                           fontsize=8)
+        ax.set_ylabel("images / s")
+        ax.set_title(f"STViT-{model[0].upper()} ({model})", fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
     b = rows[0]["batch"]
-    ax.set_title(f"{_title(data)}\nSTViT, batch {b}, {rows[0]['resolution']}²", fontsize=10)
-    fig.tight_layout()
+    _header(fig, handles, f"{_title(data)}\nbatch {b}, {rows[0]['resolution']}² input")
     path = f"{stem}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -293,6 +300,10 @@ def markdown_ops(data: Dict) -> str:
     return "\n".join(out)
 
 
+def _fmt_rate(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.3g}"
+
+
 def markdown_model(data: Dict) -> str:
     rows = [r for r in data["results"]]
     out = [f"**STViT images/s** — {_title(data)}.", ""]
@@ -307,7 +318,7 @@ def markdown_model(data: Dict) -> str:
         line = [key[0], key[1], key[2], "yes" if key[3] else "no", next(iter(sel.values()))["batch"]]
         for p in provs:
             r = sel.get(p)
-            line.append(f"{r['images_per_s']:.1f}" if r and r.get("status") == "ok"
+            line.append(_fmt_rate(r["images_per_s"]) if r and r.get("status") == "ok"
                         else (r or {}).get("status", "–"))
         if ref and fus:
             a = [sel[p] for p in ref if p in sel and sel[p].get("status") == "ok"]

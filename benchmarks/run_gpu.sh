@@ -10,11 +10,12 @@
 # step where a command's time is limited; the ops steps of one dtype --append into the same JSON
 # (the targets are recomputed over everything measured so far), and so do the model steps.
 #   build           build the CUDA extension if the 'cuda' backend is not available (non-fatal)
+#   ops-fp32-targets  the B=64 STViT-S target shapes: STA, associate, affinity_aggregate (float32)
 #   ops-fp32-sta    SuperTokenAttention sweep 56²..256² tokens (B=8) vs reference, compiled
-#                   reference, dense SDPA / naive attention; the B=64 target shapes (float32)
+#                   reference, dense SDPA / naive attention (float32)
 #   ops-fp32-ops    affinity, aggregate, upsample sweeps (float32)
 #   ops-fp32-assoc  associate, affinity_aggregate sweeps (float32)
-#   ops-bf16-sta / ops-bf16-ops / ops-bf16-assoc   the same in bfloat16
+#   ops-bf16-targets / -sta / -ops / -assoc         the same in bfloat16
 #   model-eager     STViT-S/B/L, batch 64, 224², float32 + autocast, infer + train, eager
 #   model-compiled-<small|base|large>-<infer|train>  the same under torch.compile, one model and
 #                   mode per step (compiling STViT-L takes minutes per graph)
@@ -27,7 +28,8 @@ PY=${PYTHON:-python3}
 R=benchmarks/results
 mkdir -p "$R"
 
-ALL_STEPS=(build ops-fp32-sta ops-fp32-ops ops-fp32-assoc ops-bf16-sta ops-bf16-ops ops-bf16-assoc
+ALL_STEPS=(build ops-fp32-targets ops-fp32-sta ops-fp32-ops ops-fp32-assoc
+           ops-bf16-targets ops-bf16-sta ops-bf16-ops ops-bf16-assoc
            model-eager model-compiled-small-infer model-compiled-small-train
            model-compiled-base-infer model-compiled-base-train
            model-compiled-large-infer model-compiled-large-train plot)
@@ -56,12 +58,18 @@ step() {
       fi
       "$PY" -c "import stvit_kernels as sk, torch; print(torch.cuda.get_device_name()); print(sk.explain(torch.randn(1, 8, 8, 8, device='cuda')))"
       ;;
-    ops-fp32-sta)   K=$(kind); run "$PY" benchmarks/bench_ops.py --full --device cuda --dtype float32 --ops sta --out "$R/${K}_ops.json" ;;
-    ops-fp32-ops)   K=$(kind); run "$PY" benchmarks/bench_ops.py --full --device cuda --dtype float32 --ops affinity aggregate upsample --no-targets --append --out "$R/${K}_ops.json" ;;
-    ops-fp32-assoc) K=$(kind); run "$PY" benchmarks/bench_ops.py --full --device cuda --dtype float32 --ops associate affinity_aggregate --no-targets --append --out "$R/${K}_ops.json" ;;
-    ops-bf16-sta)   K=$(kind); run "$PY" benchmarks/bench_ops.py --full --device cuda --dtype bfloat16 --ops sta --out "$R/${K}_ops_bfloat16.json" ;;
-    ops-bf16-ops)   K=$(kind); run "$PY" benchmarks/bench_ops.py --full --device cuda --dtype bfloat16 --ops affinity aggregate upsample --no-targets --append --out "$R/${K}_ops_bfloat16.json" ;;
-    ops-bf16-assoc) K=$(kind); run "$PY" benchmarks/bench_ops.py --full --device cuda --dtype bfloat16 --ops associate affinity_aggregate --no-targets --append --out "$R/${K}_ops_bfloat16.json" ;;
+    ops-fp32-*|ops-bf16-*)
+      local dt part out args
+      case "$1" in ops-fp32-*) dt=float32; out="$R/$(kind)_ops.json" ;; *) dt=bfloat16; out="$R/$(kind)_ops_bfloat16.json" ;; esac
+      part=${1#ops-*-}
+      case "$part" in
+        targets) args=(--no-sweep) ;;   # starts the file afresh
+        sta)     args=(--ops sta --no-targets --append) ;;
+        ops)     args=(--ops affinity aggregate upsample --no-targets --append) ;;
+        assoc)   args=(--ops associate affinity_aggregate --no-targets --append) ;;
+        *) echo "unknown step '$1'" >&2; return 2 ;;
+      esac
+      run "$PY" benchmarks/bench_ops.py --full --device cuda --dtype "$dt" "${args[@]}" --out "$out" ;;
     model-eager)    K=$(kind); run "$PY" benchmarks/bench_model.py --device cuda --compile off --out "$R/${K}_model.json" ;;
     model-compiled-*-infer|model-compiled-*-train)
       local rest=${1#model-compiled-}

@@ -44,8 +44,8 @@ void check_same(const char* op, const char* a_name, const at::Tensor& a, const c
 // H, W of `pixels` ([B, K, H, W]) divisible by the cell size (h, w).
 void check_cells(const char* op, const char* name, const at::Tensor& pixels, int64_t h,
                  int64_t w) {
-  TORCH_CHECK(h >= 1 && w >= 1, "stvit::", op, ": the super-token size must be positive, got (h, w) = (",
-              h, ", ", w, ")");
+  TORCH_CHECK(h >= 1 && w >= 1, "stvit::", op,
+              ": the super-token size must be positive, got (h, w) = (", h, ", ", w, ")");
   TORCH_CHECK(pixels.size(2) % h == 0 && pixels.size(3) % w == 0, "stvit::", op, ": ", name,
               " must have H and W divisible by the super-token size, got ", name, ".shape=",
               pixels.sizes(), " and (h, w) = (", h, ", ", w, ")");
@@ -173,7 +173,8 @@ TORCH_LIBRARY(stvit, m) {
   m.def("affinity(Tensor x, Tensor s, int h, int w, float scale, bool softmax) -> Tensor");
   m.def("aggregate(Tensor x, Tensor A, int h, int w) -> (Tensor, Tensor)");
   m.def("upsample(Tensor s, Tensor A, int h, int w) -> Tensor");
-  m.def("affinity_aggregate(Tensor x, Tensor s, int h, int w, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("affinity_aggregate(Tensor x, Tensor s, int h, int w, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(stvit, CPU, m) {
@@ -211,5 +212,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Use the 'avx2' or 'default' CPU kernels, or 'auto' (the best this CPU runs); "
         "the environment variable STVIT_CPU_ISA sets the initial choice.");
   m.def("_set_poison", &stvit::cpu::set_poison, pybind11::arg("on"),
-        "Testing aid: fill every output and workspace of the CPU kernels with NaN before they run.");
+        "Testing aid: fill every output and workspace of the CPU kernels with NaN before they "
+        "run.");
 }

@@ -68,48 +68,68 @@ def _inputs(seed=0):
     return x, s, A
 
 
-def _run(benchmark, fn, *args):
-    return benchmark.pedantic(fn, args=args, rounds=20, iterations=1, warmup_rounds=2)
+class _Once:
+    """Stands in for pytest-benchmark's fixture when the plugin is absent or disabled
+    (``-p no:benchmark``): the cases then run once each, as plain tests."""
+
+    group = None
+
+    def pedantic(self, fn, args=(), kwargs=None, **_):
+        return fn(*args, **(kwargs or {}))
+
+    def __call__(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+
+@pytest.fixture
+def bench(request):
+    if request.config.pluginmanager.hasplugin("benchmark"):
+        return request.getfixturevalue("benchmark")
+    return _Once()
+
+
+def _run(bench, fn, *args):
+    return bench.pedantic(fn, args=args, rounds=20, iterations=1, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bench_affinity(benchmark, backend):
-    benchmark.group = "affinity"
+def test_bench_affinity(bench, backend):
+    bench.group = "affinity"
     x, s, _ = _inputs()
-    A = _run(benchmark, lambda: sk.stoken_affinity(x, s, ST, backend=backend))
+    A = _run(bench, lambda: sk.stoken_affinity(x, s, ST, backend=backend))
     assert A.shape == (B, 9, H, H)
     torch.testing.assert_close(A.sum(1), torch.ones(B, H, H))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bench_aggregate(benchmark, backend):
-    benchmark.group = "aggregate"
+def test_bench_aggregate(bench, backend):
+    bench.group = "aggregate"
     x, _, A = _inputs()
-    num, den = _run(benchmark, lambda: sk.stoken_aggregate(x, A, ST, backend=backend))
+    num, den = _run(bench, lambda: sk.stoken_aggregate(x, A, ST, backend=backend))
     ref_num, ref_den = sk.stoken_aggregate(x, A, ST, backend="reference")
     torch.testing.assert_close(num, ref_num, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(den, ref_den, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bench_upsample(benchmark, backend):
-    benchmark.group = "upsample"
+def test_bench_upsample(bench, backend):
+    bench.group = "upsample"
     _, s, A = _inputs()
-    y = _run(benchmark, lambda: sk.stoken_upsample(s, A, ST, backend=backend))
+    y = _run(bench, lambda: sk.stoken_upsample(s, A, ST, backend=backend))
     torch.testing.assert_close(y, sk.stoken_upsample(s, A, ST, backend="reference"), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bench_associate(benchmark, backend):
-    benchmark.group = "associate"
+def test_bench_associate(bench, backend):
+    bench.group = "associate"
     x, s, _ = _inputs()
-    s1, A = _run(benchmark, lambda: sk.associate(x, s, ST, backend=backend))
+    s1, A = _run(bench, lambda: sk.associate(x, s, ST, backend=backend))
     assert s1.shape == s.shape and A.shape == (B, 9, H, H)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bench_sta_fwd_bwd(benchmark, backend):
-    benchmark.group = "sta fwd+bwd"
+def test_bench_sta_fwd_bwd(bench, backend):
+    bench.group = "sta fwd+bwd"
     torch.manual_seed(0)
     sta = sk.SuperTokenAttention(C, ST, num_heads=2, qkv_bias=True, backend=backend)
     x = _inputs()[0].requires_grad_()
@@ -122,7 +142,7 @@ def test_bench_sta_fwd_bwd(benchmark, backend):
         y.backward(g)
         return y
 
-    y = _run(benchmark, step)
+    y = _run(bench, step)
     assert y.shape == x.shape and torch.isfinite(x.grad).all()
 
 

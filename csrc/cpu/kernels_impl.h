@@ -286,11 +286,13 @@ struct BandTiles {
   }
 
   // tile[v][k][r * w + j] = img[k][band row r][v * w + j] for k < planes.
-  void load(const scalar_t* img, int64_t planes, const Band& band, acc_t* tile, int64_t stride) const {
+  void load(const scalar_t* img, int64_t planes, const Band& band, acc_t* tile,
+            int64_t stride) const {
     move<true>(img, planes, band, tile, stride);
   }
 
-  void store(scalar_t* img, int64_t planes, const Band& band, const acc_t* tile, int64_t stride) const {
+  void store(scalar_t* img, int64_t planes, const Band& band, const acc_t* tile,
+             int64_t stride) const {
     move<false>(img, planes, band, tile, stride);
   }
 
@@ -359,7 +361,8 @@ struct BandTiles {
         l[k] = exp_nonpositive(l[k] - m);
         sum += l[k];
       }
-      for (int k = 0; k < 9; ++k) vstore(a + k * npad + p0, l[k] / sum);
+      const V inv = acc_t(1) / sum;  // one division, 9 products
+      for (int k = 0; k < 9; ++k) vstore(a + k * npad + p0, l[k] * inv);
     }
   }
 
@@ -457,7 +460,8 @@ struct BandTiles {
     } else {
       for (int64_t v = 0; v < g.ww; ++v) {
         acc_t* yt = pixels(v);
-        upsample(v, affinity(v), [&](int64_t ch, int64_t p0, V yv) { vstore(yt + ch * npad + p0, yv); });
+        upsample(v, affinity(v),
+                 [&](int64_t ch, int64_t p0, V yv) { vstore(yt + ch * npad + p0, yv); });
       }
       store(y_img, g.C, band, xt.get(), xstride);
     }
@@ -538,7 +542,9 @@ void reduce_stokens(const Geometry& g, const acc_type<scalar_t>* pnum,
       for (int64_t ch = 0; ch < C; ++ch) acc[ch] += p[ch];
       d += pden[src * 9 + k];
     }
-    for (int64_t ch = 0; ch < C; ++ch) num[(b * C + ch) * cells + r] = static_cast<scalar_t>(acc[ch]);
+    for (int64_t ch = 0; ch < C; ++ch) {
+      num[(b * C + ch) * cells + r] = static_cast<scalar_t>(acc[ch]);
+    }
     den[idx] = static_cast<scalar_t>(d);
   }
 }

@@ -75,11 +75,12 @@ void set_isa(const std::string& name) {
   } else if (name == "default") {
     active_isa().store(kIsaDefault);
   } else if (name == "avx2") {
-    TORCH_CHECK(cpu_has_avx2(), "stvit_kernels: the avx2 CPU kernels need an x86-64 CPU with AVX2 "
-                "and FMA (and a GCC/Clang build); this one has not");
+    TORCH_CHECK(cpu_has_avx2(), "stvit_kernels: the avx2 CPU kernels need an x86-64 CPU with "
+                "AVX2 and FMA (and a GCC/Clang build); this one has not");
     active_isa().store(kIsaAvx2);
   } else {
-    TORCH_CHECK(false, "stvit_kernels: unknown CPU ISA '", name, "' (expected auto, default, avx2)");
+    TORCH_CHECK(false, "stvit_kernels: unknown CPU ISA '", name,
+                "' (expected auto, default, avx2)");
   }
 }
 
@@ -114,18 +115,36 @@ int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_item));
 }
 
+// The workspace of the aggregation partials: `elems` elements of the accumulation type of
+// `like`. Kept by the calling thread between calls (up to kMaxCachedWorkspace bytes): freshly
+// mapped memory costs a page fault per 4 KiB page, as much as the work itself here. Safe because
+// one thread runs one op at a time, and the op's worker threads are done with it when it returns.
+constexpr int64_t kMaxCachedWorkspace = int64_t(64) << 20;
+
+at::Tensor partials_workspace(int64_t elems, const at::Tensor& like) {
+  const at::ScalarType acc = at::toOpMathType(like.scalar_type());
+  const auto options = like.options().dtype(acc);
+  const int64_t bytes = elems * static_cast<int64_t>(c10::elementSize(acc));
+  if (bytes > kMaxCachedWorkspace) return new_tensor({elems}, options);
+  thread_local at::Tensor cache[2];  // float, double
+  at::Tensor& ws = cache[acc == at::kDouble ? 1 : 0];
+  if (!ws.defined() || ws.numel() < elems) ws = at::empty({elems}, options);
+  at::Tensor view = ws.narrow(0, 0, elems);
+  if (cpu::poison()) view.fill_(std::numeric_limits<double>::quiet_NaN());
+  return view;
+}
+
 // Per-cell partials -> (num, den); shared by aggregate and affinity_aggregate. `bands_pass`
-// fills pnum / pden for a range of bands.
+// fills pnum [B * hh * ww, 9, C] and pden [B * hh * ww, 9] for a range of bands.
 template <typename scalar_t, typename BandsPass>
 Tensor2 reduce_partials(const cpu::Geometry& g, const at::Tensor& like, BandsPass bands_pass) {
   using acc_t = cpu::acc_type<scalar_t>;
-  const auto acc_options = like.options().dtype(at::toOpMathType(like.scalar_type()));
-  at::Tensor pnum = new_tensor({g.B * g.cells(), 9, g.C}, acc_options);
-  at::Tensor pden = new_tensor({g.B * g.cells(), 9}, acc_options);
+  const int64_t pnum_elems = g.B * g.cells() * 9 * g.C;
+  at::Tensor workspace = partials_workspace(pnum_elems + g.B * g.cells() * 9, like);
   at::Tensor num = new_tensor({g.B, g.C, g.hh, g.ww}, like.options());
   at::Tensor den = new_tensor({g.B, 1, g.hh, g.ww}, like.options());
-  acc_t* pn = pnum.mutable_data_ptr<acc_t>();
-  acc_t* pd = pden.mutable_data_ptr<acc_t>();
+  acc_t* pn = workspace.mutable_data_ptr<acc_t>();
+  acc_t* pd = pn + pnum_elems;
   at::parallel_for(0, g.B * g.hh, grain(9 * g.C * g.h * g.W),
                    [&](int64_t begin, int64_t end) { bands_pass(pn, pd, begin, end); });
   const auto& k = cpu::kernels<scalar_t>();
@@ -143,7 +162,7 @@ at::Tensor affinity_cpu(const at::Tensor& x, const at::Tensor& s, int64_t h, int
                         double scale, bool softmax) {
   const cpu::Geometry g = geometry(x, x.size(1), h, w);
   at::Tensor A = new_tensor({g.B, 9, g.H, g.W}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "stvit::affinity_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "affinity_cpu", [&] {
     using acc_t = cpu::acc_type<scalar_t>;
     const auto& k = cpu::kernels<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -160,7 +179,7 @@ at::Tensor affinity_cpu(const at::Tensor& x, const at::Tensor& s, int64_t h, int
 Tensor2 aggregate_cpu(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w) {
   const cpu::Geometry g = geometry(x, x.size(1), h, w);
   Tensor2 out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "stvit::aggregate_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "aggregate_cpu", [&] {
     using acc_t = cpu::acc_type<scalar_t>;
     const auto& k = cpu::kernels<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -175,7 +194,7 @@ Tensor2 aggregate_cpu(const at::Tensor& x, const at::Tensor& A, int64_t h, int64
 at::Tensor upsample_cpu(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
   const cpu::Geometry g = geometry(A, s.size(1), h, w);
   at::Tensor y = new_tensor({g.B, g.C, g.H, g.W}, s.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "stvit::upsample_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "upsample_cpu", [&] {
     const auto& k = cpu::kernels<scalar_t>();
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
     const scalar_t* Ap = A.const_data_ptr<scalar_t>();
@@ -191,7 +210,8 @@ Tensor3 affinity_aggregate_cpu(const at::Tensor& x, const at::Tensor& s, int64_t
   const cpu::Geometry g = geometry(x, x.size(1), h, w);
   at::Tensor A = new_tensor({g.B, 9, g.H, g.W}, x.options());
   Tensor2 nd;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "stvit::affinity_aggregate_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                  "affinity_aggregate_cpu", [&] {
     using acc_t = cpu::acc_type<scalar_t>;
     const auto& k = cpu::kernels<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
