@@ -247,7 +247,7 @@ def main(argv=None) -> Dict:
     targets = speedups(rows, device)
     providers = list(dict.fromkeys([r["provider"] for r in rows] + providers))
 
-    print(f"\nSTViT throughput on {meta['device']} ({meta['threads']} threads), torch {meta['torch']}; "
+    print(f"\nSTViT throughput on {meta['device']} ({common.threads_str(meta['threads'])}), torch {meta['torch']}; "
           f"batch {args.batch}, {args.resolution}²; images/s (median)")
     print(f"{'model':7s} {'mode':6s} {'precision':9s} {'compile':8s}" + "".join(f"{p:>12s}" for p in providers)
           + f"{'fused/ref':>11s}")

@@ -583,7 +583,7 @@ def evaluate_targets(rows: List[Dict], device, dtype, fused_names: Sequence[str]
     fused = list(fused_names)
     out = []
     if device.type == "cpu":
-        cpu = f"cpu ({torch.get_num_threads()} threads)"
+        cpu = f"cpu ({common.threads_str(torch.get_num_threads())})"
         for tag, what in (("stage1-b8", "stage 1 (B=8, C=64, 56x56, 8x8, 1 head)"),
                           ("stage2-b8", "stage 2 (B=8, C=128, 28x28, 4x4, 2 heads)")):
             for mode, thr in (("fwd+bwd", 3.0), ("fwd", None)):
@@ -622,7 +622,7 @@ def _ratio(slow: Optional[Dict], fast: Optional[Dict]) -> str:
 def print_table(rows: List[Dict], targets: List[Dict], meta: Dict, copy_bw: Optional[Dict],
                 fused_names: Sequence[str], file=sys.stdout) -> None:
     p = lambda *a: print(*a, file=file)  # noqa: E731
-    p(f"\nSTA benchmark on {meta['device']} ({meta['threads']} threads), torch {meta['torch']}, "
+    p(f"\nSTA benchmark on {meta['device']} ({common.threads_str(meta['threads'])}), torch {meta['torch']}, "
       f"{rows[0]['dtype'] if rows else ''}; times in ms (median)")
     busy = common.busy_warning(meta)
     if busy:

@@ -130,6 +130,10 @@ def _loadavg() -> Optional[List[float]]:
         return None
 
 
+def threads_str(n) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
 def busy_warning(meta: Dict) -> Optional[str]:
     """A warning line when a CPU run started on a busy machine (1-minute load average above half
     the cores): with several threads, every parallel region then waits for descheduled threads and
@@ -139,7 +143,7 @@ def busy_warning(meta: Dict) -> Optional[str]:
         return None
     if (meta.get("threads") or 1) > 1:
         return (f"WARNING: the machine was busy (load average {load[0]:g} on {cores} cores) when this "
-                f"run started: CPU timings with {meta.get('threads')} threads are unreliable; "
+                f"run started: CPU timings with {threads_str(meta.get('threads'))} are unreliable; "
                 f"--threads 1 is steadier")
     return (f"note: the machine was busy (load average {load[0]:g} on {cores} cores): times are "
             f"inflated; the providers ran in interleaved rounds, so their ratios hold better")

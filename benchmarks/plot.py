@@ -48,7 +48,7 @@ def _style(provider: str):
 
 def _title(data: Dict, extra: str = "") -> str:
     m = data["meta"]
-    threads = f", {m['threads']} threads" if m.get("device_type") == "cpu" else ""
+    threads = f", {common.threads_str(m['threads'])}" if m.get("device_type") == "cpu" else ""
     return f"{m['device']}{threads} — torch {m['torch']} — {m['date'][:10]}{extra}"
 
 
@@ -238,6 +238,11 @@ def plot_file(path: str) -> List[str]:
 # Markdown
 # ------------------------------------------------------------------------------------------------
 
+def _warning(data: Dict) -> List[str]:
+    w = common.busy_warning(data["meta"])
+    return [f"> {w}", ""] if w else []
+
+
 def _md_row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -251,6 +256,7 @@ def markdown_ops(data: Dict) -> str:
     rows = data["results"]
     out = [f"**STA ops** — {_title(data)}, {rows[0]['dtype'] if rows else ''}. "
            f"Median ms; ratios are times measured in the same run.", ""]
+    out += _warning(data)
     if data.get("copy_bandwidth"):
         out += [f"Copy bandwidth: {data['copy_bandwidth']['gbps']:.0f} GB/s.", ""]
     for op, tag in dict.fromkeys((r["op"], r["tag"]) for r in rows):
@@ -307,6 +313,7 @@ def _fmt_rate(v: float) -> str:
 def markdown_model(data: Dict) -> str:
     rows = [r for r in data["results"]]
     out = [f"**STViT images/s** — {_title(data)}.", ""]
+    out += _warning(data)
     provs = list(dict.fromkeys(r["provider"] for r in rows))
     ref = [p for p in provs if p.startswith("reference")]
     fus = [p for p in provs if not p.startswith("reference")]
