@@ -42,8 +42,9 @@ template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
 
 // The kernels of one ISA for one dtype. Each runs over a range [begin, end) of bands (index
-// b * hh + u) except `reduce`, which runs over a range of super tokens (index b * hh * ww +
-// u * ww + v, the same as for cells). Pointers are to the first element of the full tensors.
+// b * hh + u: a row of cells, or for `reduce` the same row of super tokens). Cells and super
+// tokens are indexed b * hh * ww + u * ww + v. Pointers are to the first element of the full
+// tensors.
 template <typename scalar_t>
 struct KernelSet {
   using acc_t = acc_type<scalar_t>;
@@ -60,7 +61,7 @@ struct KernelSet {
   void (*affinity_partials)(const Geometry& g, const scalar_t* x, const scalar_t* s, scalar_t* A,
                             acc_t scale, acc_t* pnum, acc_t* pden, int64_t begin, int64_t end);
   // num [B, C, hh, ww], den [B, 1, hh, ww] from the partials of the 3x3 cells around each
-  // super token (range over super tokens).
+  // super token.
   void (*reduce)(const Geometry& g, const acc_t* pnum, const acc_t* pden, scalar_t* num,
                  scalar_t* den, int64_t begin, int64_t end);
   // y [B, C, H, W] = sum over valid k of A[k] * s[:, nbr_k].

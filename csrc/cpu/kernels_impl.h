@@ -521,31 +521,35 @@ void affinity_partial_bands(const Geometry& g, const scalar_t* x, const scalar_t
 }
 
 // num[b, :, u, v] / den[b, 0, u, v] = the partials that the 3x3 cells around (u, v) hold for it:
-// cell (u - di, v - dj), slot k = (di + 1) * 3 + (dj + 1), added in the order k = 0..8.
+// cell (u - di, v - dj), slot k = (di + 1) * 3 + (dj + 1), added in the order k = 0..8. One grid
+// row of super tokens (b, u) at a time, so that num is written ww contiguous values per channel.
 template <typename scalar_t>
 void reduce_stokens(const Geometry& g, const acc_type<scalar_t>* pnum,
                     const acc_type<scalar_t>* pden, scalar_t* num, scalar_t* den, int64_t begin,
                     int64_t end) {
   using acc_t = acc_type<scalar_t>;
   const int64_t cells = g.cells(), C = g.C;
-  Scratch<acc_t> row(C);
-  acc_t* acc = row.get();
+  Scratch<acc_t> rows(g.ww * C);  // [ww][C] sums of the current grid row
   for (int64_t idx = begin; idx < end; ++idx) {
-    const int64_t b = idx / cells, r = idx - b * cells, u = r / g.ww, v = r - u * g.ww;
-    for (int64_t ch = 0; ch < C; ++ch) acc[ch] = acc_t(0);
-    acc_t d = acc_t(0);
-    for (int k = 0; k < 9; ++k) {
-      const int64_t su = u - (k / 3 - 1), sv = v - (k % 3 - 1);
-      if (su < 0 || su >= g.hh || sv < 0 || sv >= g.ww) continue;
-      const int64_t src = b * cells + su * g.ww + sv;
-      const acc_t* p = pnum + (src * 9 + k) * C;
-      for (int64_t ch = 0; ch < C; ++ch) acc[ch] += p[ch];
-      d += pden[src * 9 + k];
+    const int64_t b = idx / g.hh, u = idx - b * g.hh;
+    for (int64_t v = 0; v < g.ww; ++v) {
+      acc_t* acc = rows.get() + v * C;
+      for (int64_t ch = 0; ch < C; ++ch) acc[ch] = acc_t(0);
+      acc_t d = acc_t(0);
+      for (int k = 0; k < 9; ++k) {
+        const int64_t su = u - (k / 3 - 1), sv = v - (k % 3 - 1);
+        if (su < 0 || su >= g.hh || sv < 0 || sv >= g.ww) continue;
+        const int64_t src = b * cells + su * g.ww + sv;
+        const acc_t* p = pnum + (src * 9 + k) * C;
+        for (int64_t ch = 0; ch < C; ++ch) acc[ch] += p[ch];
+        d += pden[src * 9 + k];
+      }
+      den[idx * g.ww + v] = static_cast<scalar_t>(d);
     }
     for (int64_t ch = 0; ch < C; ++ch) {
-      num[(b * C + ch) * cells + r] = static_cast<scalar_t>(acc[ch]);
+      scalar_t* dst = num + (b * C + ch) * cells + u * g.ww;
+      for (int64_t v = 0; v < g.ww; ++v) dst[v] = static_cast<scalar_t>(rows.get()[v * C + ch]);
     }
-    den[idx] = static_cast<scalar_t>(d);
   }
 }
 

@@ -1,6 +1,6 @@
 // The four STA primitives on the CPU (declared in stvit.h): output allocation, dtype dispatch,
-// threading (at::parallel_for over bands of cells, then over super tokens for the aggregation's
-// second pass) and the choice of the kernels' instruction set. The kernels are in kernels_impl.h.
+// threading (at::parallel_for over bands: rows of cells, or rows of super tokens for the
+// aggregation's second pass) and the choice of the kernels' instruction set. The kernels are in kernels_impl.h.
 // Inputs arrive checked (shapes, dtypes, contiguity) by the host wrappers of ops.cpp.
 #include <algorithm>
 #include <atomic>
@@ -150,7 +150,7 @@ Tensor2 reduce_partials(const cpu::Geometry& g, const at::Tensor& like, BandsPas
   const auto& k = cpu::kernels<scalar_t>();
   scalar_t* np = num.mutable_data_ptr<scalar_t>();
   scalar_t* dp = den.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, g.B * g.cells(), grain(9 * g.C), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * g.hh, grain(9 * g.C * g.ww), [&](int64_t begin, int64_t end) {
     k.reduce(g, pn, pd, np, dp, begin, end);
   });
   return {num, den};
