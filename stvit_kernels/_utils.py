@@ -5,6 +5,8 @@ All checks happen here, in Python, before any kernel runs, so that a bad call ra
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -18,24 +20,27 @@ OFFSETS: Tuple[Tuple[int, int], ...] = tuple((k // 3 - 1, k % 3 - 1) for k in ra
 EPS = 1e-12
 
 
+def _is_int(v) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def pair(stoken_size: StokenSize) -> Tuple[int, int]:
     """``8 -> (8, 8)``, ``(8, 4) -> (8, 4)``; anything else raises."""
-    if isinstance(stoken_size, bool):
-        raise TypeError(f"stoken_size must be an int or a pair of ints, got {stoken_size!r}")
-    if isinstance(stoken_size, int):
-        size = (stoken_size, stoken_size)
-    elif isinstance(stoken_size, torch.Size) or isinstance(stoken_size, (tuple, list)):
-        size = tuple(stoken_size)
-        if len(size) != 2:
+    if _is_int(stoken_size):
+        size = (int(stoken_size), int(stoken_size))
+    elif isinstance(stoken_size, (tuple, list)):  # torch.Size is a tuple
+        if len(stoken_size) != 2:
             raise ValueError(f"stoken_size must be an int or a pair (h, w), got {stoken_size!r} "
-                             f"of length {len(size)}")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+                             f"of length {len(stoken_size)}")
+        if not all(_is_int(v) for v in stoken_size):
             raise TypeError(f"stoken_size must hold ints, got {stoken_size!r}")
+        size = (int(stoken_size[0]), int(stoken_size[1]))
     else:
         raise TypeError(f"stoken_size must be an int or a pair of ints, got {stoken_size!r}")
     if size[0] < 1 or size[1] < 1:
         raise ValueError(f"stoken_size must be positive, got {stoken_size!r}")
-    return size  # type: ignore[return-value]
+    return size
 
 
 def _check_tensor(name: str, t: torch.Tensor) -> None:
@@ -99,11 +104,25 @@ def check_affinity(A: torch.Tensor, like: torch.Tensor, like_name: str,
                          f"and stoken_size={size}")
 
 
+def check_n_iter(n_iter) -> None:
+    """``n_iter``: an int >= 1 (``TypeError`` for a non-int, ``ValueError`` for a value below 1)."""
+    if not _is_int(n_iter):
+        raise TypeError(f"n_iter must be an int >= 1, got {n_iter!r}")
+    if n_iter < 1:
+        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+
+
 def default_scale(C: int, scale: Optional[float]) -> float:
-    """``C ** -0.5`` (the full channel count, as in the official code) unless given."""
+    """``C ** -0.5`` (the full channel count, as in the official code) unless given; a given scale
+    must be a finite real number."""
     if scale is None:
         return float(C) ** -0.5 if C > 0 else 1.0
-    return float(scale)
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    return value
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -115,3 +134,21 @@ def normalise(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / (den + 1e-12)`` computed in at least float32 (1e-12 underflows in float16)."""
     acc = accumulation_dtype(num.dtype)
     return (num.to(acc) / (den.to(acc) + EPS)).to(num.dtype)
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_inputs(*tensors):
+    """Under ``torch.autocast`` for the tensors' device, the float32 / float16 / bfloat16 ones cast
+    to the autocast dtype (as autocast does for ``matmul``); otherwise unchanged. Anything that is
+    not a floating tensor passes through for the checks to reject."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor):
+        return tensors
+    device_type = first.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+                 for t in tensors)

@@ -1,21 +1,23 @@
 """Backends and the dispatch between them.
 
-A backend is one small object with four kernel primitives (the same for every backend)::
+A backend is one small object with the same differentiable primitives::
 
     affinity(x, s, h, w, scale, softmax)   -> A [B, 9, H, W]      (softmax=False: the scaled logits)
     aggregate(x, A, h, w)                  -> num [B, C, hh, ww], den [B, 1, hh, ww]
     upsample(s, A, h, w)                   -> y [B, C, H, W]
     affinity_aggregate(x, s, h, w, scale)  -> A, num, den          (one pass over x)
+    associate(x, s, h, w, scale)           -> stokens, A           (the STA module's last step)
 
 and two predicates that say *why* it cannot run: :meth:`Backend.unavailable_reason` (not usable in
-this process at all) and :meth:`Backend.decline_reason` (cannot take these tensors). The backward
-passes of every op are written once, in :mod:`stvit_kernels.ops`, in terms of these primitives, so a
-backend is only its forward kernels. Inputs reach a backend already validated (shapes, dtypes,
-devices); it may assume them and only needs to make them contiguous if its kernels want that.
+this process at all) and :meth:`Backend.decline_reason` (cannot take these tensors). A fused
+backend is one family of ``torch.library`` custom ops (:mod:`stvit_kernels._library`), whose
+autograd formulas are written once for every family in terms of its own forward ops; the reference
+is plain PyTorch. Inputs reach a backend already validated (shapes, dtypes, devices).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import threading
@@ -23,47 +25,69 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from . import _library as _lib
 from . import reference as _ref
+from ._library import Prims
 
 logger = logging.getLogger("stvit_kernels")
 
 
 class Backend:
-    """Base class: a name, two predicates and the four primitives."""
+    """Base class: a name, two predicates and the primitives. A fused backend is one family of
+    custom ops (:class:`stvit_kernels._library.Prims`), which carry their own autograd formulas."""
 
     name: str = "?"
-    #: True when the primitives are differentiable by plain autograd (the reference only).
-    autograd_native: bool = False
+    #: The kernels of this backend take contiguous NCHW tensors only.
+    needs_contiguous: bool = True
 
     def unavailable_reason(self) -> Optional[str]:
-        """None if this backend can run in this process, else why not."""
+        """None if this backend can run in this process, else why not. Probed once, when
+        ``stvit_kernels`` is imported (so that ``torch.compile`` traces only a lookup)."""
+        if self.name not in _UNAVAILABLE:
+            _UNAVAILABLE[self.name] = self._probe()
+        return _UNAVAILABLE[self.name]
+
+    def _probe(self) -> Optional[str]:
         return None
 
     def decline_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         """None if this backend takes tensors of this device and dtype, else why not."""
         return None
 
-    def affinity(self, x, s, h, w, scale, softmax=True):
+    def prims(self) -> Prims:
         raise NotImplementedError
+
+    def _c(self, t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous() if self.needs_contiguous else t
+
+    def affinity(self, x, s, h, w, scale, softmax=True):
+        return self.prims().affinity(self._c(x), self._c(s), h, w, scale, softmax)
 
     def aggregate(self, x, A, h, w):
-        raise NotImplementedError
+        return tuple(self.prims().aggregate(self._c(x), self._c(A), h, w))
 
     def upsample(self, s, A, h, w):
-        raise NotImplementedError
+        return self.prims().upsample(self._c(s), self._c(A), h, w)
 
     def affinity_aggregate(self, x, s, h, w, scale):
-        raise NotImplementedError
+        return tuple(self.prims().affinity_aggregate(self._c(x), self._c(s), h, w, scale))
+
+    def associate(self, x, s, h, w, scale):
+        """Last association step of STA: ``(num / (den + 1e-12), A)`` from one fused pass, the
+        gradient flowing into ``x`` through ``num`` only (``A`` is returned non-differentiable)."""
+        stokens, A, _ = self.prims().associate(self._c(x), self._c(s), h, w, scale)
+        return stokens, A
 
     def __repr__(self) -> str:
         return f"<stvit_kernels backend {self.name!r}>"
 
 
 class ReferenceBackend(Backend):
-    """Pure PyTorch (:mod:`stvit_kernels.reference`): any device, any floating dtype."""
+    """Pure PyTorch (:mod:`stvit_kernels.reference`): any device, any floating dtype; plain
+    autograd differentiates it."""
 
     name = "reference"
-    autograd_native = True
+    needs_contiguous = False
 
     def affinity(self, x, s, h, w, scale, softmax=True):
         return _ref.affinity(x, s, h, w, scale, softmax)
@@ -77,6 +101,10 @@ class ReferenceBackend(Backend):
     def affinity_aggregate(self, x, s, h, w, scale):
         return _ref.affinity_aggregate(x, s, h, w, scale)
 
+    def associate(self, x, s, h, w, scale):
+        stokens, A, _ = _lib.reference_associate(x, s, h, w, scale)
+        return stokens, A
+
 
 class CompiledBackend(Backend):
     """The C++/CUDA extension ``stvit_kernels._C``: ops ``torch.ops.stvit.*`` that PyTorch's
@@ -86,7 +114,7 @@ class CompiledBackend(Backend):
         self.name = name
         self.device_type = device_type
 
-    def unavailable_reason(self) -> Optional[str]:
+    def _probe(self) -> Optional[str]:
         from . import _ext
 
         reason = _ext.load_error()
@@ -105,72 +133,51 @@ class CompiledBackend(Backend):
             return f"runs on {self.device_type} tensors only, got a {device.type} tensor"
         return None
 
-    @staticmethod
-    def _ops():
-        return torch.ops.stvit
-
-    def affinity(self, x, s, h, w, scale, softmax=True):
-        return self._ops().affinity(x.contiguous(), s.contiguous(), h, w, scale, softmax)
-
-    def aggregate(self, x, A, h, w):
-        return tuple(self._ops().aggregate(x.contiguous(), A.contiguous(), h, w))
-
-    def upsample(self, s, A, h, w):
-        return self._ops().upsample(s.contiguous(), A.contiguous(), h, w)
-
-    def affinity_aggregate(self, x, s, h, w, scale):
-        return tuple(self._ops().affinity_aggregate(x.contiguous(), s.contiguous(), h, w, scale))
+    def prims(self) -> Prims:
+        return _lib.compiled_prims()
 
 
 class TritonBackend(Backend):
-    """Triton kernels (:mod:`stvit_kernels.triton_kernels`): CUDA tensors, or CPU tensors when the
-    Triton interpreter is on (``TRITON_INTERPRET=1``, how CI runs them)."""
+    """Triton kernels (:mod:`stvit_kernels.triton_kernels`, as the ``stvit::triton_*`` ops): CUDA
+    tensors, or CPU tensors when the Triton interpreter is on (``TRITON_INTERPRET=1``, how CI runs
+    them). The kernels take any strides."""
 
     name = "triton"
+    needs_contiguous = False
 
-    def _module(self):
-        from . import triton_kernels
-
-        return triton_kernels
-
-    def unavailable_reason(self) -> Optional[str]:
-        try:
-            import triton  # noqa: F401
-        except Exception as e:  # ImportError, or a broken install
-            return f"triton is not importable ({type(e).__name__}: {e})"
-        if not torch.cuda.is_available() and not _triton_interpreting():
+    def _probe(self) -> Optional[str]:
+        # found, not imported: triton is imported by the first kernel call
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if not torch.cuda.is_available() and not _TRITON_INTERPRET:
             return "no CUDA device is available and TRITON_INTERPRET is not set"
         return None
 
     def decline_reason(self, device, dtype):
         if device.type == "cuda":
             return None
-        if device.type == "cpu" and _triton_interpreting():
+        if device.type == "cpu" and _TRITON_INTERPRET:
             return None
         return (f"runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
                 f"got a {device.type} tensor")
 
-    def affinity(self, x, s, h, w, scale, softmax=True):
-        return self._module().affinity(x, s, h, w, scale, softmax)
-
-    def aggregate(self, x, A, h, w):
-        return self._module().aggregate(x, A, h, w)
-
-    def upsample(self, s, A, h, w):
-        return self._module().upsample(s, A, h, w)
-
-    def affinity_aggregate(self, x, s, h, w, scale):
-        return self._module().affinity_aggregate(x, s, h, w, scale)
+    def prims(self) -> Prims:
+        return _lib.TRITON
 
 
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+#: Triton reads TRITON_INTERPRET once, when its kernels are decorated; so does this module.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+#: Backend name -> why it cannot run in this process (None: it can); see Backend.unavailable_reason.
+_UNAVAILABLE: Dict[str, Optional[str]] = {}
 
 
 _BACKENDS: Dict[str, Backend] = {
     b.name: b for b in (ReferenceBackend(), CompiledBackend("cpu", "cpu"),
                         CompiledBackend("cuda", "cuda"), TritonBackend())
 }
+for _b in _BACKENDS.values():  # probe now, outside any torch.compile trace (loads the extension)
+    _b.unavailable_reason()
 
 #: What ``auto`` tries, fastest first, for each device type; ``reference`` closes every list.
 _AUTO_ORDER: Dict[str, Sequence[str]] = {
@@ -284,7 +291,7 @@ def resolve(x: torch.Tensor, backend: Optional[str] = None) -> Backend:
         b = _BACKENDS[cand]
         reason = b.unavailable_reason() or b.decline_reason(x.device, x.dtype)
         if reason is None:
-            if logger.isEnabledFor(logging.DEBUG):
+            if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s", explain(x, "auto"))
             return b
     raise AssertionError("unreachable: the reference backend takes every tensor")

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._utils import StokenSize, pair
+from ._utils import StokenSize, check_n_iter, pair
 from .ops import associate, stoken_upsample
 
 #: Buffers of the official module that this one computes implicitly (identity kernels of its
@@ -77,8 +77,7 @@ class SuperTokenAttention(nn.Module):
                  qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.,
                  backend: Optional[str] = None):
         super().__init__()
-        if not isinstance(n_iter, int) or n_iter < 1:
-            raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+        check_n_iter(n_iter)
         self.dim = dim
         self.n_iter = n_iter
         self.stoken_size = pair(stoken_size)
@@ -110,6 +109,12 @@ class SuperTokenAttention(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"SuperTokenAttention(dim={self.dim}) expects x of shape "
                              f"[B, {self.dim}, H, W], got x.shape={shape}")
+        if self.refine and x.is_floating_point() and not torch.is_autocast_enabled(x.device.type):
+            weight = self.stoken_refine.proj.weight if self.refine_attention else self.stoken_refine[0].weight
+            if x.dtype != weight.dtype:
+                raise TypeError(f"SuperTokenAttention has {weight.dtype} parameters but got "
+                                f"x.dtype={x.dtype}; convert the module (.to(dtype)) or run under "
+                                f"torch.autocast")
         h, w = self.stoken_size
         if (h, w) == (1, 1):
             return self._refine(x)

@@ -1,18 +1,14 @@
-"""The three STA ops: public functions -> one autograd Function per op -> backend primitives.
+"""The STA ops: public function -> argument checks -> backend primitive.
 
-Each backward is written once, here, in terms of the backends' forward primitives
-(``affinity`` / ``aggregate`` / ``upsample``, see :mod:`stvit_kernels.backends`), following the
-gradients of DESIGN §1:
+Every public function validates its arguments here (``ValueError`` / ``TypeError`` naming the
+offending shapes), picks a backend (:func:`stvit_kernels.backends.resolve`) and calls its
+primitive. The primitives are differentiable: the fused backends are ``torch.library`` custom ops
+whose autograd formulas (DESIGN §1 gradients, written once for every kernel family) live in
+:mod:`stvit_kernels._library`; the reference backend is differentiated by plain autograd.
 
-* affinity ``A(x, s)``: ``dlogit = A * (g - sum_k A g)``; ``dx = scale * upsample(s, dlogit)``,
-  ``ds = scale * aggregate(x, dlogit).num``;
-* aggregation ``(num, den)(x, A)``: ``dx = upsample(gnum, A)``,
-  ``dA = affinity_logits(x, gnum) + gden[nbr]``;
-* upsampling ``y(s, A)``: ``ds = aggregate(gy, A).num``, ``dA = affinity_logits(gy, s)``.
-
-So the scatter-to-super-token terms of the backward are the aggregation kernel (a gather from the
-super token's side: deterministic, no atomics), and the pixel-side terms are the upsampling and
-logit kernels. The reference backend skips the Functions: plain autograd differentiates it.
+Under ``torch.autocast`` the ops behave like ``matmul``: their float32 / float16 / bfloat16 inputs
+run in the autocast dtype (float64 stays float64), the kernels accumulate in float32 and the super
+tokens are normalised in float32.
 """
 from __future__ import annotations
 
@@ -20,90 +16,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference as _ref
-from ._utils import (StokenSize, _check_tensor, accumulation_dtype, check_affinity,
+from ._utils import (StokenSize, _check_tensor, autocast_inputs, check_affinity, check_n_iter,
                      check_pixels_stokens, check_same, default_scale, grid_of, normalise, pair)
-from .backends import Backend, resolve
-
-
-def _softmax_backward(A: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``A * (g - sum_k A * g)`` over the 9 neighbour slots (dim 1), in at least float32."""
-    acc = accumulation_dtype(A.dtype)
-    A32, g32 = A.to(acc), g.to(acc)
-    return (A32 * (g32 - (A32 * g32).sum(dim=1, keepdim=True))).to(A.dtype)
-
-
-class _AffinityFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, s, size, scale, be: Backend):
-        A = be.affinity(x, s, size[0], size[1], scale, True)
-        ctx.save_for_backward(x, s, A)
-        ctx.size, ctx.scale, ctx.be = size, scale, be
-        return A
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gA):
-        x, s, A = ctx.saved_tensors
-        (h, w), scale, be = ctx.size, ctx.scale, ctx.be
-        dlogit = _softmax_backward(A, gA)
-        dx = ds = None
-        if ctx.needs_input_grad[0]:
-            dx = be.upsample(s, dlogit, h, w) * scale
-        if ctx.needs_input_grad[1]:
-            ds = be.aggregate(x, dlogit, h, w)[0] * scale
-        return dx, ds, None, None, None
-
-
-class _AggregateFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, A, size, be: Backend):
-        num, den = be.aggregate(x, A, size[0], size[1])
-        ctx.save_for_backward(x, A)
-        ctx.size, ctx.be = size, be
-        ctx.set_materialize_grads(False)
-        return num, den
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gnum, gden):
-        x, A = ctx.saved_tensors
-        (h, w), be = ctx.size, ctx.be
-        dx = dA = None
-        if ctx.needs_input_grad[0] and gnum is not None:
-            dx = be.upsample(gnum, A, h, w)
-        if ctx.needs_input_grad[1]:
-            if gnum is not None:
-                dA = be.affinity(x, gnum, h, w, 1.0, False)
-            if gden is not None:
-                term = _ref.broadcast_neighbours(gden, h, w)
-                dA = term if dA is None else dA + term
-        if ctx.needs_input_grad[0] and dx is None:
-            dx = torch.zeros_like(x)
-        if ctx.needs_input_grad[1] and dA is None:
-            dA = torch.zeros_like(A)
-        return dx, dA, None, None
-
-
-class _UpsampleFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s, A, size, be: Backend):
-        y = be.upsample(s, A, size[0], size[1])
-        ctx.save_for_backward(s, A)
-        ctx.size, ctx.be = size, be
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        s, A = ctx.saved_tensors
-        (h, w), be = ctx.size, ctx.be
-        ds = dA = None
-        if ctx.needs_input_grad[0]:
-            ds = be.aggregate(gy, A, h, w)[0]
-        if ctx.needs_input_grad[1]:
-            dA = be.affinity(gy, s, h, w, 1.0, False)
-        return ds, dA, None, None
+from .backends import resolve
 
 
 def stoken_affinity(x: torch.Tensor, stokens: torch.Tensor, stoken_size: StokenSize,
@@ -131,12 +46,10 @@ def stoken_affinity(x: torch.Tensor, stokens: torch.Tensor, stoken_size: StokenS
         >>> A = stoken_affinity(x, s, 8)            # [2, 9, 56, 56]
     """
     size = pair(stoken_size)
+    x, stokens = autocast_inputs(x, stokens)
     check_pixels_stokens(x, "x", stokens, "stokens", size)
     scale = default_scale(x.shape[1], scale)
-    be = resolve(x, backend)
-    if be.autograd_native:
-        return be.affinity(x, stokens, size[0], size[1], scale, True)
-    return _AffinityFn.apply(x, stokens, size, scale, be)
+    return resolve(x, backend).affinity(x, stokens, size[0], size[1], scale, True)
 
 
 def stoken_aggregate(x: torch.Tensor, affinity: torch.Tensor, stoken_size: StokenSize, *,
@@ -160,11 +73,9 @@ def stoken_aggregate(x: torch.Tensor, affinity: torch.Tensor, stoken_size: Stoke
         >>> s = num / (den + 1e-12)
     """
     size = pair(stoken_size)
+    x, affinity = autocast_inputs(x, affinity)
     _check_pixels_affinity(x, affinity, size)
-    be = resolve(x, backend)
-    if be.autograd_native:
-        return be.aggregate(x, affinity, size[0], size[1])
-    return _AggregateFn.apply(x, affinity, size, be)
+    return resolve(x, backend).aggregate(x, affinity, size[0], size[1])
 
 
 def stoken_upsample(stokens: torch.Tensor, affinity: torch.Tensor, stoken_size: StokenSize, *,
@@ -185,11 +96,9 @@ def stoken_upsample(stokens: torch.Tensor, affinity: torch.Tensor, stoken_size: 
         >>> y = stoken_upsample(s, A, 8)            # [2, 64, 56, 56]
     """
     size = pair(stoken_size)
+    stokens, affinity = autocast_inputs(stokens, affinity)
     _check_stokens_affinity(stokens, affinity, size)
-    be = resolve(affinity, backend)
-    if be.autograd_native:
-        return be.upsample(stokens, affinity, size[0], size[1])
-    return _UpsampleFn.apply(stokens, affinity, size, be)
+    return resolve(affinity, backend).upsample(stokens, affinity, size[0], size[1])
 
 
 def _check_pixels_affinity(x, A, size):
@@ -207,34 +116,6 @@ def _check_stokens_affinity(s, A, size):
         raise ValueError(f"stokens [B, C, hh, ww] and affinity [B, 9, hh*h, ww*w] do not match: "
                          f"stokens.shape={tuple(s.shape)}, affinity.shape={tuple(A.shape)}, "
                          f"stoken_size={size}")
-
-
-class _AssociateFn(torch.autograd.Function):
-    """Last association step of STA: ``A = affinity(x, s)`` and ``s' = num(x, A) / (den(A) + 1e-12)``
-    in one fused pass, with the gradient flowing into ``x`` through ``num`` only (``A``, ``den``
-    and ``s`` are treated as constants, as in the official model): ``dx = upsample(g / den, A)``."""
-
-    @staticmethod
-    def forward(ctx, x, s, size, scale, be: Backend):
-        with torch.no_grad():
-            A, num, den = be.affinity_aggregate(x, s, size[0], size[1], scale)
-        acc = accumulation_dtype(num.dtype)
-        inv_den = 1.0 / (den.to(acc) + 1e-12)
-        ctx.save_for_backward(A, inv_den)
-        ctx.size, ctx.be = size, be
-        ctx.mark_non_differentiable(A)
-        return (num.to(acc) * inv_den).to(num.dtype), A
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g, _gA):
-        A, inv_den = ctx.saved_tensors
-        dx = None
-        if ctx.needs_input_grad[0]:
-            with torch.no_grad():
-                gs = (g.to(inv_den.dtype) * inv_den).to(g.dtype)
-                dx = ctx.be.upsample(gs, A, ctx.size[0], ctx.size[1])
-        return dx, None, None, None, None
 
 
 def associate(x: torch.Tensor, stokens: torch.Tensor, stoken_size: StokenSize, n_iter: int = 1,
@@ -255,9 +136,9 @@ def associate(x: torch.Tensor, stokens: torch.Tensor, stoken_size: StokenSize, n
         ``stokens [B, C, H/h, W/w]`` (differentiable w.r.t. ``x``) and ``A [B, 9, H, W]`` (constant).
     """
     size = pair(stoken_size)
+    x, stokens = autocast_inputs(x, stokens)
     check_pixels_stokens(x, "x", stokens, "stokens", size)
-    if not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+    check_n_iter(n_iter)
     scale = default_scale(x.shape[1], scale)
     be = resolve(x, backend)
     s = stokens.detach()
@@ -265,4 +146,4 @@ def associate(x: torch.Tensor, stokens: torch.Tensor, stoken_size: StokenSize, n
         for _ in range(n_iter - 1):
             _, num, den = be.affinity_aggregate(x, s, size[0], size[1], scale)
             s = normalise(num, den)
-    return _AssociateFn.apply(x, s, size, scale, be)
+    return be.associate(x, s, size[0], size[1], scale)

@@ -200,6 +200,21 @@ def _cell_logits(p_xb, p_sb,
     return logits
 
 
+#: The interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest even): round by hand there.
+_BF16_RTNE_BY_HAND = tl.constexpr(_interpreting())
+
+
+@triton.jit
+def _rounded(v, p_out):
+    """``v`` (an accumulator tile) in the element type of ``p_out``, rounded to nearest even."""
+    OUT: tl.constexpr = p_out.dtype.element_ty
+    if _BF16_RTNE_BY_HAND and OUT == tl.bfloat16:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(OUT)
+    return v.to(OUT)
+
+
 # ------------------------------------------------------------------------------------------------
 # Kernels
 # ------------------------------------------------------------------------------------------------
@@ -228,7 +243,7 @@ def _affinity_kernel(
                        sxc, ssc, scale_hi, scale_lo,
                        SOFTMAX, BLOCK_P, BLOCK_C, USE_DOT, DOT_UPCAST)
     p_out = p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None]
-    tl.store(p_out, b_a.to(p_a.dtype.element_ty), mask=m_p[:, None] & (o_k < 9)[None, :])
+    tl.store(p_out, _rounded(b_a, p_a), mask=m_p[:, None] & (o_k < 9)[None, :])
 
 
 @triton.jit
@@ -310,7 +325,7 @@ def _affinity_aggregate_kernel(
                            sxc, ssc, scale_hi, scale_lo,
                            True, BLOCK_P, BLOCK_C, USE_DOT, DOT_UPCAST)
         # A as stored (input dtype); pixels past the cell must not add to the sums
-        b_a = tl.where(m_p[:, None], b_a, 0.).to(p_a.dtype.element_ty)
+        b_a = _rounded(tl.where(m_p[:, None], b_a, 0.), p_a)
         p_out = p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None]
         tl.store(p_out, b_a, mask=m_p[:, None] & m_row[None, :])
 
@@ -383,10 +398,10 @@ def _reduce_kernel(
 
     o_uv = o_u.to(tl.int64) * snh + o_v.to(tl.int64) * snw
     m_n = o_n < n_cells
-    tl.store(p_num + b * snb + o_c64[None, :] * snc + o_uv[:, None], b_num.to(p_num.dtype.element_ty),
+    tl.store(p_num + b * snb + o_c64[None, :] * snc + o_uv[:, None], _rounded(b_num, p_num),
              mask=m_n[:, None] & m_c[None, :])
     o_uv = o_u.to(tl.int64) * sdh + o_v.to(tl.int64) * sdw
-    tl.store(p_den + b * sdb + o_uv, b_den.to(p_den.dtype.element_ty), mask=m_n & (pc == 0))
+    tl.store(p_den + b * sdb + o_uv, _rounded(b_den, p_den), mask=m_n & (pc == 0))
 
 
 @triton.jit
@@ -425,7 +440,7 @@ def _upsample_kernel(
         b_y = tl.sum(b_a.to(ACC)[:, :, None] * b_s.to(ACC)[None, :, :], axis=1)
 
     p_out = p_y + b * syb + o_c64[None, :] * syc + (o_i * syh + o_j * syw)[:, None]
-    tl.store(p_out, b_y.to(p_y.dtype.element_ty), mask=m_p[:, None] & m_c[None, :])
+    tl.store(p_out, _rounded(b_y, p_y), mask=m_p[:, None] & m_c[None, :])
 
 
 # ------------------------------------------------------------------------------------------------

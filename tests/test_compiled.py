@@ -16,7 +16,7 @@ import stvit_kernels as sk
 from stvit_kernels import _ext
 from stvit_kernels.backends import get_backend
 
-from .utils import GRAD_SHAPES, OP_SHAPES, TOL, make_inputs, seed_for
+from .utils import GRAD_SHAPES, OP_SHAPES, TOL, make_inputs, op_results, seed_for
 
 
 def _flag(name):
@@ -37,6 +37,8 @@ FULL = [torch.float32, torch.float64]
 BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 # the CPU kernels exist for the baseline ISA of the build and, on x86-64, for AVX2 + FMA
 CPU_ISAS = ["auto", "default"]
+# every output and workspace of the CPU kernels starts as NaN (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 # Cell widths that take the CPU kernels' special paths (a cell row of 4, 8 or 16 pixels, with a
 # number of pixels per cell that is not a whole number of vectors), beside the shared OP_SHAPES.
 CPU_SHAPES = OP_SHAPES + [
@@ -65,20 +67,6 @@ def _require(backend):
             pytest.fail("STVIT_EXPECT_CUDA=1 but the extension was built without CUDA kernels")
         pytest.skip("the extension was built without CUDA kernels")
     return get_backend(backend)
-
-
-@pytest.fixture(autouse=True)
-def poison_cpu_outputs():
-    """Every output and workspace the CPU kernels allocate starts as NaN, so that an element no
-    kernel writes (or a workspace value read before it is written) fails the comparison."""
-    if LOAD_ERROR is not None:
-        yield
-        return
-    _C()._set_poison(True)
-    try:
-        yield
-    finally:
-        _C()._set_poison(False)
 
 
 @contextlib.contextmanager
@@ -148,22 +136,9 @@ def test_cpu_half_primitives_match_float64_reference(B, C, H, W, h, w, dtype, is
 
 
 def _op_grads(backend, t, size, dtype):
-    """Outputs and input gradients of the three public ops, by name (gradients of a random
-    linear function of the outputs; aggregate: through num and den)."""
-    x, s, A = (t[k].detach().to(dtype).requires_grad_() for k in ("x", "s", "A"))
-    g = {k: t[k].to(dtype) for k in ("gA", "gy", "gnum", "gden")}
-    res = {}
-    out = sk.stoken_affinity(x, s, size, backend=backend)
-    res["affinity"] = out
-    res["affinity.dx"], res["affinity.ds"] = torch.autograd.grad(out, (x, s), g["gA"])
-    num, den = sk.stoken_aggregate(x, A, size, backend=backend)
-    res["aggregate.num"], res["aggregate.den"] = num, den
-    res["aggregate.dx"], res["aggregate.dA"] = torch.autograd.grad(
-        (num, den), (x, A), (g["gnum"], g["gden"]))
-    y = sk.stoken_upsample(s, A, size, backend=backend)
-    res["upsample"] = y
-    res["upsample.ds"], res["upsample.dA"] = torch.autograd.grad(y, (s, A), g["gy"])
-    return res
+    """Outputs and input gradients of the three public ops, by name (tests/utils.op_results)."""
+    return {k: v for op in ("affinity", "aggregate", "upsample")
+            for k, v in op_results(op, backend, t, size, dtype).items()}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -66,18 +66,46 @@ def test_gradcheck(B, C, H, W, h, w):
     assert torch.autograd.gradcheck(lambda s, A: sk.stoken_upsample(s, A, size, backend="reference"), (s, A))
 
 
+_REFERENCE_FAMILY = None
+
+
+def _reference_family():
+    """The custom-op family of :mod:`stvit_kernels._library` built on the reference primitives (in a
+    test namespace): the autograd formulas that every fused backend uses, checked on their own."""
+    global _REFERENCE_FAMILY
+    if _REFERENCE_FAMILY is None:
+        from stvit_kernels import _library
+
+        impls = {name: getattr(ref, name) for name in
+                 ("affinity", "aggregate", "upsample", "affinity_aggregate")}
+        # custom ops may not return views of their inputs or of each other
+        impls = {name: (lambda f: lambda *a: _clone(f(*a)))(f) for name, f in impls.items()}
+        _REFERENCE_FAMILY = _library.define_family("stvit_test", "ref_", impls)
+    return _REFERENCE_FAMILY
+
+
+def _clone(out):
+    return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+
+
 @pytest.mark.parametrize("B,C,H,W,h,w", GRAD_SHAPES)
 def test_backward_formulas_with_reference_primitives(B, C, H, W, h, w):
-    """The autograd Functions that every fused backend uses (backward written in terms of the
-    forward primitives), run with the reference primitives: float64 gradcheck."""
-    from stvit_kernels.backends import get_backend
-    from stvit_kernels.ops import _AffinityFn, _AggregateFn, _UpsampleFn
-
-    be = get_backend("reference")
+    """float64 gradcheck of every autograd formula of the custom ops, with reference forwards."""
+    P = _reference_family()
     t = make_inputs(B, C, H, W, h, w, dtype=torch.float64, seed=seed_for("formulas", B, C, H, W))
     x, s, A = (t[k].requires_grad_() for k in ("x", "s", "A"))
-    size = (h, w)
     scale = C ** -0.5
-    assert torch.autograd.gradcheck(lambda x, s: _AffinityFn.apply(x, s, size, scale, be), (x, s))
-    assert torch.autograd.gradcheck(lambda x, A: _AggregateFn.apply(x, A, size, be), (x, A))
-    assert torch.autograd.gradcheck(lambda s, A: _UpsampleFn.apply(s, A, size, be), (s, A))
+    assert torch.autograd.gradcheck(lambda x, s: P.affinity(x, s, h, w, scale, True), (x, s))
+    assert torch.autograd.gradcheck(lambda x, s: P.affinity(x, s, h, w, scale, False), (x, s))
+    assert torch.autograd.gradcheck(lambda x, A: P.aggregate(x, A, h, w), (x, A))
+    assert torch.autograd.gradcheck(lambda s, A: P.upsample(s, A, h, w), (s, A))
+    assert torch.autograd.gradcheck(lambda x, s: P.affinity_aggregate(x, s, h, w, scale), (x, s))
+    # associate: the gradient into x through num only, A and den constant
+    g = torch.randn(B, C, H // h, W // w, dtype=torch.float64)
+    stokens, A1, den = P.associate(x, s, h, w, scale)
+    assert not A1.requires_grad and not den.requires_grad
+    (dx,) = torch.autograd.grad(stokens, x, g)
+    A0 = ref.affinity(x, s, h, w, scale).detach()
+    num, den0 = ref.aggregate(x, A0, h, w)
+    (dx_ref,) = torch.autograd.grad(num / (den0.detach() + 1e-12), x, g)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-10)

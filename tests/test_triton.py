@@ -24,15 +24,8 @@ REF = get_backend("reference")
 HALF = [torch.float16, torch.bfloat16]
 # CPU tensors under the interpreter; with a GPU the kernels are compiled and take CUDA tensors
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    """Every output and workspace the kernels get starts as NaN: an element no kernel writes fails."""
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(tk, "_empty", nan_empty)
+# every output and workspace the kernels get starts as NaN (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def _inputs(key, B, C, H, W, h, w, dtype=torch.float32, device=DEVICE):

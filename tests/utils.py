@@ -7,6 +7,8 @@ import zlib
 import pytest
 import torch
 
+import stvit_kernels as sk
+
 # (B, C, H, W, h, w): H, W multiples of (h, w), as the op-level functions require.
 OP_SHAPES = [
     pytest.param(2, 16, 16, 16, 8, 8, id="B2-C16-16x16-s8-grid2x2"),
@@ -57,3 +59,41 @@ TOL = {
 }
 
 LONG = os.environ.get("STVIT_LONG_TESTS", "0") not in ("", "0")
+
+
+def backend_device(backend):
+    """The device a backend's tests run on: CUDA for ``cuda``, and for ``triton`` when there is a
+    GPU (else the Triton interpreter on the CPU), the CPU for the others."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def op_results(op, backend, t, size, dtype=None, scale=None, n_iter=1):
+    """One public op on the inputs ``t`` of :func:`make_inputs` (cast to ``dtype`` if given): its
+    outputs and the gradients of all its differentiable inputs for the incoming gradients of ``t``
+    (aggregate: through num and den; associate: into x through the super tokens), by name, detached.
+    ``op`` is "affinity", "aggregate", "upsample" or "associate" (which starts from ``t["s"]``)."""
+    dtype = dtype or t["x"].dtype
+    x, s, A = (t[k].detach().to(dtype).requires_grad_() for k in ("x", "s", "A"))
+    g = {k: t[k].to(dtype) for k in ("gA", "gy", "gnum", "gden")}
+    if op == "affinity":
+        out = sk.stoken_affinity(x, s, size, scale, backend=backend)
+        res = {"affinity": out}
+        res["affinity.dx"], res["affinity.ds"] = torch.autograd.grad(out, (x, s), g["gA"])
+    elif op == "aggregate":
+        num, den = sk.stoken_aggregate(x, A, size, backend=backend)
+        res = {"aggregate.num": num, "aggregate.den": den}
+        res["aggregate.dx"], res["aggregate.dA"] = torch.autograd.grad(
+            (num, den), (x, A), (g["gnum"], g["gden"]))
+    elif op == "upsample":
+        y = sk.stoken_upsample(s, A, size, backend=backend)
+        res = {"upsample": y}
+        res["upsample.ds"], res["upsample.dA"] = torch.autograd.grad(y, (s, A), g["gy"])
+    elif op == "associate":
+        stokens, A1 = sk.associate(x, s.detach(), size, n_iter, scale, backend=backend)
+        res = {"associate.stokens": stokens, "associate.A": A1}
+        res["associate.dx"], = torch.autograd.grad(stokens, x, g["gnum"])
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    return {k: v.detach() for k, v in res.items()}

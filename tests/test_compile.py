@@ -1,0 +1,150 @@
+"""torch.library registration and torch.compile.
+
+* ``torch.library.opcheck`` on every registered op of every kernel family that can run here
+  (schema, fake implementation vs real outputs, autograd registration, AOT dispatch with static and
+  dynamic shapes);
+* ``torch.compile(fullgraph=True)`` of ``SuperTokenAttention`` (every backend) and ``stvit_small``:
+  no graph break, no recompilation on a second call of the same shape, the same forward and
+  backward results as eager.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stvit
+import stvit_kernels as sk
+from stvit_kernels import _library
+from stvit_kernels.backends import get_backend
+
+from .utils import TOL, make_inputs, seed_for
+
+
+def _families():
+    out = []
+    if "cpu" in sk.available_backends():
+        out.append(pytest.param(lambda: _library.compiled_prims(), id="stvit"))
+    if "triton" in sk.available_backends():
+        out.append(pytest.param(lambda: _library.TRITON, id="stvit-triton"))
+    return out
+
+
+# (B, C, H, W, h, w, dtype)
+OPCHECK_CASES = [
+    pytest.param(2, 5, 4, 6, 2, 3, torch.float64, id="B2-C5-4x6-s2x3-f64"),
+    pytest.param(1, 3, 8, 8, 8, 8, torch.float32, id="B1-C3-8x8-s8-grid1-f32"),
+]
+
+
+@pytest.mark.parametrize("family", _families())
+@pytest.mark.parametrize("B,C,H,W,h,w,dtype", OPCHECK_CASES)
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+def test_opcheck(family, B, C, H, W, h, w, dtype, requires_grad):
+    P = family()
+    t = make_inputs(B, C, H, W, h, w, dtype=dtype, seed=seed_for("opcheck", B, C, H, W, dtype))
+    x, s, A = (t[k].requires_grad_(requires_grad) for k in ("x", "s", "A"))
+    scale = C ** -0.5
+    samples = {
+        "affinity": [(x, s, h, w, scale, True), (x, s, h, w, scale, False)],
+        "aggregate": [(x, A, h, w)],
+        "upsample": [(s, A, h, w)],
+        "affinity_aggregate": [(x, s, h, w, scale)],
+        "associate": [(x, s, h, w, scale)],
+    }
+    assert set(samples) == set(_library.Prims._fields)
+    for name, args_list in samples.items():
+        for args in args_list:
+            torch.library.opcheck(getattr(P, name), args)
+
+
+def _module_case(backend, n_iter=2):
+    torch.manual_seed(seed_for("compile-module", backend))
+    m = sk.SuperTokenAttention(16, (4, 3), n_iter=n_iter, num_heads=2, backend=backend)
+    # 14x17 is padded to 16x18 inside: the pad / crop are traced too
+    return m, [torch.randn(2, 16, 14, 17, requires_grad=True) for _ in range(2)]
+
+
+def _fwd_bwd(fn, x, g):
+    y = fn(x)
+    (gx,) = torch.autograd.grad(y, x, g)
+    return y, gx
+
+
+def _check_compiled_matches_eager(module, inputs, compiled, tol):
+    g = torch.randn(inputs[0].shape)
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        y, gx = _fwd_bwd(compiled, inputs[0], g)
+    # the second call of the same shape must reuse the graph
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        y2, gx2 = _fwd_bwd(compiled, inputs[1], g)
+    for x, yc, gc in ((inputs[0], y, gx), (inputs[1], y2, gx2)):
+        ye, gxe = _fwd_bwd(module, x, g)
+        torch.testing.assert_close(yc, ye, **tol)
+        torch.testing.assert_close(gc, gxe, **tol)
+
+
+@pytest.mark.parametrize("backend", sorted(set(sk.available_backends()) - {"cuda"}))
+def test_compile_module_fullgraph(backend):
+    """Dynamo captures the module in one graph with every backend (AOTAutograd traces the
+    backward through the custom ops' fake implementations and autograd formulas)."""
+    torch._dynamo.reset()
+    module, inputs = _module_case(backend)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    _check_compiled_matches_eager(module, inputs, compiled, TOL[torch.float32])
+
+
+def test_compile_module_inductor():
+    """The default compiler (inductor) on the default backend choice."""
+    torch._dynamo.reset()
+    module, inputs = _module_case(None)
+    compiled = torch.compile(module, fullgraph=True)
+    _check_compiled_matches_eager(module, inputs, compiled, dict(rtol=1e-4, atol=1e-5))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compile_ops_fullgraph(backend):
+    """The three public ops composed by hand, full backward, under torch.compile."""
+    if backend not in sk.available_backends():
+        pytest.skip(f"{backend}: {get_backend(backend).unavailable_reason()}")
+    torch._dynamo.reset()
+    t = make_inputs(2, 6, 9, 10, 3, 5, seed=seed_for("compile-ops", backend))
+    x, s = t["x"].requires_grad_(), t["s"].requires_grad_()
+
+    def fn(x, s):
+        A = sk.stoken_affinity(x, s, (3, 5), backend=backend)
+        num, den = sk.stoken_aggregate(x, A, (3, 5), backend=backend)
+        y = sk.stoken_upsample(num / (den + 1e-12), A, (3, 5), backend=backend)
+        return y
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    y, ye = compiled(x, s), fn(x, s)
+    torch.testing.assert_close(y, ye, **TOL[torch.float32])
+    grads = torch.autograd.grad(y, (x, s), t["gy"])
+    grads_e = torch.autograd.grad(ye, (x, s), t["gy"])
+    for a, b in zip(grads, grads_e):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_compile_stvit_small_train_step():
+    """stvit_small, training mode, forward + backward in one captured graph, the same outputs and
+    parameter gradients as eager; no recompilation on the second step."""
+    torch._dynamo.reset()
+    torch.manual_seed(seed_for("compile-stvit-small"))
+    model = stvit.stvit_small(num_classes=10, drop_path_rate=0.0).train()  # deterministic
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 64, 64)
+
+    def step(fn):
+        model.zero_grad()
+        out = fn(x)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out_c, grads_c = step(compiled)
+    out_e, grads_e = step(model)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
+    assert grads_c.keys() == grads_e.keys() and len(grads_c) > 100
+    for name in grads_c:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-3, atol=1e-5, msg=name)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        step(compiled)
