@@ -13,6 +13,7 @@
 #include <torch/version.h>
 
 #ifdef STVIT_WITH_CUDA
+#include <ATen/ops/avg_pool2d.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -110,6 +111,7 @@ struct CpuKernels {
                                     int64_t w, double scale) {
     return affinity_aggregate_cpu(x, s, h, w, scale);
   }
+  static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) { return pool_cpu(x, h, w); }
 };
 
 #ifdef STVIT_WITH_CUDA
@@ -132,6 +134,10 @@ struct CudaKernels {
   static Tensor3 affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h,
                                     int64_t w, double scale) {
     return affinity_aggregate_cuda(x, s, h, w, scale);
+  }
+  // ATen's CUDA average pooling is already a single pass at memory speed
+  static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) {
+    return at::avg_pool2d(x, {h, w});
   }
 };
 #endif
@@ -166,6 +172,14 @@ Tensor3 affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, 
   return K::affinity_aggregate(x, s, h, w, scale);
 }
 
+template <typename K>
+at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) {
+  check_tensor("pool", "x", x);
+  check_cells("pool", "x", x, h, w);
+  typename K::Guard guard(x);
+  return K::pool(x, h, w);
+}
+
 }  // namespace
 }  // namespace stvit
 
@@ -175,6 +189,7 @@ TORCH_LIBRARY(stvit, m) {
   m.def("upsample(Tensor s, Tensor A, int h, int w) -> Tensor");
   m.def("affinity_aggregate(Tensor x, Tensor s, int h, int w, float scale) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("pool(Tensor x, int h, int w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(stvit, CPU, m) {
@@ -183,6 +198,7 @@ TORCH_LIBRARY_IMPL(stvit, CPU, m) {
   m.impl("aggregate", &stvit::aggregate<K>);
   m.impl("upsample", &stvit::upsample<K>);
   m.impl("affinity_aggregate", &stvit::affinity_aggregate<K>);
+  m.impl("pool", &stvit::pool<K>);
 }
 
 #ifdef STVIT_WITH_CUDA
@@ -192,6 +208,7 @@ TORCH_LIBRARY_IMPL(stvit, CUDA, m) {
   m.impl("aggregate", &stvit::aggregate<K>);
   m.impl("upsample", &stvit::upsample<K>);
   m.impl("affinity_aggregate", &stvit::affinity_aggregate<K>);
+  m.impl("pool", &stvit::pool<K>);
 }
 #endif
 

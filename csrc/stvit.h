@@ -17,6 +17,8 @@
 //     y[:, p] = sum over valid k of A[k, p] * s[:, nbr_k(p)].
 // affinity_aggregate(x, s, h, w, scale) -> (A, num, den)
 //     affinity (with softmax) then aggregate, in one pass over x.
+// pool(x, h, w) -> s [B, C, hh, ww]
+//     the mean of each h x w cell (the module's initial super tokens, avg_pool2d).
 //
 // Kernels accumulate in float32 (float64 for double inputs), never materialise a dense
 // token x super-token map nor a 9x copy of x, compute the scatter-to-super-token sums as
@@ -39,6 +41,7 @@ Tensor2 aggregate_cpu(const at::Tensor& x, const at::Tensor& A, int64_t h, int64
 at::Tensor upsample_cpu(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w);
 Tensor3 affinity_aggregate_cpu(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
                                double scale);
+at::Tensor pool_cpu(const at::Tensor& x, int64_t h, int64_t w);
 
 #ifdef STVIT_WITH_CUDA
 at::Tensor affinity_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,

@@ -264,7 +264,28 @@ def compiled_prims() -> Prims:
     global _compiled_prims
     if _compiled_prims is None:
         _compiled_prims = define_family("stvit", "", {})
+        _register_pool("stvit::pool")
     return _compiled_prims
+
+
+def _register_pool(op: str) -> None:
+    """``pool(x, h, w)``: the mean of every ``h x w`` cell (``avg_pool2d``); its gradient spreads
+    ``g / (h * w)`` over the cell."""
+
+    def fake(x, h, w):
+        return x.new_empty((x.shape[0], x.shape[1], x.shape[2] // h, x.shape[3] // w))
+
+    def setup(ctx, inputs, output):
+        ctx.args = inputs[1:]
+
+    def backward(ctx, g):
+        h, w = ctx.args
+        B, C, hh, ww = g.shape
+        dx = (g / (h * w))[:, :, :, None, :, None].expand(B, C, hh, h, ww, w)
+        return dx.reshape(B, C, hh * h, ww * w), None, None
+
+    torch.library.register_fake(op, fake)
+    torch.library.register_autograd(op, backward, setup_context=setup)
 
 
 def _triton_impl(name: str) -> Callable:

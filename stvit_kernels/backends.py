@@ -24,6 +24,7 @@ import threading
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import _library as _lib
 from . import reference as _ref
@@ -71,6 +72,10 @@ class Backend:
 
     def affinity_aggregate(self, x, s, h, w, scale):
         return tuple(self.prims().affinity_aggregate(self._c(x), self._c(s), h, w, scale))
+
+    def pool(self, x, h, w):
+        """The mean of every ``h x w`` cell: the module's initial super tokens."""
+        return F.avg_pool2d(x, (h, w))
 
     def associate(self, x, s, h, w, scale):
         """Last association step of STA: ``(num / (den + 1e-12), A)`` from one fused pass, the
@@ -135,6 +140,9 @@ class CompiledBackend(Backend):
 
     def prims(self) -> Prims:
         return _lib.compiled_prims()
+
+    def pool(self, x, h, w):
+        return torch.ops.stvit.pool.default(x.contiguous(), h, w)
 
 
 class TritonBackend(Backend):

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._utils import StokenSize, check_n_iter, pair
-from .ops import associate, stoken_upsample
+from .ops import associate, initial_stokens, stoken_upsample
 
 #: Buffers of the official module that this one computes implicitly (identity kernels of its
 #: unfold / fold convolutions); dropped when loading an official state dict.
@@ -122,7 +122,7 @@ class SuperTokenAttention(nn.Module):
         pad_r, pad_b = (w - W0 % w) % w, (h - H0 % h) % h
         if pad_r or pad_b:
             x = F.pad(x, (0, pad_r, 0, pad_b))
-        s0 = F.avg_pool2d(x.detach(), (h, w))
+        s0 = initial_stokens(x.detach(), (h, w), backend=self.backend)
         s, A = associate(x, s0, (h, w), self.n_iter, self.scale, backend=self.backend)
         # under autocast the refine may return a lower precision than the association: upsample in
         # the association's dtype

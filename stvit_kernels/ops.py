@@ -118,6 +118,16 @@ def _check_stokens_affinity(s, A, size):
                          f"stoken_size={size}")
 
 
+def initial_stokens(x: torch.Tensor, stoken_size: StokenSize, *,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """``avg_pool2d(x, stoken_size)``, the super tokens STA starts from, on the backend's kernel
+    (the ``cpu`` backend has its own single-pass one). ``H``, ``W`` multiples of the size."""
+    size = pair(stoken_size)
+    _check_tensor("x", x)
+    grid_of(x, size, "x")
+    return resolve(x, backend).pool(x, size[0], size[1])
+
+
 def associate(x: torch.Tensor, stokens: torch.Tensor, stoken_size: StokenSize, n_iter: int = 1,
               scale: Optional[float] = None, *, backend: Optional[str] = None
               ) -> Tuple[torch.Tensor, torch.Tensor]:

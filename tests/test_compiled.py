@@ -126,6 +126,26 @@ def test_cpu_primitives_match_reference(B, C, H, W, h, w, dtype, isa):
         _check_primitives("cpu", B, C, H, W, h, w, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FULL + HALF, ids=str)
+@pytest.mark.parametrize("B,C,H,W,h,w", CPU_SHAPES)
+def test_pool_matches_avg_pool2d(B, C, H, W, h, w, dtype, backend):
+    """stvit::pool, the module's initial super tokens, against avg_pool2d in float64; its
+    registration (opcheck) and gradient."""
+    _require(backend)
+    t = make_inputs(B, C, H, W, h, w, dtype=torch.float64, device=_device(backend),
+                    seed=seed_for("pool", B, C, H, W, dtype))
+    x = t["x"].to(dtype)
+    s = sk.ops.initial_stokens(x, (h, w), backend=backend)
+    expected = torch.nn.functional.avg_pool2d(x.double(), (h, w))
+    tol = TOL[dtype] if dtype in HALF else dict(rtol=1e-6, atol=1e-6 if dtype == torch.float32 else 1e-12)
+    torch.testing.assert_close(s.double(), expected, **tol)
+    if dtype == torch.float64:
+        xg = t["x"][:1, :2].clone().requires_grad_()
+        torch.library.opcheck(torch.ops.stvit.pool.default, (xg, h, w))
+        assert torch.autograd.gradcheck(lambda v: torch.ops.stvit.pool(v, h, w), (xg,))
+
+
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("B,C,H,W,h,w", CPU_SHAPES)

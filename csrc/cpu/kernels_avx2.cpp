@@ -7,6 +7,7 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <immintrin.h>
 
 #include "kernels.h"
 
@@ -20,6 +21,12 @@
 #endif
 
 #define STVIT_CPU_ISA isa_avx2
+// Stores that bypass the caches (outputs written once, read by a later op): 8 floats to 32-byte
+// aligned memory, 4 floats to 16-byte aligned memory; the fence orders them before the kernel
+// returns.
+#define STVIT_STREAM_F32X8(dst, src) _mm256_stream_ps((dst), _mm256_loadu_ps(src))
+#define STVIT_STREAM_F32X4(dst, src) _mm_stream_ps((dst), _mm_loadu_ps(src))
+#define STVIT_STREAM_FENCE() _mm_sfence()
 #define STVIT_CPU_TABLE kernels_avx2
 #include "kernels_impl.h"
 

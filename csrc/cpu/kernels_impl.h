@@ -250,6 +250,26 @@ struct BandTiles {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
   }
 
+#if defined(STVIT_STREAM_F32X8)
+  // d[0 .. kW) = s[0 .. kW) with streaming stores where d is aligned (the rows of an output plane
+  // usually are: torch aligns allocations to 64 bytes).
+  template <int kW>
+  STVIT_INLINE static void stream_row(float* d, const float* s) {
+    constexpr int kVec = kW == 4 ? 4 : 8;
+    if ((reinterpret_cast<uintptr_t>(d) & (kVec * sizeof(float) - 1)) != 0) {
+      convert_row(d, s, kW);
+      return;
+    }
+    for (int j = 0; j < kW; j += kVec) {
+      if constexpr (kVec == 4) {
+        STVIT_STREAM_F32X4(d + j, s + j);
+      } else {
+        STVIT_STREAM_F32X8(d + j, s + j);
+      }
+    }
+  }
+#endif
+
   // Moves planes between an image ([planes, H, W], band rows only) and the cells' tiles (cells
   // `stride` apart); `to_tile` says which way. kW is the cell width when known at compile time
   // (the common ones, so that each row segment is a fixed-size copy), 0 otherwise.
@@ -268,6 +288,11 @@ struct BandTiles {
         for (int64_t v = 0; v < g.ww; ++v) {
           if constexpr (to_tile) {
             convert_row(cell + v * stride, row + v * w, w);
+#if defined(STVIT_STREAM_F32X8)
+          } else if constexpr (std::is_same_v<Img, float> &&
+                               (kW == 4 || (kW > 0 && kW % 8 == 0))) {
+            stream_row<kW>(row + v * w, cell + v * stride);
+#endif
           } else {
             convert_row(row + v * w, cell + v * stride, w);
           }
@@ -294,6 +319,9 @@ struct BandTiles {
   void store(scalar_t* img, int64_t planes, const Band& band, const acc_t* tile,
              int64_t stride) const {
     move<false>(img, planes, band, tile, stride);
+#if defined(STVIT_STREAM_FENCE)
+    STVIT_STREAM_FENCE();  // streaming stores are weakly ordered
+#endif
   }
 
   // The band's affinities, with the rows of invalid slots zeroed (the upsampling and the
@@ -436,6 +464,10 @@ struct BandTiles {
   // kW is a multiple or a divisor of N, every vector of a cell's pixels is whole row segments.
   template <int kW>
   static constexpr bool direct_upsample() {
+#if defined(STVIT_STREAM_F32X8)
+    // float cells of 4 or 8k pixels: the band store streams, which beats writing from registers
+    if (std::is_same_v<scalar_t, float> && (kW == 4 || (kW > 0 && kW % 8 == 0))) return false;
+#endif
     return kW > 0 && (kW % N == 0 || N % kW == 0);
   }
 

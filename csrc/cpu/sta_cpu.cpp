@@ -4,6 +4,7 @@
 // Inputs arrive checked (shapes, dtypes, contiguity) by the host wrappers of ops.cpp.
 #include <algorithm>
 #include <atomic>
+#include <vector>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -222,6 +223,37 @@ Tensor3 affinity_aggregate_cpu(const at::Tensor& x, const at::Tensor& s, int64_t
     });
   });
   return {A, std::get<0>(nd), std::get<1>(nd)};
+}
+
+at::Tensor pool_cpu(const at::Tensor& x, int64_t h, int64_t w) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t hh = H / h, ww = W / w;
+  at::Tensor s = new_tensor({B, C, hh, ww}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pool_cpu", [&] {
+    using acc_t = cpu::acc_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* sp = s.mutable_data_ptr<scalar_t>();
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(h * w);
+    // one row of cells (plane, u) at a time: its h image rows summed column-wise (a contiguous,
+    // vectorisable pass over x), then each group of w columns
+    at::parallel_for(0, B * C * hh, grain(h * W), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> cols(W);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const scalar_t* src = xp + idx * h * W;  // plane * H * W + u * h * W
+        for (int64_t j = 0; j < W; ++j) cols[j] = static_cast<acc_t>(src[j]);
+        for (int64_t r = 1; r < h; ++r) {
+          const scalar_t* row = src + r * W;
+          for (int64_t j = 0; j < W; ++j) cols[j] += static_cast<acc_t>(row[j]);
+        }
+        for (int64_t v = 0; v < ww; ++v) {
+          acc_t sum = acc_t(0);
+          for (int64_t j = 0; j < w; ++j) sum += cols[v * w + j];
+          sp[idx * ww + v] = static_cast<scalar_t>(sum * inv);
+        }
+      }
+    });
+  });
+  return s;
 }
 
 }  // namespace stvit
