@@ -1,10 +1,14 @@
 // Host side of stvit_kernels._C: the `torch.ops.stvit` operators (schemas, input checks, CUDA
-// device guard) and the small Python module. The kernels behind the four primitives are the
-// *_cpu functions of csrc/cpu and the *_cuda functions of csrc/cuda (stvit.h); every check
-// happens here, once, before either is called, and raises through TORCH_CHECK.
+// device guard, a contiguous NCHW copy of inputs in any other layout) and the small Python
+// module. The kernels behind the primitives are the *_cpu functions of csrc/cpu and the *_cuda
+// functions of csrc/cuda (stvit.h); every check happens here, once, before either is called, and
+// raises through TORCH_CHECK. `associate` and `associate_backward` are the STA module's
+// association stage and its gradient as one call each (a loop over the kernels, in C++).
 #include <pybind11/pybind11.h>
 
+#include <optional>
 #include <string>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
@@ -30,8 +34,6 @@ void check_tensor(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               "stvit::", op, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
               name, ".dtype=", dt);
-  TORCH_CHECK(t.is_contiguous(), "stvit::", op, ": ", name,
-              " must be contiguous (NCHW), got strides ", t.strides(), " for shape ", t.sizes());
 }
 
 void check_same(const char* op, const char* a_name, const at::Tensor& a, const char* b_name,
@@ -108,8 +110,8 @@ struct CpuKernels {
     return upsample_cpu(s, A, h, w);
   }
   static Tensor3 affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h,
-                                    int64_t w, double scale) {
-    return affinity_aggregate_cpu(x, s, h, w, scale);
+                                    int64_t w, double scale, bool normalise) {
+    return affinity_aggregate_cpu(x, s, h, w, scale, normalise);
   }
   static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) { return pool_cpu(x, h, w); }
 };
@@ -132,8 +134,8 @@ struct CudaKernels {
     return upsample_cuda(s, A, h, w);
   }
   static Tensor3 affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h,
-                                    int64_t w, double scale) {
-    return affinity_aggregate_cuda(x, s, h, w, scale);
+                                    int64_t w, double scale, bool normalise) {
+    return affinity_aggregate_cuda(x, s, h, w, scale, normalise);
   }
   // ATen's CUDA average pooling is already a single pass at memory speed
   static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) {
@@ -147,21 +149,21 @@ at::Tensor affinity(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t
                     bool softmax) {
   check_pixels_stokens("affinity", x, s, h, w);
   typename K::Guard guard(x);
-  return K::affinity(x, s, h, w, scale, softmax);
+  return K::affinity(x.contiguous(), s.contiguous(), h, w, scale, softmax);
 }
 
 template <typename K>
 Tensor2 aggregate(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w) {
   check_pixels_affinity("aggregate", x, A, h, w);
   typename K::Guard guard(x);
-  return K::aggregate(x, A, h, w);
+  return K::aggregate(x.contiguous(), A.contiguous(), h, w);
 }
 
 template <typename K>
 at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
   check_stokens_affinity("upsample", s, A, h, w);
   typename K::Guard guard(s);
-  return K::upsample(s, A, h, w);
+  return K::upsample(s.contiguous(), A.contiguous(), h, w);
 }
 
 template <typename K>
@@ -169,7 +171,53 @@ Tensor3 affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, 
                            double scale) {
   check_pixels_stokens("affinity_aggregate", x, s, h, w);
   typename K::Guard guard(x);
-  return K::affinity_aggregate(x, s, h, w, scale);
+  return K::affinity_aggregate(x.contiguous(), s.contiguous(), h, w, scale, /*normalise=*/false);
+}
+
+// `num / (den + 1e-12)` in at least float32 (the kernels' own normalisation, for a gradient).
+at::Tensor normalised(const at::Tensor& num, const at::Tensor& den) {
+  const auto dt = num.scalar_type();
+  if (dt == at::kFloat || dt == at::kDouble) return num.div(den.add(1e-12));
+  return num.to(at::kFloat).div(den.to(at::kFloat).add(1e-12)).to(dt);
+}
+
+// The association stage of STA (DESIGN.md §1 steps 2, 4-7) in one call: super tokens `s`, or
+// the average-pooled x when `s` is None; `n_iter` fused affinity + aggregation passes, each
+// normalised in its reduction. Returns (the final super tokens num / (den + 1e-12), the final
+// association A, den).
+template <typename K>
+Tensor3 associate(const at::Tensor& x, const std::optional<at::Tensor>& s, int64_t h, int64_t w,
+                  double scale, int64_t n_iter) {
+  TORCH_CHECK(n_iter >= 1, "stvit::associate: n_iter must be >= 1, got ", n_iter);
+  if (s.has_value()) {
+    check_pixels_stokens("associate", x, *s, h, w);
+  } else {
+    check_tensor("associate", "x", x);
+    check_cells("associate", "x", x, h, w);
+  }
+  typename K::Guard guard(x);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor st = s.has_value() ? s->contiguous() : K::pool(xc, h, w);
+  for (int64_t i = 1; i < n_iter; ++i) {
+    st = std::get<1>(K::affinity_aggregate(xc, st, h, w, scale, /*normalise=*/true));
+  }
+  auto [A, stokens, den] = K::affinity_aggregate(xc, st, h, w, scale, /*normalise=*/true);
+  return {stokens, A, den};
+}
+
+// The gradient of associate into x: upsample(g / (den + 1e-12), A) (A and den are constants).
+template <typename K>
+at::Tensor associate_backward(const at::Tensor& g, const at::Tensor& A, const at::Tensor& den,
+                              int64_t h, int64_t w) {
+  TORCH_CHECK(g.dim() == 4 && den.dim() == 4 && den.size(1) == 1 && g.size(0) == den.size(0) &&
+                  g.sizes().slice(2) == den.sizes().slice(2),
+              "stvit::associate_backward: g [B, C, hh, ww] and den [B, 1, hh, ww] do not match: "
+              "g.shape=", g.sizes(), ", den.shape=", den.sizes());
+  check_same("associate_backward", "g", g, "den", den);
+  const at::Tensor gs = normalised(g, den).contiguous();
+  check_stokens_affinity("associate_backward", gs, A, h, w);
+  typename K::Guard guard(A);
+  return K::upsample(gs, A.contiguous(), h, w);
 }
 
 template <typename K>
@@ -177,7 +225,7 @@ at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) {
   check_tensor("pool", "x", x);
   check_cells("pool", "x", x, h, w);
   typename K::Guard guard(x);
-  return K::pool(x, h, w);
+  return K::pool(x.contiguous(), h, w);
 }
 
 }  // namespace
@@ -190,6 +238,9 @@ TORCH_LIBRARY(stvit, m) {
   m.def("affinity_aggregate(Tensor x, Tensor s, int h, int w, float scale) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("pool(Tensor x, int h, int w) -> Tensor");
+  m.def("associate(Tensor x, Tensor? s, int h, int w, float scale, int n_iter) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("associate_backward(Tensor g, Tensor A, Tensor den, int h, int w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(stvit, CPU, m) {
@@ -199,6 +250,8 @@ TORCH_LIBRARY_IMPL(stvit, CPU, m) {
   m.impl("upsample", &stvit::upsample<K>);
   m.impl("affinity_aggregate", &stvit::affinity_aggregate<K>);
   m.impl("pool", &stvit::pool<K>);
+  m.impl("associate", &stvit::associate<K>);
+  m.impl("associate_backward", &stvit::associate_backward<K>);
 }
 
 #ifdef STVIT_WITH_CUDA
@@ -209,6 +262,8 @@ TORCH_LIBRARY_IMPL(stvit, CUDA, m) {
   m.impl("upsample", &stvit::upsample<K>);
   m.impl("affinity_aggregate", &stvit::affinity_aggregate<K>);
   m.impl("pool", &stvit::pool<K>);
+  m.impl("associate", &stvit::associate<K>);
+  m.impl("associate_backward", &stvit::associate_backward<K>);
 }
 #endif
 

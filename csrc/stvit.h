@@ -15,8 +15,9 @@
 //     den the same sum of A[k, p].
 // upsample(s, A, h, w) -> y [B, C, H, W]
 //     y[:, p] = sum over valid k of A[k, p] * s[:, nbr_k(p)].
-// affinity_aggregate(x, s, h, w, scale) -> (A, num, den)
-//     affinity (with softmax) then aggregate, in one pass over x.
+// affinity_aggregate(x, s, h, w, scale, normalise) -> (A, num, den)
+//     affinity (with softmax) then aggregate, in one pass over x; with `normalise` the second
+//     output is num / (den + 1e-12), divided in the accumulation type: the updated super tokens.
 // pool(x, h, w) -> s [B, C, hh, ww]
 //     the mean of each h x w cell (the module's initial super tokens, avg_pool2d).
 //
@@ -40,7 +41,7 @@ at::Tensor affinity_cpu(const at::Tensor& x, const at::Tensor& s, int64_t h, int
 Tensor2 aggregate_cpu(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w);
 at::Tensor upsample_cpu(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w);
 Tensor3 affinity_aggregate_cpu(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
-                               double scale);
+                               double scale, bool normalise);
 at::Tensor pool_cpu(const at::Tensor& x, int64_t h, int64_t w);
 
 #ifdef STVIT_WITH_CUDA
@@ -49,7 +50,7 @@ at::Tensor affinity_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, in
 Tensor2 aggregate_cuda(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w);
 at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w);
 Tensor3 affinity_aggregate_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
-                                double scale);
+                                double scale, bool normalise);
 #endif
 
 }  // namespace stvit

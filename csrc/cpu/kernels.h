@@ -61,9 +61,9 @@ struct KernelSet {
   void (*affinity_partials)(const Geometry& g, const scalar_t* x, const scalar_t* s, scalar_t* A,
                             acc_t scale, acc_t* pnum, acc_t* pden, int64_t begin, int64_t end);
   // num [B, C, hh, ww], den [B, 1, hh, ww] from the partials of the 3x3 cells around each
-  // super token.
+  // super token; with `normalise`, num / (den + 1e-12) (divided in acc_t) goes into num.
   void (*reduce)(const Geometry& g, const acc_t* pnum, const acc_t* pden, scalar_t* num,
-                 scalar_t* den, int64_t begin, int64_t end);
+                 scalar_t* den, bool normalise, int64_t begin, int64_t end);
   // y [B, C, H, W] = sum over valid k of A[k] * s[:, nbr_k].
   void (*upsample)(const Geometry& g, const scalar_t* s, const scalar_t* A, scalar_t* y,
                    int64_t begin, int64_t end);

@@ -557,11 +557,12 @@ void affinity_partial_bands(const Geometry& g, const scalar_t* x, const scalar_t
 // row of super tokens (b, u) at a time, so that num is written ww contiguous values per channel.
 template <typename scalar_t>
 void reduce_stokens(const Geometry& g, const acc_type<scalar_t>* pnum,
-                    const acc_type<scalar_t>* pden, scalar_t* num, scalar_t* den, int64_t begin,
-                    int64_t end) {
+                    const acc_type<scalar_t>* pden, scalar_t* num, scalar_t* den, bool normalise,
+                    int64_t begin, int64_t end) {
   using acc_t = acc_type<scalar_t>;
   const int64_t cells = g.cells(), C = g.C;
   Scratch<acc_t> rows(g.ww * C);  // [ww][C] sums of the current grid row
+  Scratch<acc_t> den_eps(g.ww);   // den + 1e-12 of the row's super tokens (normalise)
   for (int64_t idx = begin; idx < end; ++idx) {
     const int64_t b = idx / g.hh, u = idx - b * g.hh;
     for (int64_t v = 0; v < g.ww; ++v) {
@@ -577,10 +578,16 @@ void reduce_stokens(const Geometry& g, const acc_type<scalar_t>* pnum,
         d += pden[src * 9 + k];
       }
       den[idx * g.ww + v] = static_cast<scalar_t>(d);
+      den_eps.get()[v] = d + acc_t(1e-12);
     }
     for (int64_t ch = 0; ch < C; ++ch) {
       scalar_t* dst = num + (b * C + ch) * cells + u * g.ww;
-      for (int64_t v = 0; v < g.ww; ++v) dst[v] = static_cast<scalar_t>(rows.get()[v * C + ch]);
+      if (normalise) {
+        for (int64_t v = 0; v < g.ww; ++v)
+          dst[v] = static_cast<scalar_t>(rows.get()[v * C + ch] / den_eps.get()[v]);
+      } else {
+        for (int64_t v = 0; v < g.ww; ++v) dst[v] = static_cast<scalar_t>(rows.get()[v * C + ch]);
+      }
     }
   }
 }

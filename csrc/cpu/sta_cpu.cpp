@@ -135,10 +135,12 @@ at::Tensor partials_workspace(int64_t elems, const at::Tensor& like) {
   return view;
 }
 
-// Per-cell partials -> (num, den); shared by aggregate and affinity_aggregate. `bands_pass`
-// fills pnum [B * hh * ww, 9, C] and pden [B * hh * ww, 9] for a range of bands.
+// Per-cell partials -> (num, den), or (num / (den + 1e-12), den) with `normalise`; shared by
+// aggregate and affinity_aggregate. `bands_pass` fills pnum [B * hh * ww, 9, C] and
+// pden [B * hh * ww, 9] for a range of bands.
 template <typename scalar_t, typename BandsPass>
-Tensor2 reduce_partials(const cpu::Geometry& g, const at::Tensor& like, BandsPass bands_pass) {
+Tensor2 reduce_partials(const cpu::Geometry& g, const at::Tensor& like, BandsPass bands_pass,
+                        bool normalise = false) {
   using acc_t = cpu::acc_type<scalar_t>;
   const int64_t pnum_elems = g.B * g.cells() * 9 * g.C;
   at::Tensor workspace = partials_workspace(pnum_elems + g.B * g.cells() * 9, like);
@@ -152,7 +154,7 @@ Tensor2 reduce_partials(const cpu::Geometry& g, const at::Tensor& like, BandsPas
   scalar_t* np = num.mutable_data_ptr<scalar_t>();
   scalar_t* dp = den.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, g.B * g.hh, grain(9 * g.C * g.ww), [&](int64_t begin, int64_t end) {
-    k.reduce(g, pn, pd, np, dp, begin, end);
+    k.reduce(g, pn, pd, np, dp, normalise, begin, end);
   });
   return {num, den};
 }
@@ -207,7 +209,7 @@ at::Tensor upsample_cpu(const at::Tensor& s, const at::Tensor& A, int64_t h, int
 }
 
 Tensor3 affinity_aggregate_cpu(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
-                               double scale) {
+                               double scale, bool normalise) {
   const cpu::Geometry g = geometry(x, x.size(1), h, w);
   at::Tensor A = new_tensor({g.B, 9, g.H, g.W}, x.options());
   Tensor2 nd;
@@ -220,7 +222,7 @@ Tensor3 affinity_aggregate_cpu(const at::Tensor& x, const at::Tensor& s, int64_t
     scalar_t* Ap = A.mutable_data_ptr<scalar_t>();
     nd = reduce_partials<scalar_t>(g, x, [&](acc_t* pn, acc_t* pd, int64_t begin, int64_t end) {
       k.affinity_partials(g, xp, sp, Ap, static_cast<acc_t>(scale), pn, pd, begin, end);
-    });
+    }, normalise);
   });
   return {A, std::get<0>(nd), std::get<1>(nd)};
 }

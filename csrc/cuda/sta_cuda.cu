@@ -56,10 +56,10 @@ at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, in
 }
 
 Tensor3 affinity_aggregate_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
-                                double scale) {
+                                double scale, bool normalise) {
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   CudaRuntime rt;
-  return cuda::affinity_aggregate_impl(rt, x, s, h, w, scale);
+  return cuda::affinity_aggregate_impl(rt, x, s, h, w, scale, normalise);
 }
 
 }  // namespace stvit

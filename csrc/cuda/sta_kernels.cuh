@@ -449,6 +449,8 @@ struct ReduceParams {
   scalar_t* den = nullptr;
   int64_t B = 0;
   int C = 0, hh = 0, ww = 0, NC = 1, NT = 1, CW = 0;
+  // write num / (den + 1e-12) (the updated super tokens, divided in acc_t) instead of num
+  bool normalise = false;
 };
 
 template <typename scalar_t>
@@ -469,17 +471,23 @@ __global__ void __launch_bounds__(kMaxThreads) reduce_kernel(const ReduceParams<
     const int64_t b = cell / p.hh;
     const int T0 = v / p.NC;
     const int cv = v - T0 * p.NC;
-    acc_t sum = acc_t(0);
+    // the slots of column `col` (a channel, or C for den) that point at super token (u, v)
+    const auto slot_sum = [&](int col) {
+      acc_t sum = acc_t(0);
 #pragma unroll
-    for (int sr = 0; sr < 3; ++sr) {
-      const int ci = u + 1 - sr;  // source cell row: its slot row sr points at row ci + sr - 1 = u
-      if (ci < 0 || ci >= p.hh) continue;
-      const acc_t* row = p.ws + (b * p.hh + ci) * p.NT * tile_sz + c;
-      if (cv == 0 && T0 > 0) sum += row[(T0 - 1) * tile_sz + (sr * NCE + p.NC + 1) * p.CW];
-      sum += row[T0 * tile_sz + (sr * NCE + cv + 1) * p.CW];
-      if (cv == p.NC - 1 && T0 + 1 < p.NT) sum += row[(T0 + 1) * tile_sz + (sr * NCE) * p.CW];
-    }
+      for (int sr = 0; sr < 3; ++sr) {
+        const int ci = u + 1 - sr;  // source cell row: its slot row sr points at row ci + sr - 1 = u
+        if (ci < 0 || ci >= p.hh) continue;
+        const acc_t* row = p.ws + (b * p.hh + ci) * p.NT * tile_sz + col;
+        if (cv == 0 && T0 > 0) sum += row[(T0 - 1) * tile_sz + (sr * NCE + p.NC + 1) * p.CW];
+        sum += row[T0 * tile_sz + (sr * NCE + cv + 1) * p.CW];
+        if (cv == p.NC - 1 && T0 + 1 < p.NT) sum += row[(T0 + 1) * tile_sz + (sr * NCE) * p.CW];
+      }
+      return sum;
+    };
+    acc_t sum = slot_sum(c);
     if (c < p.C) {
+      if (p.normalise) sum = sum / (slot_sum(p.C) + acc_t(1e-12));
       p.num[((b * p.C + c) * p.hh + u) * p.ww + v] = static_cast<scalar_t>(sum);
     } else {
       p.den[(b * p.hh + u) * p.ww + v] = static_cast<scalar_t>(sum);

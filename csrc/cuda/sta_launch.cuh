@@ -84,10 +84,11 @@ at::Tensor workspace(const at::Tensor& like, int64_t B, int64_t hh, const Plan& 
   return at::empty({n}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
-// Adds the workspace slots into num [B, C, hh, ww] and den [B, 1, hh, ww].
+// Adds the workspace slots into num [B, C, hh, ww] and den [B, 1, hh, ww]; with `normalise`,
+// num / (den + 1e-12) goes into `num` instead.
 template <typename scalar_t, class RT>
 void launch_reduce(RT& rt, const at::Tensor& ws, at::Tensor& num, at::Tensor& den, int64_t B,
-                   int64_t C, int64_t hh, int64_t ww, const Plan& pl) {
+                   int64_t C, int64_t hh, int64_t ww, const Plan& pl, bool normalise = false) {
   using acc_t = at::opmath_type<scalar_t>;
   ReduceParams<scalar_t> r;
   r.ws = ws.data_ptr<acc_t>();
@@ -100,6 +101,7 @@ void launch_reduce(RT& rt, const at::Tensor& ws, at::Tensor& num, at::Tensor& de
   r.NC = pl.NC;
   r.NT = pl.NT;
   r.CW = pl.CW;
+  r.normalise = normalise;
   const int64_t total = B * hh * ww * (C + 1);
   const int threads = kMaxThreads;
   const int64_t blocks = imin<int64_t>((total + threads - 1) / threads, int64_t(1) << 20);
@@ -185,9 +187,11 @@ at::Tensor upsample_impl(RT& rt, const at::Tensor& s, const at::Tensor& A, int64
   return y;
 }
 
+// (A, num, den); with `normalise`, (A, num / (den + 1e-12), den): the updated super tokens.
 template <class RT>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_aggregate_impl(
-    RT& rt, const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale) {
+    RT& rt, const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale,
+    bool normalise = false) {
   constexpr const char* op = "stvit::affinity_aggregate (CUDA)";
   check_grid(op, x, "x", h, w);
   check_pair(op, x, "x", s, "s");
@@ -215,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_aggregate_impl(
     } else {
       rt.launch(cell_kernel<scalar_t, kFused, false>, blocks, pl.BS, pl.smem, p);
     }
-    launch_reduce<scalar_t>(rt, ws, num, den, B, C, hh, ww, pl);
+    launch_reduce<scalar_t>(rt, ws, num, den, B, C, hh, ww, pl, normalise);
   });
   return {A, num, den};
 }

@@ -62,8 +62,8 @@ std::tuple<at::Tensor, at::Tensor> aggregate(const at::Tensor& x, const at::Tens
 at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w, CFG) {
   RT; return stvit::cuda::upsample_impl(rt, s, A, h, w);
 }
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale, CFG) {
-  RT; return stvit::cuda::affinity_aggregate_impl(rt, x, s, h, w, scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale, bool normalise, CFG) {
+  RT; return stvit::cuda::affinity_aggregate_impl(rt, x, s, h, w, scale, normalise);
 }
 // the plan the production limits (48 KB soft, given opt-in) pick, for the report
 std::vector<int64_t> plan(int kind, int64_t C, int64_t h, int64_t w, int64_t ww, int acc, int sc, int64_t smem_max) {

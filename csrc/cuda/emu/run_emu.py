@@ -85,7 +85,7 @@ def run_case(B, C, H, W, h, w, dtype, cfg_name, order, seed):
         y2 = emu.upsample(sd, Ag, h, w, *cfg)
         ok &= check("upsample(signed A)", y2, ref.upsample(s64, Ag.double(), h, w), dtype, info)
     # fused
-    Af, nf, df = emu.affinity_aggregate(xd, sd, h, w, scale, *cfg)
+    Af, nf, df = emu.affinity_aggregate(xd, sd, h, w, scale, False, *cfg)
     Aa = emu.affinity(xd, sd, h, w, scale, True, *cfg)
     if not torch.equal(Af, Aa):
         print(f"FAIL fused A != affinity A {info}"); ok = False
@@ -94,6 +94,11 @@ def run_case(B, C, H, W, h, w, dtype, cfg_name, order, seed):
     nr, dr = ref.aggregate(x64, Af.double(), h, w)
     if C: ok &= check("fused.num", nf, nr, dtype, info)
     ok &= check("fused.den", df, dr, dtype, info)
+    # fused with the normalising reduction (associate): num / (den + 1e-12), den unchanged
+    An, sn, dn = emu.affinity_aggregate(xd, sd, h, w, scale, True, *cfg)
+    if not (torch.equal(An, Af) and torch.equal(dn, df)):
+        print(f"FAIL normalised fused A / den != fused {info}"); ok = False
+    if C: ok &= check("fused.normalised", sn, nr / (dr + 1e-12), dtype, info)
     return ok
 
 SHAPES = [  # (B, C, H, W, h, w)
@@ -141,7 +146,7 @@ def main():
     assert emu.affinity(x, s, 4, 4, 0.5, True, *cfg).shape == (0, 9, 8, 8)
     n, d = emu.aggregate(x, A, 4, 4, *cfg); assert n.shape == (0, 4, 2, 2) and d.shape == (0, 1, 2, 2)
     assert emu.upsample(s, A, 4, 4, *cfg).shape == (0, 4, 8, 8)
-    a, n, d = emu.affinity_aggregate(x, s, 4, 4, 0.5, *cfg); assert a.shape == (0, 9, 8, 8) and n.shape == (0, 4, 2, 2)
+    a, n, d = emu.affinity_aggregate(x, s, 4, 4, 0.5, True, *cfg); assert a.shape == (0, 9, 8, 8) and n.shape == (0, 4, 2, 2)
     print(f"{total - fails}/{total} cases passed, {time.time() - t0:.0f}s")
     sys.exit(1 if fails else 0)
 
