@@ -35,9 +35,9 @@ def load_error() -> Optional[str]:
         from . import _C  # noqa: F401  (registers the torch.ops.stvit ops)
     except ImportError as e:
         return f"stvit_kernels._C failed to load ({e}); rebuild it with `{REBUILD}`"
-    from ._library import compiled_prims
+    from ._library import compiled_kernels
 
-    compiled_prims()  # fake implementations and autograd formulas of the torch.ops.stvit ops
+    compiled_kernels()  # fake implementations of the torch.ops.stvit ops
     return None
 
 

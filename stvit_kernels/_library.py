@@ -1,67 +1,258 @@
-"""The fused STA primitives as ``torch.library`` custom ops in the namespace ``stvit``.
+"""The fused STA kernels as torch operators, and the autograd around them.
 
-Two kernel families implement the same four primitives (DESIGN §1)::
+Two kernel families implement the same raw (non-differentiable) operators (DESIGN §1)::
 
-    stvit::affinity(x, s, h, w, scale, softmax) -> A                  C++ (csrc/ops.cpp): the CPU
-    stvit::aggregate(x, A, h, w) -> (num, den)                        kernels and, when built, the
-    stvit::upsample(s, A, h, w) -> y                                  CUDA kernels, picked by the
-    stvit::affinity_aggregate(x, s, h, w, scale) -> (A, num, den)     dispatcher from the device
+    stvit::affinity(x, s, h, w, scale, softmax) -> A                      C++ (csrc/ops.cpp): the
+    stvit::aggregate(x, A, h, w) -> (num, den)                            CPU kernels and, when
+    stvit::upsample(s, A, h, w) -> y                                      built, the CUDA kernels,
+    stvit::affinity_aggregate(x, s, h, w, scale) -> (A, num, den)         picked by the dispatcher
+    stvit::pool(x, h, w) -> s                                             from the tensors' device
+    stvit::associate(x, s?, h, w, scale, n_iter) -> (stokens, A, den)
+    stvit::associate_backward(g, A, den, h, w) -> dx
 
-    stvit::triton_affinity, triton_aggregate, triton_upsample,        Python: the Triton kernels
-    triton_affinity_aggregate                                         (triton_kernels.py)
+    stvit::triton_affinity, triton_aggregate, triton_upsample,          Python (triton_kernels.py),
+    triton_affinity_aggregate                                           CUDA tensors only (and CPU
+                                                                        ones under the interpreter)
 
-and each family has one composite, the last association step of the STA module::
+``associate`` is the whole association stage of the STA module in one call: the initial super
+tokens (``avg_pool2d`` of ``x`` when ``s`` is None), ``n_iter`` fused affinity + aggregation passes
+whose reductions write ``num / (den + 1e-12)`` directly, and the final ``(stokens, A, den)``.
+``associate_backward`` is its gradient into ``x``: ``upsample(g / (den + 1e-12), A)``.
 
-    stvit::associate / stvit::triton_associate(x, s, h, w, scale) -> (stokens, A, den)
+The operators are declared with ``define`` + ``impl`` (C++ ``TORCH_LIBRARY`` or
+``torch.library.Library``) and a fake implementation (``register_fake``) for ``torch.compile``, but
+no autograd kernel: calling one from Python costs one dispatcher round trip. The autograd lives one
+level up, in one ``torch.autograd.Function`` per public op or module step (:class:`Affinity`,
+:class:`Aggregate`, :class:`Upsample`, :class:`AffinityAggregate`, :class:`Associate`), written once
+for every family in terms of the family's own raw operators (:class:`Kernels`), so that
 
-Every op allocates and returns its outputs, and gets here
+* affinity: ``dlogit = A * (g - sum_k A g)`` (just ``g`` for the logits);
+  ``dx = scale * upsample(s, dlogit)``, ``ds = scale * aggregate(x, dlogit).num``;
+* aggregation: ``dx = upsample(gnum, A)``, ``dA = logits(x, gnum) + gden[nbr]``;
+* upsampling: ``ds = aggregate(gy, A).num``, ``dA = logits(gy, s)``;
+* fused affinity + aggregation: the two above chained;
+* associate (``A`` and ``den`` are constants, as in the official model):
+  ``dx = associate_backward(g, A, den)``.
 
-* a fake implementation (``register_fake``: output shapes only), so that ``torch.compile`` and
-  ``FakeTensor`` trace through it without running a kernel;
-* its autograd formula (``register_autograd``), written once for both families in terms of the
-  family's own forward ops (the gradients of DESIGN §1):
-
-  - affinity: ``dlogit = A * (g - sum_k A g)`` (just ``g`` for the logits);
-    ``dx = scale * upsample(s, dlogit)``, ``ds = scale * aggregate(x, dlogit).num``;
-  - aggregation: ``dx = upsample(gnum, A)``, ``dA = logits(x, gnum) + gden[nbr]``;
-  - upsampling: ``ds = aggregate(gy, A).num``, ``dA = logits(gy, s)``;
-  - fused affinity + aggregation: the two above chained;
-  - associate (``A`` and ``den`` are constants, as in the official model):
-    ``dx = upsample(g / (den + 1e-12), A)``.
-
-  So the scatter-to-super-token terms of every backward are the aggregation kernel (a gather from
-  the super token's side or per-cell partials plus a fixed-order reduction: no atomics) and the
-  pixel-side terms are the upsampling and logit kernels.
-
-The reference backend needs none of this: plain autograd differentiates it, and
-:func:`reference_associate` is the same composite on the reference primitives.
+The scatter-to-super-token terms of every backward are the aggregation kernel (per-cell partials
+and a fixed-order reduction: no atomics) and the pixel-side terms the upsampling and logit kernels.
+A Function is only entered when a gradient is needed (:func:`needs_grad`); otherwise the raw
+operator is called directly. Measured on this project's CPU machine (``benchmarks/host_overhead.py``):
+an operator declared with ``define`` + ``impl`` costs ~3 µs per call from Python, the same
+operator as ``torch.library.custom_op`` ~23 µs (and more with ``register_autograd``), and
+``autograd.Function.apply`` adds ~5 µs.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple
+import os
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import reference as _ref
-from ._utils import EPS, accumulation_dtype
+from ._utils import accumulation_dtype, cast, normalise
 
 
-class Prims(NamedTuple):
-    """The ops of one kernel family (callables with the schemas above)."""
+class Kernels(NamedTuple):
+    """The raw (non-differentiable) operators of one kernel family. Tensors of one dtype and one
+    device, in any layout, already checked by the public functions."""
 
-    affinity: Callable
-    aggregate: Callable
-    upsample: Callable
-    affinity_aggregate: Callable
-    associate: Callable
+    name: str
+    affinity: Callable            # (x, s, h, w, scale, softmax) -> A
+    aggregate: Callable           # (x, A, h, w) -> (num, den)
+    upsample: Callable            # (s, A, h, w) -> y
+    affinity_aggregate: Callable  # (x, s, h, w, scale) -> (A, num, den)
+    pool: Callable                # (x, h, w) -> s, the mean of every cell
+    associate: Callable           # (x, s or None, h, w, scale, n_iter) -> (stokens, A, den)
+    associate_backward: Callable  # (g, A, den, h, w) -> dx
+
+
+#: Kernel families by name (the autograd Functions take the name, a constant under torch.compile).
+_FAMILIES: Dict[str, Kernels] = {}
+
+
+def register_family(kernels: Kernels) -> Kernels:
+    _FAMILIES[kernels.name] = kernels
+    return kernels
+
+
+def family(name: str) -> Kernels:
+    return _FAMILIES[name]
 
 
 # ------------------------------------------------------------------------------------------------
-# Shapes (the fake implementations)
+# Shared formulas
+# ------------------------------------------------------------------------------------------------
+
+def softmax_backward(A: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``A * (g - sum_k A * g)`` over the 9 neighbour slots (dim 1), in at least float32."""
+    acc = accumulation_dtype(A.dtype)
+    A32, g32 = cast(A, acc), cast(g, acc)
+    return cast(A32 * (g32 - (A32 * g32).sum(dim=1, keepdim=True)), A.dtype)
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd must record a call with these inputs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def composite_associate(affinity_aggregate: Callable, pool: Callable) -> Callable:
+    """``associate`` from a family's fused pass (for the families without a native one)."""
+
+    def associate(x, s, h, w, scale, n_iter):
+        s = pool(x, h, w) if s is None else s
+        for _ in range(n_iter - 1):
+            _, num, den = affinity_aggregate(x, s, h, w, scale)
+            s = normalise(num, den)
+        A, num, den = affinity_aggregate(x, s, h, w, scale)
+        return normalise(num, den), A, den
+    return associate
+
+
+def composite_associate_backward(upsample: Callable) -> Callable:
+    def associate_backward(g, A, den, h, w):
+        return upsample(normalise(g, den), A, h, w)
+    return associate_backward
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd: one Function per public op / module step, for every family
+# ------------------------------------------------------------------------------------------------
+
+def _sum(*terms):
+    """The sum of the terms that are not None (None if all are)."""
+    out = None
+    for t in terms:
+        if t is not None:
+            out = t if out is None else out + t
+    return out
+
+
+# The Functions do not materialise the gradients of unused outputs (``set_materialize_grads(False)``):
+# a None gradient skips its terms instead of costing a kernel on a tensor of zeros.
+
+class Affinity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fam, x, s, h, w, scale, softmax):
+        ctx.set_materialize_grads(False)
+        A = family(fam).affinity(x, s, h, w, scale, softmax)
+        ctx.save_for_backward(x, s, A if softmax else None)
+        ctx.args = (fam, h, w, scale)
+        return A
+
+    @staticmethod
+    def backward(ctx, gA):
+        if gA is None:
+            return (None,) * 7
+        x, s, A = ctx.saved_tensors
+        fam, h, w, scale = ctx.args
+        K = family(fam)
+        dlogit = gA if A is None else softmax_backward(A, gA)
+        dx = K.upsample(s, dlogit, h, w) * scale if ctx.needs_input_grad[1] else None
+        ds = K.aggregate(x, dlogit, h, w)[0] * scale if ctx.needs_input_grad[2] else None
+        return None, dx, ds, None, None, None, None
+
+
+class Aggregate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fam, x, A, h, w):
+        ctx.set_materialize_grads(False)
+        num, den = family(fam).aggregate(x, A, h, w)
+        ctx.save_for_backward(x, A)
+        ctx.args = (fam, h, w)
+        return num, den
+
+    @staticmethod
+    def backward(ctx, gnum, gden):
+        x, A = ctx.saved_tensors
+        fam, h, w = ctx.args
+        K = family(fam)
+        dx = dA = None
+        if ctx.needs_input_grad[1] and gnum is not None:
+            dx = K.upsample(gnum, A, h, w)
+        if ctx.needs_input_grad[2]:
+            dA = _sum(None if gnum is None else K.affinity(x, gnum, h, w, 1.0, False),
+                      None if gden is None else _ref.broadcast_neighbours(gden, h, w))
+        return None, dx, dA, None, None
+
+
+class Upsample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fam, s, A, h, w):
+        ctx.set_materialize_grads(False)
+        y = family(fam).upsample(s, A, h, w)
+        ctx.save_for_backward(s, A)
+        ctx.args = (fam, h, w)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        if gy is None:
+            return (None,) * 5
+        s, A = ctx.saved_tensors
+        fam, h, w = ctx.args
+        K = family(fam)
+        ds = K.aggregate(gy, A, h, w)[0] if ctx.needs_input_grad[1] else None
+        dA = K.affinity(gy, s, h, w, 1.0, False) if ctx.needs_input_grad[2] else None
+        return None, ds, dA, None, None
+
+
+class AffinityAggregate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fam, x, s, h, w, scale):
+        ctx.set_materialize_grads(False)
+        A, num, den = family(fam).affinity_aggregate(x, s, h, w, scale)
+        ctx.save_for_backward(x, s, A)
+        ctx.args = (fam, h, w, scale)
+        return A, num, den
+
+    @staticmethod
+    def backward(ctx, gA, gnum, gden):
+        x, s, A = ctx.saved_tensors
+        fam, h, w, scale = ctx.args
+        K = family(fam)
+        # (num, den) -> (x, A), then A -> (x, s)
+        gA = _sum(gA, None if gnum is None else K.affinity(x, gnum, h, w, 1.0, False),
+                  None if gden is None else _ref.broadcast_neighbours(gden, h, w))
+        dlogit = None if gA is None else softmax_backward(A, gA)
+        dx = ds = None
+        if ctx.needs_input_grad[1]:
+            dx = _sum(None if gnum is None else K.upsample(gnum, A, h, w),
+                      None if dlogit is None else K.upsample(s, dlogit, h, w) * scale)
+        if ctx.needs_input_grad[2] and dlogit is not None:
+            ds = K.aggregate(x, dlogit, h, w)[0] * scale
+        return None, dx, ds, None, None, None
+
+
+class Associate(torch.autograd.Function):
+    """``(stokens, A)`` of the association stage; the gradient flows into ``x`` through the final
+    ``num`` only (``A`` and ``den`` are constants, ``s`` gets none), as in the official model."""
+
+    @staticmethod
+    def forward(ctx, fam, x, s, h, w, scale, n_iter):
+        ctx.set_materialize_grads(False)
+        stokens, A, den = family(fam).associate(x, s, h, w, scale, n_iter)
+        ctx.save_for_backward(A, den)
+        ctx.args = (fam, h, w)
+        ctx.mark_non_differentiable(A)
+        return stokens, A
+
+    @staticmethod
+    def backward(ctx, g, _gA):
+        if g is None or not ctx.needs_input_grad[1]:
+            return (None,) * 7
+        A, den = ctx.saved_tensors
+        fam, h, w = ctx.args
+        return None, family(fam).associate_backward(g, A, den, h, w), None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake implementations (output shapes only) for torch.compile / FakeTensor / meta tensors
 # ------------------------------------------------------------------------------------------------
 
 def _check_fake(*tensors):
-    """What the C++ ops check first, for calls that reach a fake implementation (meta tensors,
+    """What the kernels check first, for calls that reach a fake implementation (meta tensors,
     tracing): one device and one dtype for all inputs."""
     first = tensors[0]
     for t in tensors[1:]:
@@ -74,6 +265,10 @@ def _check_fake(*tensors):
 def _fake_affinity(x, s, h, w, scale, softmax):
     _check_fake(x, s)
     return x.new_empty((x.shape[0], 9, x.shape[2], x.shape[3]))
+
+
+def _fake_pool(x, h, w):
+    return x.new_empty((x.shape[0], x.shape[1], x.shape[2] // h, x.shape[3] // w))
 
 
 def _fake_aggregate(x, A, h, w):
@@ -91,201 +286,73 @@ def _fake_affinity_aggregate(x, s, h, w, scale):
     return (_fake_affinity(x, s, h, w, scale, True),) + _fake_aggregate(x, s, h, w)
 
 
-def _fake_associate(x, s, h, w, scale):
+def _fake_associate(x, s, h, w, scale, n_iter):
+    if s is None:
+        s = _fake_pool(x, h, w)
     A, num, den = _fake_affinity_aggregate(x, s, h, w, scale)
     return num, A, den
 
 
-# ------------------------------------------------------------------------------------------------
-# Forward and backward formulas shared by the families (and the reference's associate)
-# ------------------------------------------------------------------------------------------------
-
-def _c(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take contiguous NCHW tensors (incoming gradients often are not)."""
-    return t.contiguous()
+def _fake_associate_backward(g, A, den, h, w):
+    _check_fake(g, A, den)
+    return g.new_empty((g.shape[0], g.shape[1], A.shape[2], A.shape[3]))
 
 
-def softmax_backward(A: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``A * (g - sum_k A * g)`` over the 9 neighbour slots (dim 1), in at least float32."""
-    acc = accumulation_dtype(A.dtype)
-    A32, g32 = A.to(acc), g.to(acc)
-    return (A32 * (g32 - (A32 * g32).sum(dim=1, keepdim=True))).to(A.dtype)
+FAKES = {
+    "affinity": _fake_affinity,
+    "aggregate": _fake_aggregate,
+    "upsample": _fake_upsample,
+    "affinity_aggregate": _fake_affinity_aggregate,
+    "pool": _fake_pool,
+    "associate": _fake_associate,
+    "associate_backward": _fake_associate_backward,
+}
 
-
-def associate_forward(affinity_aggregate: Callable, x, s, h, w, scale):
-    """``(num / (den + 1e-12), A, den)`` from one fused pass; the division in at least float32."""
-    A, num, den = affinity_aggregate(x, s, h, w, scale)
-    acc = accumulation_dtype(num.dtype)
-    return (num.to(acc) / (den.to(acc) + EPS)).to(num.dtype), A, den
-
-
-def associate_backward(upsample: Callable, g, A, den, h, w):
-    """``dx = upsample(g / (den + 1e-12), A)``: the gradient into ``x`` through ``num`` only."""
-    acc = accumulation_dtype(g.dtype)
-    gs = (g.to(acc) / (den.to(acc) + EPS)).to(g.dtype)
-    return upsample(_c(gs), A, h, w)
-
-
-def _register_formulas(qualname: Callable[[str], str], P: Prims) -> None:
-    """``register_fake`` and ``register_autograd`` for the five ops of the family ``P``."""
-
-    # affinity -----------------------------------------------------------------------------------
-    def affinity_setup(ctx, inputs, output):
-        x, s, h, w, scale, softmax = inputs
-        ctx.save_for_backward(x, s, output if softmax else None)
-        ctx.args = (h, w, scale)
-
-    def affinity_backward(ctx, gA):
-        x, s, A = ctx.saved_tensors
-        h, w, scale = ctx.args
-        dlogit = _c(gA if A is None else softmax_backward(A, gA))
-        dx = P.upsample(_c(s), dlogit, h, w) * scale if ctx.needs_input_grad[0] else None
-        ds = P.aggregate(_c(x), dlogit, h, w)[0] * scale if ctx.needs_input_grad[1] else None
-        return dx, ds, None, None, None, None
-
-    # aggregate ----------------------------------------------------------------------------------
-    def aggregate_setup(ctx, inputs, output):
-        x, A, h, w = inputs
-        ctx.save_for_backward(x, A)
-        ctx.args = (h, w)
-
-    def aggregate_backward(ctx, gnum, gden):
-        x, A = ctx.saved_tensors
-        h, w = ctx.args
-        dx = P.upsample(_c(gnum), _c(A), h, w) if ctx.needs_input_grad[0] else None
-        dA = None
-        if ctx.needs_input_grad[1]:
-            dA = P.affinity(_c(x), _c(gnum), h, w, 1.0, False) + _ref.broadcast_neighbours(gden, h, w)
-        return dx, dA, None, None
-
-    # upsample -----------------------------------------------------------------------------------
-    def upsample_setup(ctx, inputs, output):
-        s, A, h, w = inputs
-        ctx.save_for_backward(s, A)
-        ctx.args = (h, w)
-
-    def upsample_backward(ctx, gy):
-        s, A = ctx.saved_tensors
-        h, w = ctx.args
-        gy = _c(gy)
-        ds = P.aggregate(gy, _c(A), h, w)[0] if ctx.needs_input_grad[0] else None
-        dA = P.affinity(gy, _c(s), h, w, 1.0, False) if ctx.needs_input_grad[1] else None
-        return ds, dA, None, None
-
-    # affinity_aggregate -------------------------------------------------------------------------
-    def fused_setup(ctx, inputs, output):
-        x, s, h, w, scale = inputs
-        ctx.save_for_backward(x, s, output[0])
-        ctx.args = (h, w, scale)
-
-    def fused_backward(ctx, gA, gnum, gden):
-        x, s, A = ctx.saved_tensors
-        h, w, scale = ctx.args
-        x, s, gnum = _c(x), _c(s), _c(gnum)
-        # (num, den) -> (x, A), then A -> (x, s)
-        gA = gA + P.affinity(x, gnum, h, w, 1.0, False) + _ref.broadcast_neighbours(gden, h, w)
-        dlogit = _c(softmax_backward(A, gA))
-        dx = ds = None
-        if ctx.needs_input_grad[0]:
-            dx = P.upsample(gnum, A, h, w) + P.upsample(s, dlogit, h, w) * scale
-        if ctx.needs_input_grad[1]:
-            ds = P.aggregate(x, dlogit, h, w)[0] * scale
-        return dx, ds, None, None, None
-
-    # associate ----------------------------------------------------------------------------------
-    def associate_setup(ctx, inputs, output):
-        _, _, h, w, _ = inputs
-        _, A, den = output
-        ctx.save_for_backward(A, den)
-        ctx.args = (h, w)
-        ctx.mark_non_differentiable(A, den)
-
-    def associate_bwd(ctx, g, _gA, _gden):
-        A, den = ctx.saved_tensors
-        h, w = ctx.args
-        dx = associate_backward(P.upsample, g, A, den, h, w) if ctx.needs_input_grad[0] else None
-        return dx, None, None, None, None
-
-    table = (
-        ("affinity", _fake_affinity, affinity_setup, affinity_backward),
-        ("aggregate", _fake_aggregate, aggregate_setup, aggregate_backward),
-        ("upsample", _fake_upsample, upsample_setup, upsample_backward),
-        ("affinity_aggregate", _fake_affinity_aggregate, fused_setup, fused_backward),
-        ("associate", _fake_associate, associate_setup, associate_bwd),
-    )
-    for name, fake, setup, backward in table:
-        op = qualname(name)
-        torch.library.register_fake(op, fake)
-        torch.library.register_autograd(op, backward, setup_context=setup)
-
-
-# ------------------------------------------------------------------------------------------------
-# Defining a family
-# ------------------------------------------------------------------------------------------------
-
-#: Schemas of the primitives (the C++ ones are declared with the same text in csrc/ops.cpp).
+#: Schemas of the raw operators (the C++ ones are declared with the same text in csrc/ops.cpp).
 SCHEMAS = {
     "affinity": "(Tensor x, Tensor s, int h, int w, float scale, bool softmax) -> Tensor",
     "aggregate": "(Tensor x, Tensor A, int h, int w) -> (Tensor, Tensor)",
     "upsample": "(Tensor s, Tensor A, int h, int w) -> Tensor",
     "affinity_aggregate": "(Tensor x, Tensor s, int h, int w, float scale) -> (Tensor, Tensor, Tensor)",
-    "associate": "(Tensor x, Tensor s, int h, int w, float scale) -> (Tensor, Tensor, Tensor)",
+    "pool": "(Tensor x, int h, int w) -> Tensor",
+    "associate": "(Tensor x, Tensor? s, int h, int w, float scale, int n_iter) -> (Tensor, Tensor, Tensor)",
+    "associate_backward": "(Tensor g, Tensor A, Tensor den, int h, int w) -> Tensor",
 }
 
 
-def define_family(namespace: str, prefix: str, impls: Dict[str, Callable]) -> Prims:
-    """The family of ops ``{namespace}::{prefix}{name}``: defines those of ``impls`` (Python
-    implementations of the four primitives; ops already defined elsewhere, e.g. in C++, are left
-    out) and the composite ``associate`` on top of the family's ``affinity_aggregate``, then
-    registers fake implementations and autograd formulas for all five."""
-    for name, fn in impls.items():
-        torch.library.custom_op(f"{namespace}::{prefix}{name}", fn, mutates_args=(),
-                                schema=SCHEMAS[name])
+# ------------------------------------------------------------------------------------------------
+# The C++ family (csrc/ops.cpp)
+# ------------------------------------------------------------------------------------------------
 
-    def op(name):
-        return getattr(getattr(torch.ops, namespace), prefix + name).default
-
-    fused = op("affinity_aggregate")
-    torch.library.custom_op(
-        f"{namespace}::{prefix}associate",
-        lambda x, s, h, w, scale: associate_forward(fused, x, s, h, w, scale),
-        mutates_args=(), schema=SCHEMAS["associate"])
-    prims = Prims(*(op(name) for name in Prims._fields))
-    _register_formulas(lambda name: f"{namespace}::{prefix}{name}", prims)
-    return prims
+_COMPILED: Optional[Kernels] = None
 
 
-_compiled_prims = None
+def compiled_kernels() -> Kernels:
+    """The C++ family ``stvit::*`` (CPU and CUDA kernels of ``stvit_kernels._C``); call only once
+    the extension is loaded (:func:`stvit_kernels._ext.load_error` does, right after loading it)."""
+    global _COMPILED
+    if _COMPILED is None:
+        ops = torch.ops.stvit
+        for name, fake in FAKES.items():
+            torch.library.register_fake(f"stvit::{name}", fake)
+        _COMPILED = register_family(Kernels(
+            "stvit",
+            ops.affinity.default, ops.aggregate.default, ops.upsample.default,
+            ops.affinity_aggregate.default, ops.pool.default, ops.associate.default,
+            ops.associate_backward.default))
+    return _COMPILED
 
 
-def compiled_prims() -> Prims:
-    """The C++ family (CPU and CUDA kernels of ``stvit_kernels._C``); call only once the extension
-    is loaded (:func:`stvit_kernels._ext.load_error` does, right after loading it)."""
-    global _compiled_prims
-    if _compiled_prims is None:
-        _compiled_prims = define_family("stvit", "", {})
-        _register_pool("stvit::pool")
-    return _compiled_prims
+# ------------------------------------------------------------------------------------------------
+# The Triton family (stvit_kernels/triton_kernels.py)
+# ------------------------------------------------------------------------------------------------
 
+#: The Triton ops run on CUDA tensors, and on CPU tensors only under TRITON_INTERPRET (read once,
+#: as Triton does when its kernels are decorated).
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-def _register_pool(op: str) -> None:
-    """``pool(x, h, w)``: the mean of every ``h x w`` cell (``avg_pool2d``); its gradient spreads
-    ``g / (h * w)`` over the cell."""
-
-    def fake(x, h, w):
-        return x.new_empty((x.shape[0], x.shape[1], x.shape[2] // h, x.shape[3] // w))
-
-    def setup(ctx, inputs, output):
-        ctx.args = inputs[1:]
-
-    def backward(ctx, g):
-        h, w = ctx.args
-        B, C, hh, ww = g.shape
-        dx = (g / (h * w))[:, :, :, None, :, None].expand(B, C, hh, h, ww, w)
-        return dx.reshape(B, C, hh * h, ww * w), None, None
-
-    torch.library.register_fake(op, fake)
-    torch.library.register_autograd(op, backward, setup_context=setup)
+_TRITON_OPS = ("affinity", "aggregate", "upsample", "affinity_aggregate")
+_LIB = torch.library.Library("stvit", "FRAGMENT")
 
 
 def _triton_impl(name: str) -> Callable:
@@ -296,30 +363,48 @@ def _triton_impl(name: str) -> Callable:
     return impl
 
 
-#: The Triton family, ``stvit::triton_*`` (defined at import; triton is imported on the first call).
-TRITON = define_family("stvit", "triton_", {name: _triton_impl(name) for name in Prims._fields[:4]})
+def _triton_refuse(name: str) -> Callable:
+    def impl(*args):
+        raise ValueError(f"stvit::triton_{name} runs on CUDA tensors (or on CPU tensors when "
+                         f"TRITON_INTERPRET=1 is set before stvit_kernels is imported), got CPU "
+                         f"tensors")
+    return impl
+
+
+def _define_triton() -> Kernels:
+    for name in _TRITON_OPS:
+        _LIB.define(f"triton_{name}{SCHEMAS[name]}")
+        _LIB.impl(f"triton_{name}", _triton_impl(name), "CUDA")
+        _LIB.impl(f"triton_{name}", _triton_impl(name) if TRITON_INTERPRET else _triton_refuse(name),
+                  "CPU")
+        torch.library.register_fake(f"stvit::triton_{name}", FAKES[name])
+    ops = torch.ops.stvit
+    fused = ops.triton_affinity_aggregate.default
+    upsample = ops.triton_upsample.default
+
+    def pool(x, h, w):
+        return F.avg_pool2d(x, (h, w))
+
+    return register_family(Kernels(
+        "triton", ops.triton_affinity.default, ops.triton_aggregate.default, upsample, fused, pool,
+        composite_associate(fused, pool), composite_associate_backward(upsample)))
+
+
+#: The Triton family (defined at import; triton itself is imported by the first kernel call).
+TRITON = _define_triton()
 
 
 # ------------------------------------------------------------------------------------------------
-# The reference's associate: the same composite on the reference primitives, plain autograd
+# The reference as a family: the Functions' formulas checked on their own (tests)
 # ------------------------------------------------------------------------------------------------
 
-class _ReferenceAssociate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, s, h, w, scale):
-        stokens, A, den = associate_forward(_ref.affinity_aggregate, x, s, h, w, scale)
-        ctx.save_for_backward(A, den)
-        ctx.args = (h, w)
-        ctx.mark_non_differentiable(A, den)
-        return stokens, A, den
+def reference_kernels(name: str = "reference-kernels") -> Kernels:
+    """The reference primitives as a kernel family, to check the autograd Functions' formulas in
+    float64 apart from any kernel."""
+    def pool(x, h, w):
+        return F.avg_pool2d(x, (h, w))
 
-    @staticmethod
-    def backward(ctx, g, _gA, _gden):
-        A, den = ctx.saved_tensors
-        h, w = ctx.args
-        return associate_backward(_ref.upsample, g, A, den, h, w), None, None, None, None
-
-
-def reference_associate(x, s, h, w, scale):
-    """``(stokens, A, den)`` on the reference primitives, gradient into ``x`` through ``num``."""
-    return _ReferenceAssociate.apply(x, s, h, w, scale)
+    return register_family(Kernels(
+        name, _ref.affinity, _ref.aggregate, _ref.upsample, _ref.affinity_aggregate, pool,
+        composite_associate(_ref.affinity_aggregate, pool),
+        composite_associate_backward(_ref.upsample)))

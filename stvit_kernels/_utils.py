@@ -130,10 +130,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without a call when it already is. (An autograd Function must not return
+    the result of a no-op ``.to()``: torch 2.11's torch.compile then gives it a zero gradient.)"""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def normalise(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / (den + 1e-12)`` computed in at least float32 (1e-12 underflows in float16)."""
     acc = accumulation_dtype(num.dtype)
-    return (num.to(acc) / (den.to(acc) + EPS)).to(num.dtype)
+    return cast(cast(num, acc) / (cast(den, acc) + EPS), num.dtype)
 
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
@@ -150,5 +156,5 @@ def autocast_inputs(*tensors):
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
-                 for t in tensors)
+    return tuple(cast(t, dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE
+                 else t for t in tensors)

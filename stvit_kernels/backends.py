@@ -6,20 +6,22 @@ A backend is one small object with the same differentiable primitives::
     aggregate(x, A, h, w)                  -> num [B, C, hh, ww], den [B, 1, hh, ww]
     upsample(s, A, h, w)                   -> y [B, C, H, W]
     affinity_aggregate(x, s, h, w, scale)  -> A, num, den          (one pass over x)
-    associate(x, s, h, w, scale)           -> stokens, A           (the STA module's last step)
+    associate(x, s, h, w, scale, n_iter)   -> stokens, A           (the STA module's association
+                                                                    stage; s None: avg-pooled x)
+    pool(x, h, w)                          -> s                    (the mean of every cell)
 
 and two predicates that say *why* it cannot run: :meth:`Backend.unavailable_reason` (not usable in
 this process at all) and :meth:`Backend.decline_reason` (cannot take these tensors). A fused
-backend is one family of ``torch.library`` custom ops (:mod:`stvit_kernels._library`), whose
-autograd formulas are written once for every family in terms of its own forward ops; the reference
-is plain PyTorch. Inputs reach a backend already validated (shapes, dtypes, devices).
+backend is one kernel family of raw operators (:class:`stvit_kernels._library.Kernels`) wrapped in
+the autograd Functions of :mod:`stvit_kernels._library`, entered only when a gradient is needed;
+the reference is plain PyTorch, differentiated by autograd. Inputs reach a backend already
+validated (shapes, dtypes, devices).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import logging
-import os
 import threading
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -28,18 +30,15 @@ import torch.nn.functional as F
 
 from . import _library as _lib
 from . import reference as _ref
-from ._library import Prims
+from ._library import Kernels, needs_grad
 
 logger = logging.getLogger("stvit_kernels")
 
 
 class Backend:
-    """Base class: a name, two predicates and the primitives. A fused backend is one family of
-    custom ops (:class:`stvit_kernels._library.Prims`), which carry their own autograd formulas."""
+    """Base class: a name, two predicates and the primitives."""
 
     name: str = "?"
-    #: The kernels of this backend take contiguous NCHW tensors only.
-    needs_contiguous: bool = True
 
     def unavailable_reason(self) -> Optional[str]:
         """None if this backend can run in this process, else why not. Probed once, when
@@ -51,37 +50,10 @@ class Backend:
     def _probe(self) -> Optional[str]:
         return None
 
-    def decline_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-        """None if this backend takes tensors of this device and dtype, else why not."""
+    def decline_reason(self, device: torch.device) -> Optional[str]:
+        """None if this backend takes tensors of this device, else why not (a backend takes or
+        declines a whole device type, whatever the dtype: the kernels take every float dtype)."""
         return None
-
-    def prims(self) -> Prims:
-        raise NotImplementedError
-
-    def _c(self, t: torch.Tensor) -> torch.Tensor:
-        return t.contiguous() if self.needs_contiguous else t
-
-    def affinity(self, x, s, h, w, scale, softmax=True):
-        return self.prims().affinity(self._c(x), self._c(s), h, w, scale, softmax)
-
-    def aggregate(self, x, A, h, w):
-        return tuple(self.prims().aggregate(self._c(x), self._c(A), h, w))
-
-    def upsample(self, s, A, h, w):
-        return self.prims().upsample(self._c(s), self._c(A), h, w)
-
-    def affinity_aggregate(self, x, s, h, w, scale):
-        return tuple(self.prims().affinity_aggregate(self._c(x), self._c(s), h, w, scale))
-
-    def pool(self, x, h, w):
-        """The mean of every ``h x w`` cell: the module's initial super tokens."""
-        return F.avg_pool2d(x, (h, w))
-
-    def associate(self, x, s, h, w, scale):
-        """Last association step of STA: ``(num / (den + 1e-12), A)`` from one fused pass, the
-        gradient flowing into ``x`` through ``num`` only (``A`` is returned non-differentiable)."""
-        stokens, A, _ = self.prims().associate(self._c(x), self._c(s), h, w, scale)
-        return stokens, A
 
     def __repr__(self) -> str:
         return f"<stvit_kernels backend {self.name!r}>"
@@ -89,29 +61,93 @@ class Backend:
 
 class ReferenceBackend(Backend):
     """Pure PyTorch (:mod:`stvit_kernels.reference`): any device, any floating dtype; plain
-    autograd differentiates it."""
+    autograd differentiates it. It computes in its inputs' dtype, with autocast off inside (the
+    public functions have already cast the inputs as autocast would), like the fused kernels."""
 
     name = "reference"
-    needs_contiguous = False
+
+    @staticmethod
+    def _no_autocast(t: torch.Tensor):
+        return torch.autocast(t.device.type, enabled=False)
 
     def affinity(self, x, s, h, w, scale, softmax=True):
-        return _ref.affinity(x, s, h, w, scale, softmax)
+        with self._no_autocast(x):
+            return _ref.affinity(x, s, h, w, scale, softmax)
 
     def aggregate(self, x, A, h, w):
-        return _ref.aggregate(x, A, h, w)
+        with self._no_autocast(x):
+            return _ref.aggregate(x, A, h, w)
 
     def upsample(self, s, A, h, w):
-        return _ref.upsample(s, A, h, w)
+        with self._no_autocast(s):
+            return _ref.upsample(s, A, h, w)
 
     def affinity_aggregate(self, x, s, h, w, scale):
-        return _ref.affinity_aggregate(x, s, h, w, scale)
+        with self._no_autocast(x):
+            return _ref.affinity_aggregate(x, s, h, w, scale)
 
-    def associate(self, x, s, h, w, scale):
-        stokens, A, _ = _lib.reference_associate(x, s, h, w, scale)
+    def pool(self, x, h, w):
+        return F.avg_pool2d(x, (h, w))
+
+    def associate(self, x, s, h, w, scale, n_iter):
+        """The official semantics with plain autograd: the association without gradient, then the
+        final aggregation from the constant ``A``, divided by the constant ``den``."""
+        with self._no_autocast(x):
+            with torch.no_grad():
+                s = self.pool(x, h, w) if s is None else s.detach()
+                for _ in range(n_iter - 1):
+                    _, num, den = _ref.affinity_aggregate(x, s, h, w, scale)
+                    s = _lib.normalise(num, den)
+                A = _ref.affinity(x, s, h, w, scale)
+            num, den = _ref.aggregate(x, A, h, w)
+            return _lib.normalise(num, den), A
+
+
+class FusedBackend(Backend):
+    """A kernel family (:class:`stvit_kernels._library.Kernels`): the raw operators when no
+    gradient is needed, else the autograd Functions of :mod:`stvit_kernels._library`. The raw
+    operators take any layout (the C++ ones copy other layouts to contiguous NCHW, the Triton ones
+    read through the strides)."""
+
+    def kernels(self) -> Kernels:
+        raise NotImplementedError
+
+    def affinity(self, x, s, h, w, scale, softmax=True):
+        K = self.kernels()
+        if needs_grad(x, s):
+            return _lib.Affinity.apply(K.name, x, s, h, w, scale, softmax)
+        return K.affinity(x, s, h, w, scale, softmax)
+
+    def aggregate(self, x, A, h, w):
+        K = self.kernels()
+        if needs_grad(x, A):
+            return _lib.Aggregate.apply(K.name, x, A, h, w)
+        return tuple(K.aggregate(x, A, h, w))
+
+    def upsample(self, s, A, h, w):
+        K = self.kernels()
+        if needs_grad(s, A):
+            return _lib.Upsample.apply(K.name, s, A, h, w)
+        return K.upsample(s, A, h, w)
+
+    def affinity_aggregate(self, x, s, h, w, scale):
+        K = self.kernels()
+        if needs_grad(x, s):
+            return _lib.AffinityAggregate.apply(K.name, x, s, h, w, scale)
+        return tuple(K.affinity_aggregate(x, s, h, w, scale))
+
+    def pool(self, x, h, w):
+        return self.kernels().pool(x, h, w)
+
+    def associate(self, x, s, h, w, scale, n_iter):
+        K = self.kernels()
+        if needs_grad(x):
+            return _lib.Associate.apply(K.name, x, s, h, w, scale, n_iter)
+        stokens, A, _ = K.associate(x, s, h, w, scale, n_iter)
         return stokens, A
 
 
-class CompiledBackend(Backend):
+class CompiledBackend(FusedBackend):
     """The C++/CUDA extension ``stvit_kernels._C``: ops ``torch.ops.stvit.*`` that PyTorch's
     dispatcher routes to the CPU or the CUDA kernels by the tensors' device."""
 
@@ -133,48 +169,41 @@ class CompiledBackend(Backend):
                 return "no CUDA device is available (torch.cuda.is_available() is False)"
         return None
 
-    def decline_reason(self, device, dtype):
+    def decline_reason(self, device):
         if device.type != self.device_type:
             return f"runs on {self.device_type} tensors only, got a {device.type} tensor"
         return None
 
-    def prims(self) -> Prims:
-        return _lib.compiled_prims()
-
-    def pool(self, x, h, w):
-        return torch.ops.stvit.pool.default(x.contiguous(), h, w)
+    def kernels(self) -> Kernels:
+        return _lib.compiled_kernels()
 
 
-class TritonBackend(Backend):
+class TritonBackend(FusedBackend):
     """Triton kernels (:mod:`stvit_kernels.triton_kernels`, as the ``stvit::triton_*`` ops): CUDA
     tensors, or CPU tensors when the Triton interpreter is on (``TRITON_INTERPRET=1``, how CI runs
-    them). The kernels take any strides."""
+    them)."""
 
     name = "triton"
-    needs_contiguous = False
 
     def _probe(self) -> Optional[str]:
         # found, not imported: triton is imported by the first kernel call
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
-        if not torch.cuda.is_available() and not _TRITON_INTERPRET:
+        if not torch.cuda.is_available() and not _lib.TRITON_INTERPRET:
             return "no CUDA device is available and TRITON_INTERPRET is not set"
         return None
 
-    def decline_reason(self, device, dtype):
+    def decline_reason(self, device):
         if device.type == "cuda":
             return None
-        if device.type == "cpu" and _TRITON_INTERPRET:
+        if device.type == "cpu" and _lib.TRITON_INTERPRET:
             return None
         return (f"runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
                 f"got a {device.type} tensor")
 
-    def prims(self) -> Prims:
+    def kernels(self) -> Kernels:
         return _lib.TRITON
 
-
-#: Triton reads TRITON_INTERPRET once, when its kernels are decorated; so does this module.
-_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 #: Backend name -> why it cannot run in this process (None: it can); see Backend.unavailable_reason.
 _UNAVAILABLE: Dict[str, Optional[str]] = {}
@@ -262,7 +291,7 @@ def explain(x: torch.Tensor, backend: Optional[str] = None) -> str:
         order = list(_auto_candidates(x.device))
         for cand in order:
             b = _BACKENDS[cand]
-            reason = b.unavailable_reason() or b.decline_reason(x.device, x.dtype)
+            reason = b.unavailable_reason() or b.decline_reason(x.device)
             if reason is None and chosen is None:
                 chosen = cand
                 lines.append(f"  {cand}: chosen")
@@ -276,30 +305,44 @@ def explain(x: torch.Tensor, backend: Optional[str] = None) -> str:
         head = f"auto on a {x.device.type} {x.dtype} tensor -> {chosen}"
     else:
         b = get_backend(name)
-        reason = b.unavailable_reason() or b.decline_reason(x.device, x.dtype)
+        reason = b.unavailable_reason() or b.decline_reason(x.device)
         chosen = name if reason is None else None
         head = f"forced {name!r} on a {x.device.type} {x.dtype} tensor -> " + (
             name if reason is None else f"error ({reason})")
     return "\n".join([head] + lines)
 
 
+def _resolve_uncached(name: str, device: torch.device) -> Backend:
+    if name != "auto":
+        b = get_backend(name)
+        _require_available(b)
+        reason = b.decline_reason(device)
+        if reason is not None:
+            raise ValueError(f"backend {name!r} cannot run this call: {reason}")
+        return b
+    for cand in _auto_candidates(device):
+        b = _BACKENDS[cand]
+        if (b.unavailable_reason() or b.decline_reason(device)) is None:
+            return b
+    raise AssertionError("unreachable: the reference backend takes every tensor")
+
+
+#: (name or "auto", device type) -> the backend resolve() returns: availability is probed once at
+#: import and a backend takes or declines a whole device type, so the answer never changes.
+_RESOLVED: Dict[tuple, Backend] = {}
+
+
 def resolve(x: torch.Tensor, backend: Optional[str] = None) -> Backend:
     """The backend to run for tensors like ``x``: ``backend`` if given, else the one set by
     :func:`use_backend`, else ``auto``. A forced backend that cannot run raises ``ValueError``
     (never a silent fallback)."""
-    name = backend or current_backend_name()
-    if name != "auto":
-        b = get_backend(name)
-        _require_available(b)
-        reason = b.decline_reason(x.device, x.dtype)
-        if reason is not None:
-            raise ValueError(f"backend {name!r} cannot run this call: {reason}")
-        return b
-    for cand in _auto_candidates(x.device):
-        b = _BACKENDS[cand]
-        reason = b.unavailable_reason() or b.decline_reason(x.device, x.dtype)
-        if reason is None:
-            if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
-                logger.debug("%s", explain(x, "auto"))
-            return b
-    raise AssertionError("unreachable: the reference backend takes every tensor")
+    name = backend or getattr(_state, "name", "auto")
+    if torch.compiler.is_compiling():  # traced once; a cache dict would only add guards
+        return _resolve_uncached(name, x.device)
+    key = (name, x.device.type)
+    b = _RESOLVED.get(key)
+    if b is None:
+        b = _RESOLVED[key] = _resolve_uncached(name, x.device)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("%s", explain(x, name))
+    return b

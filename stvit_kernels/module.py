@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._utils import StokenSize, check_n_iter, pair
-from .ops import associate, initial_stokens, stoken_upsample
+from ._utils import StokenSize, autocast_inputs, cast, check_n_iter, pair
+from .backends import resolve
 
 #: Buffers of the official module that this one computes implicitly (identity kernels of its
 #: unfold / fold convolutions); dropped when loading an official state dict.
@@ -19,8 +19,11 @@ class RefineAttention(nn.Module):
     """Multi-head self-attention over the tokens of a ``[B, C, H, W]`` map, parameter-compatible
     with the official ``Attention`` (``qkv`` and ``proj`` are 1x1 convolutions).
 
-    The ``qkv`` output is read as ``[B, heads, 3 * head_dim, N]`` and split into q, k, v inside each
-    head (the official channel order), then runs ``F.scaled_dot_product_attention``.
+    The ``qkv`` output channels are read as ``[heads, 3, head_dim]`` (q, k, v inside each head: the
+    official channel order). The 1x1 convolutions run as matrix products on the token-major view
+    ``[B, N, C]``, so q, k and v come out as strided views with unit stride along ``head_dim`` and
+    16-byte aligned rows, a layout the fused kernels of ``F.scaled_dot_product_attention`` (flash,
+    memory-efficient) accept as it is, for any number of tokens ``N`` (one included).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
@@ -40,12 +43,15 @@ class RefineAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        qkv = self.qkv(x).reshape(B, self.num_heads, 3 * (C // self.num_heads), H * W)
-        q, k, v = (t.transpose(-1, -2) for t in qkv.chunk(3, dim=2))  # [B, heads, N, head_dim]
+        N, heads = H * W, self.num_heads
+        tokens = x.flatten(2).transpose(1, 2)                                   # [B, N, C] view
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)       # [B, N, 3C]
+        q, k, v = qkv.unflatten(2, (heads, 3, C // heads)).permute(3, 0, 2, 1, 4)  # [B, heads, N, hd]
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_drop_p if self.training else 0.0, scale=self.scale)
-        out = out.transpose(-1, -2).reshape(B, C, H, W)
-        return self.proj_drop(self.proj(out))
+        out = F.linear(out.transpose(1, 2).flatten(2), self.proj.weight.flatten(1), self.proj.bias)
+        out = out.transpose(1, 2).unflatten(2, (H, W))                          # [B, C, H, W] view
+        return self.proj_drop(out) if self.training and self.proj_drop.p > 0 else out
 
 
 class SuperTokenAttention(nn.Module):
@@ -109,7 +115,10 @@ class SuperTokenAttention(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"SuperTokenAttention(dim={self.dim}) expects x of shape "
                              f"[B, {self.dim}, H, W], got x.shape={shape}")
-        if self.refine and x.is_floating_point() and not torch.is_autocast_enabled(x.device.type):
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got x.dtype={x.dtype}")
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if self.refine and not autocast:
             weight = self.stoken_refine.proj.weight if self.refine_attention else self.stoken_refine[0].weight
             if x.dtype != weight.dtype:
                 raise TypeError(f"SuperTokenAttention has {weight.dtype} parameters but got "
@@ -119,15 +128,18 @@ class SuperTokenAttention(nn.Module):
         if (h, w) == (1, 1):
             return self._refine(x)
         B, C, H0, W0 = x.shape
+        if H0 == 0 or W0 == 0:
+            raise ValueError(f"x must have a non-empty image, got x.shape={tuple(x.shape)}")
         pad_r, pad_b = (w - W0 % w) % w, (h - H0 % h) % h
         if pad_r or pad_b:
             x = F.pad(x, (0, pad_r, 0, pad_b))
-        s0 = initial_stokens(x.detach(), (h, w), backend=self.backend)
-        s, A = associate(x, s0, (h, w), self.n_iter, self.scale, backend=self.backend)
-        # under autocast the refine may return a lower precision than the association: upsample in
-        # the association's dtype
-        s = self._refine(s).to(A.dtype)
-        y = stoken_upsample(s, A, (h, w), backend=self.backend)
+        if autocast:
+            (x,) = autocast_inputs(x)
+        be = resolve(x, self.backend)
+        s, A = be.associate(x, None, h, w, self.scale, self.n_iter)
+        # under autocast the refine may return another precision than the association's
+        s = cast(self._refine(s), A.dtype)
+        y = be.upsample(s, A, h, w)
         if pad_r or pad_b:
             y = y[:, :, :H0, :W0]
         return y

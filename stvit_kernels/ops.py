@@ -2,9 +2,9 @@
 
 Every public function validates its arguments here (``ValueError`` / ``TypeError`` naming the
 offending shapes), picks a backend (:func:`stvit_kernels.backends.resolve`) and calls its
-primitive. The primitives are differentiable: the fused backends are ``torch.library`` custom ops
-whose autograd formulas (DESIGN §1 gradients, written once for every kernel family) live in
-:mod:`stvit_kernels._library`; the reference backend is differentiated by plain autograd.
+primitive. The primitives are differentiable: on the fused backends through the autograd Functions
+of :mod:`stvit_kernels._library` (DESIGN §1 gradients, written once for every kernel family, in
+terms of the family's raw operators); the reference backend is differentiated by plain autograd.
 
 Under ``torch.autocast`` the ops behave like ``matmul``: their float32 / float16 / bfloat16 inputs
 run in the autocast dtype (float64 stays float64), the kernels accumulate in float32 and the super
@@ -15,9 +15,11 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
+from ._library import needs_grad
 from ._utils import (StokenSize, _check_tensor, autocast_inputs, check_affinity, check_n_iter,
-                     check_pixels_stokens, check_same, default_scale, grid_of, normalise, pair)
+                     check_pixels_stokens, check_same, default_scale, grid_of, pair)
 from .backends import resolve
 
 
@@ -121,39 +123,43 @@ def _check_stokens_affinity(s, A, size):
 def initial_stokens(x: torch.Tensor, stoken_size: StokenSize, *,
                     backend: Optional[str] = None) -> torch.Tensor:
     """``avg_pool2d(x, stoken_size)``, the super tokens STA starts from, on the backend's kernel
-    (the ``cpu`` backend has its own single-pass one). ``H``, ``W`` multiples of the size."""
+    (the ``cpu`` backend has its own single-pass one; a differentiable ``avg_pool2d`` when ``x``
+    needs a gradient). ``H``, ``W`` multiples of the size."""
     size = pair(stoken_size)
     _check_tensor("x", x)
     grid_of(x, size, "x")
+    if needs_grad(x):
+        return F.avg_pool2d(x, size)
     return resolve(x, backend).pool(x, size[0], size[1])
 
 
-def associate(x: torch.Tensor, stokens: torch.Tensor, stoken_size: StokenSize, n_iter: int = 1,
-              scale: Optional[float] = None, *, backend: Optional[str] = None
+def associate(x: torch.Tensor, stokens: Optional[torch.Tensor], stoken_size: StokenSize,
+              n_iter: int = 1, scale: Optional[float] = None, *, backend: Optional[str] = None
               ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The association stage of STA (DESIGN §1 steps 4-7), as the official model runs it.
+    """The association stage of STA (DESIGN §1 steps 2, 4-7), as the official model runs it.
 
-    Starting from ``stokens``, ``n_iter - 1`` fused affinity + aggregation passes update the super
-    tokens without gradient; the last pass computes the final association ``A`` and the super tokens
-    ``num / (den + 1e-12)`` with the gradient flowing into ``x`` through ``num`` only.
+    Starting from ``stokens`` (or, when it is None, the average-pooled ``x``), ``n_iter - 1`` fused
+    affinity + aggregation passes update the super tokens without gradient; the last pass computes
+    the final association ``A`` and the super tokens ``num / (den + 1e-12)`` with the gradient
+    flowing into ``x`` through ``num`` only.
 
     Args:
         x: ``[B, C, H, W]``, ``H % h == 0`` and ``W % w == 0``.
-        stokens: ``[B, C, H/h, W/w]`` initial super tokens (usually ``avg_pool2d(x, (h, w))``).
+        stokens: ``[B, C, H/h, W/w]`` initial super tokens (no gradient flows into them), or None
+            for ``avg_pool2d(x, (h, w))``.
         n_iter: number of association iterations, >= 1.
 
     Returns:
         ``stokens [B, C, H/h, W/w]`` (differentiable w.r.t. ``x``) and ``A [B, 9, H, W]`` (constant).
     """
     size = pair(stoken_size)
-    x, stokens = autocast_inputs(x, stokens)
-    check_pixels_stokens(x, "x", stokens, "stokens", size)
+    if stokens is None:
+        (x,) = autocast_inputs(x)
+        _check_tensor("x", x)
+        grid_of(x, size, "x")
+    else:
+        x, stokens = autocast_inputs(x, stokens)
+        check_pixels_stokens(x, "x", stokens, "stokens", size)
     check_n_iter(n_iter)
     scale = default_scale(x.shape[1], scale)
-    be = resolve(x, backend)
-    s = stokens.detach()
-    with torch.no_grad():
-        for _ in range(n_iter - 1):
-            _, num, den = be.affinity_aggregate(x, s, size[0], size[1], scale)
-            s = normalise(num, den)
-    return be.associate(x, s, size[0], size[1], scale)
+    return resolve(x, backend).associate(x, stokens, size[0], size[1], scale, n_iter)

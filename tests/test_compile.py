@@ -1,8 +1,9 @@
 """torch.library registration and torch.compile.
 
-* ``torch.library.opcheck`` on every registered op of every kernel family that can run here
-  (schema, fake implementation vs real outputs, autograd registration, AOT dispatch with static and
-  dynamic shapes);
+* ``torch.library.opcheck`` on every raw operator of every kernel family that can run here
+  (schema, fake implementation vs real outputs, AOT dispatch with static and dynamic shapes). The
+  raw operators are not differentiable (the autograd Functions of ``stvit_kernels._library`` are):
+  they are checked without gradients;
 * ``torch.compile(fullgraph=True)`` of ``SuperTokenAttention`` (every backend) and ``stvit_small``:
   no graph break, no recompilation on a second call of the same shape, the same forward and
   backward results as eager.
@@ -15,17 +16,20 @@ import torch
 import stvit
 import stvit_kernels as sk
 from stvit_kernels import _library
-from stvit_kernels.backends import get_backend
 
-from .utils import TOL, make_inputs, seed_for
+from .utils import TOL, device_for, make_inputs, seed_for
 
 
 def _families():
+    """(kernel family, device) for each family that can run here."""
     out = []
     if "cpu" in sk.available_backends():
-        out.append(pytest.param(lambda: _library.compiled_prims(), id="stvit"))
+        out.append(pytest.param(lambda: _library.compiled_kernels(), "cpu", id="stvit-cpu"))
+    if "cuda" in sk.available_backends():
+        out.append(pytest.param(lambda: _library.compiled_kernels(), "cuda", id="stvit-cuda",
+                                marks=pytest.mark.cuda))
     if "triton" in sk.available_backends():
-        out.append(pytest.param(lambda: _library.TRITON, id="stvit-triton"))
+        out.append(pytest.param(lambda: _library.TRITON, device_for("triton"), id="triton"))
     return out
 
 
@@ -36,32 +40,39 @@ OPCHECK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("family", _families())
+@pytest.mark.parametrize("family,device", _families())
 @pytest.mark.parametrize("B,C,H,W,h,w,dtype", OPCHECK_CASES)
-@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
-def test_opcheck(family, B, C, H, W, h, w, dtype, requires_grad):
-    P = family()
-    t = make_inputs(B, C, H, W, h, w, dtype=dtype, seed=seed_for("opcheck", B, C, H, W, dtype))
-    x, s, A = (t[k].requires_grad_(requires_grad) for k in ("x", "s", "A"))
+def test_opcheck(family, device, B, C, H, W, h, w, dtype):
+    K = family()
+    t = make_inputs(B, C, H, W, h, w, dtype=dtype, device=device,
+                    seed=seed_for("opcheck", B, C, H, W, dtype))
+    x, s, A, gnum = t["x"], t["s"], t["A"], t["gnum"]
+    den = t["gden"].abs()
     scale = C ** -0.5
     samples = {
         "affinity": [(x, s, h, w, scale, True), (x, s, h, w, scale, False)],
         "aggregate": [(x, A, h, w)],
         "upsample": [(s, A, h, w)],
         "affinity_aggregate": [(x, s, h, w, scale)],
-        "associate": [(x, s, h, w, scale)],
+        "pool": [(x, h, w)],
+        "associate": [(x, s, h, w, scale, 1), (x, None, h, w, scale, 2)],
+        "associate_backward": [(gnum, A, den, h, w)],
     }
-    assert set(samples) == set(_library.Prims._fields)
+    assert set(samples) == set(_library.Kernels._fields[1:])
     for name, args_list in samples.items():
+        op = getattr(K, name)
+        if not isinstance(op, torch._ops.OpOverload):  # a Python composite of the family's ops
+            continue
         for args in args_list:
-            torch.library.opcheck(getattr(P, name), args)
+            torch.library.opcheck(op, args)
 
 
 def _module_case(backend, n_iter=2):
     torch.manual_seed(seed_for("compile-module", backend))
-    m = sk.SuperTokenAttention(16, (4, 3), n_iter=n_iter, num_heads=2, backend=backend)
+    dev = device_for(backend)
+    m = sk.SuperTokenAttention(16, (4, 3), n_iter=n_iter, num_heads=2, backend=backend).to(dev)
     # 14x17 is padded to 16x18 inside: the pad / crop are traced too
-    return m, [torch.randn(2, 16, 14, 17, requires_grad=True) for _ in range(2)]
+    return m, [torch.randn(2, 16, 14, 17, device=dev, requires_grad=True) for _ in range(2)]
 
 
 def _fwd_bwd(fn, x, g):
@@ -71,7 +82,7 @@ def _fwd_bwd(fn, x, g):
 
 
 def _check_compiled_matches_eager(module, inputs, compiled, tol):
-    g = torch.randn(inputs[0].shape)
+    g = torch.randn(inputs[0].shape, device=inputs[0].device)
     with torch._dynamo.config.patch(error_on_recompile=False):
         y, gx = _fwd_bwd(compiled, inputs[0], g)
     # the second call of the same shape must reuse the graph
@@ -83,10 +94,10 @@ def _check_compiled_matches_eager(module, inputs, compiled, tol):
         torch.testing.assert_close(gc, gxe, **tol)
 
 
-@pytest.mark.parametrize("backend", sorted(set(sk.available_backends()) - {"cuda"}))
+@pytest.mark.parametrize("backend", sk.available_backends())
 def test_compile_module_fullgraph(backend):
     """Dynamo captures the module in one graph with every backend (AOTAutograd traces the
-    backward through the custom ops' fake implementations and autograd formulas)."""
+    backward through the autograd Functions and the raw operators' fake implementations)."""
     torch._dynamo.reset()
     module, inputs = _module_case(backend)
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
@@ -101,13 +112,11 @@ def test_compile_module_inductor():
     _check_compiled_matches_eager(module, inputs, compiled, dict(rtol=1e-4, atol=1e-5))
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", sk.available_backends())
 def test_compile_ops_fullgraph(backend):
     """The three public ops composed by hand, full backward, under torch.compile."""
-    if backend not in sk.available_backends():
-        pytest.skip(f"{backend}: {get_backend(backend).unavailable_reason()}")
     torch._dynamo.reset()
-    t = make_inputs(2, 6, 9, 10, 3, 5, seed=seed_for("compile-ops", backend))
+    t = make_inputs(2, 6, 9, 10, 3, 5, device=device_for(backend), seed=seed_for("compile-ops", backend))
     x, s = t["x"].requires_grad_(), t["s"].requires_grad_()
 
     def fn(x, s):
@@ -125,14 +134,18 @@ def test_compile_ops_fullgraph(backend):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
-def test_compile_stvit_small_train_step():
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_stvit_small_train_step(device):
     """stvit_small, training mode, forward + backward in one captured graph, the same outputs and
     parameter gradients as eager; no recompilation on the second step."""
     torch._dynamo.reset()
     torch.manual_seed(seed_for("compile-stvit-small"))
-    model = stvit.stvit_small(num_classes=10, drop_path_rate=0.0).train()  # deterministic
+    model = stvit.stvit_small(num_classes=10, drop_path_rate=0.0).to(device).train()  # deterministic
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64, device=device)
 
     def step(fn):
         model.zero_grad()

@@ -6,7 +6,11 @@ tests/test_dispatch.py checks the basic messages through ``stoken_affinity`` wit
 backend and tests/test_module.py the module's constructor checks; this file covers every public
 function, every backend and the remaining mismatches.
 """
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -14,11 +18,9 @@ import torch
 import stvit_kernels as sk
 from stvit_kernels import _ext
 
-from .utils import backend_device
+from .utils import device_for, other_device
 
 BACKENDS = sk.available_backends()
-# a second device: a GPU when there is one, else PyTorch's shape-only 'meta' device
-OTHER_DEVICE = "cuda" if torch.cuda.is_available() else "meta"
 
 # Valid shapes: x [2, 4, 8, 12], 4 x 4 super tokens, a 2 x 3 grid.
 B, C, H, W, S = 2, 4, 8, 12, 4
@@ -28,7 +30,7 @@ SHAPES = dict(x=(B, C, H, W), stokens=(B, C, H // S, W // S), affinity=(B, 9, H,
 
 def _call(fn, backend, size=S, **shapes):
     """``fn`` on valid random tensors, some replaced (by a shape tuple, or an object as it is)."""
-    dev = backend_device(backend)
+    dev = device_for(backend)
     args = {}
     for name in ("x", "stokens", "affinity"):
         t = shapes.get(name, SHAPES[name])
@@ -109,7 +111,7 @@ def test_bad_stoken_size(backend, fn, size, err, match):
 @pytest.mark.parametrize("fn", FUNCTIONS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_dtypes(backend, fn, dtypes, match):
-    dev = backend_device(backend)
+    dev = device_for(backend)
     tensors = {name: torch.ones(SHAPES[name], device=dev).to(dt)
                for name, dt in zip(TAKES[fn], dtypes)}
     with pytest.raises(TypeError, match=match) as info:
@@ -121,9 +123,10 @@ def test_bad_dtypes(backend, fn, dtypes, match):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tensors_on_different_devices(backend, fn):
     first, second = TAKES[fn]
+    other = other_device(backend)
     for moved in (first, second):
-        t = torch.rand(SHAPES[moved], device=OTHER_DEVICE)
-        with pytest.raises(ValueError, match=f"same device.*{OTHER_DEVICE}"):
+        t = torch.rand(SHAPES[moved], device=other)
+        with pytest.raises(ValueError, match=f"same device.*{other}"):
             _call(fn, backend, **{moved: t})
 
 
@@ -139,8 +142,8 @@ def test_not_a_tensor(fn):
                          ids=repr)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_scale(backend, scale, err):
-    x = torch.rand(SHAPES["x"], device=backend_device(backend))
-    s = torch.rand(SHAPES["stokens"], device=backend_device(backend))
+    x = torch.rand(SHAPES["x"], device=device_for(backend))
+    s = torch.rand(SHAPES["stokens"], device=device_for(backend))
     if err is None:
         sk.stoken_affinity(x, s, S, scale, backend=backend)
         return
@@ -166,7 +169,7 @@ def test_bad_n_iter(n_iter, err):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module_bad_inputs(backend):
-    dev = backend_device(backend)
+    dev = device_for(backend)
     m = sk.SuperTokenAttention(C, S, num_heads=2, backend=backend).to(dev)
     for shape in [(B, C + 1, H, W), (B, C - 1, H, W), (C, H, W), (1, B, C, H, W)]:
         with pytest.raises(ValueError, match=re.escape(f"x.shape={shape}")):
@@ -227,14 +230,20 @@ def _direct_calls():
         ("affinity_aggregate-channels", "affinity_aggregate",
          (x, s[:, :3].contiguous(), S, S, 1.0)),
         ("affinity_aggregate-zero-size", "affinity_aggregate", (x, s, S, 0, 1.0)),
-        ("affinity_aggregate-noncontiguous", "affinity_aggregate",
-         (x.transpose(2, 3), s, S, S, 1.0)),
+        ("associate-n_iter", "associate", (x, None, S, S, 1.0, 0)),
+        ("associate-grid", "associate", (x, s[:, :, :1].contiguous(), S, S, 1.0, 1)),
+        ("associate-not-divisible", "associate", (x, None, 3, S, 1.0, 1)),
+        ("associate_backward-den", "associate_backward", (s, A, s, S, S)),
+        ("associate_backward-grid", "associate_backward",
+         (s[:, :, :1].contiguous(), A, s[:, :1, :1].contiguous(), S, S)),
+        ("pool-not-divisible", "pool", (x, S, 5)),
     ]
     params = [pytest.param(op, args, id=i) for i, op, args in calls]
     # Another device. With 'meta' the dispatcher runs the op's fake implementation (register_fake),
     # which checks the devices itself.
-    params += [pytest.param("affinity", (x, s.to(OTHER_DEVICE), S, S, 1.0, True), id="affinity-device"),
-               pytest.param("upsample", (s, A.to(OTHER_DEVICE), S, S), id="upsample-device")]
+    other = other_device("cpu")
+    params += [pytest.param("affinity", (x, s.to(other), S, S, 1.0, True), id="affinity-device"),
+               pytest.param("upsample", (s, A.to(other), S, S), id="upsample-device")]
     return params
 
 
@@ -242,3 +251,26 @@ def _direct_calls():
 def test_registered_ops_raise(op, args):
     with pytest.raises(RuntimeError):  # NotImplementedError (no kernel for a device) is one
         getattr(_ops(), op)(*args)
+
+
+def test_triton_ops_refuse_cpu_tensors():
+    """Without the interpreter, the Triton ops given CPU tensors say what they need instead of
+    failing inside Triton's launcher (a fresh process: TRITON_INTERPRET is read at import)."""
+    code = textwrap.dedent(f"""
+        import torch, stvit_kernels
+        x, s, A = torch.rand{SHAPES["x"]}, torch.rand{SHAPES["stokens"]}, torch.rand{SHAPES["affinity"]}
+        calls = dict(affinity=(x, s, {S}, {S}, 1.0, True), aggregate=(x, A, {S}, {S}),
+                     upsample=(s, A, {S}, {S}), affinity_aggregate=(x, s, {S}, {S}, 1.0))
+        for name, args in calls.items():
+            try:
+                getattr(torch.ops.stvit, "triton_" + name)(*args)
+            except ValueError as e:
+                assert "runs on CUDA tensors" in str(e) and "TRITON_INTERPRET" in str(e), e
+            else:
+                raise AssertionError(name + " ran on CPU tensors")
+        print("refused")
+        """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "refused" in proc.stdout, proc.stdout + proc.stderr

@@ -132,3 +132,37 @@ def test_empty_batch():
     assert y.shape == (0, 8, 9, 9)
     y.sum().backward()
     assert x.grad.shape == x.shape
+
+
+def _sdpa_cases():
+    from torch.nn.attention import SDPBackend
+
+    cases = [pytest.param("cpu", torch.float32, SDPBackend.FLASH_ATTENTION, id="cpu-f32-flash")]
+    if torch.cuda.is_available():
+        cases += [pytest.param("cuda", torch.float32, SDPBackend.EFFICIENT_ATTENTION,
+                               id="cuda-f32-efficient", marks=pytest.mark.cuda),
+                  pytest.param("cuda", torch.float16, SDPBackend.FLASH_ATTENTION,
+                               id="cuda-f16-flash", marks=pytest.mark.cuda),
+                  pytest.param("cuda", torch.bfloat16, SDPBackend.FLASH_ATTENTION,
+                               id="cuda-bf16-flash", marks=pytest.mark.cuda)]
+    return cases
+
+
+@pytest.mark.parametrize("device,dtype,kernel", _sdpa_cases())
+@pytest.mark.parametrize("H,W", [(1, 1), (2, 3), (7, 7)], ids=["N1", "N6", "N49"])
+@pytest.mark.parametrize("dim,heads", [(64, 1), (64, 2), (128, 4)])
+def test_refine_attention_takes_the_fast_sdpa_kernels(device, dtype, kernel, H, W, dim, heads):
+    """The refine hands SDPA q / k / v in a layout its fused kernels accept for any number of
+    super tokens, one included (with only that kernel allowed, SDPA raises rather than fall back),
+    and the result is the math kernel's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(seed_for("sdpa-layout", device, dtype, H, W, dim, heads))
+    m = sk.RefineAttention(dim, num_heads=heads, qkv_bias=True).to(device=device, dtype=dtype)
+    x = torch.randn(2, dim, H, W, device=device, dtype=dtype)
+    with sdpa_kernel([kernel]):
+        y = m(x)
+    with sdpa_kernel([SDPBackend.MATH]):
+        y_math = m(x)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y, y_math, **tol)

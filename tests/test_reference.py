@@ -66,46 +66,36 @@ def test_gradcheck(B, C, H, W, h, w):
     assert torch.autograd.gradcheck(lambda s, A: sk.stoken_upsample(s, A, size, backend="reference"), (s, A))
 
 
-_REFERENCE_FAMILY = None
-
-
-def _reference_family():
-    """The custom-op family of :mod:`stvit_kernels._library` built on the reference primitives (in a
-    test namespace): the autograd formulas that every fused backend uses, checked on their own."""
-    global _REFERENCE_FAMILY
-    if _REFERENCE_FAMILY is None:
-        from stvit_kernels import _library
-
-        impls = {name: getattr(ref, name) for name in
-                 ("affinity", "aggregate", "upsample", "affinity_aggregate")}
-        # custom ops may not return views of their inputs or of each other
-        impls = {name: (lambda f: lambda *a: _clone(f(*a)))(f) for name, f in impls.items()}
-        _REFERENCE_FAMILY = _library.define_family("stvit_test", "ref_", impls)
-    return _REFERENCE_FAMILY
-
-
-def _clone(out):
-    return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
-
-
 @pytest.mark.parametrize("B,C,H,W,h,w", GRAD_SHAPES)
 def test_backward_formulas_with_reference_primitives(B, C, H, W, h, w):
-    """float64 gradcheck of every autograd formula of the custom ops, with reference forwards."""
-    P = _reference_family()
+    """float64 gradcheck of every autograd Function of ``stvit_kernels._library`` (the backward
+    formulas every fused backend uses) on the reference primitives as a kernel family."""
+    from stvit_kernels import _library as L
+
+    fam = L.reference_kernels().name
     t = make_inputs(B, C, H, W, h, w, dtype=torch.float64, seed=seed_for("formulas", B, C, H, W))
     x, s, A = (t[k].requires_grad_() for k in ("x", "s", "A"))
     scale = C ** -0.5
-    assert torch.autograd.gradcheck(lambda x, s: P.affinity(x, s, h, w, scale, True), (x, s))
-    assert torch.autograd.gradcheck(lambda x, s: P.affinity(x, s, h, w, scale, False), (x, s))
-    assert torch.autograd.gradcheck(lambda x, A: P.aggregate(x, A, h, w), (x, A))
-    assert torch.autograd.gradcheck(lambda s, A: P.upsample(s, A, h, w), (s, A))
-    assert torch.autograd.gradcheck(lambda x, s: P.affinity_aggregate(x, s, h, w, scale), (x, s))
-    # associate: the gradient into x through num only, A and den constant
+    assert torch.autograd.gradcheck(lambda x, s: L.Affinity.apply(fam, x, s, h, w, scale, True), (x, s))
+    assert torch.autograd.gradcheck(lambda x, s: L.Affinity.apply(fam, x, s, h, w, scale, False), (x, s))
+    assert torch.autograd.gradcheck(lambda x, A: L.Aggregate.apply(fam, x, A, h, w), (x, A))
+    assert torch.autograd.gradcheck(lambda s, A: L.Upsample.apply(fam, s, A, h, w), (s, A))
+    assert torch.autograd.gradcheck(lambda x, s: L.AffinityAggregate.apply(fam, x, s, h, w, scale), (x, s))
+    # associate: the gradient into x through num only, A and den constant, none into s
     g = torch.randn(B, C, H // h, W // w, dtype=torch.float64)
-    stokens, A1, den = P.associate(x, s, h, w, scale)
-    assert not A1.requires_grad and not den.requires_grad
-    (dx,) = torch.autograd.grad(stokens, x, g)
-    A0 = ref.affinity(x, s, h, w, scale).detach()
-    num, den0 = ref.aggregate(x, A0, h, w)
-    (dx_ref,) = torch.autograd.grad(num / (den0.detach() + 1e-12), x, g)
-    torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-10)
+    for s0, n_iter in ((s, 1), (None, 2)):
+        stokens, A1 = L.Associate.apply(fam, x, s0, h, w, scale, n_iter)
+        assert not A1.requires_grad
+        (dx,) = torch.autograd.grad(stokens, x, g)
+        with torch.no_grad():
+            s1 = torch.nn.functional.avg_pool2d(x, (h, w)) if s0 is None else s0
+            for _ in range(n_iter - 1):
+                _, num, den = ref.affinity_aggregate(x, s1, h, w, scale)
+                s1 = num / (den + 1e-12)
+            A0 = ref.affinity(x, s1, h, w, scale)
+        num, den0 = ref.aggregate(x, A0, h, w)
+        stokens_ref = num / (den0 + 1e-12)
+        (dx_ref,) = torch.autograd.grad(stokens_ref, x, g)
+        torch.testing.assert_close(stokens, stokens_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(A1, A0, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-10)

@@ -22,7 +22,7 @@ import torch
 
 import stvit_kernels as sk
 
-from .utils import LONG, TOL, backend_device, make_inputs, op_results, seed_for
+from .utils import LONG, TOL, device_for, make_inputs, op_results, seed_for
 
 OPS = ["affinity", "aggregate", "upsample", "associate"]
 FUSED = [b for b in sk.available_backends() if b != "reference"]
@@ -47,7 +47,7 @@ def one_thread():
 
 def _interpreted(backend):
     """Whether this backend runs under the Triton interpreter (slow: keep the grids small)."""
-    return backend == "triton" and backend_device(backend) == "cpu"
+    return backend == "triton" and device_for(backend) == "cpu"
 
 
 def draw_case(seed, small):
@@ -95,7 +95,7 @@ def check_case(backend, op, case, seed):
     """None if the backend matches the reference on this case, else what differs."""
     c = case
     t = make_inputs(c["B"], c["C"], c["H"], c["W"], c["h"], c["w"], dtype=c["dtype"],
-                    device=backend_device(backend), seed=seed)
+                    device=device_for(backend), seed=seed)
     t_cpu = {k: v.cpu() for k, v in t.items()}
     size, kw = (c["h"], c["w"]), dict(scale=c["scale"], n_iter=c["n_iter"])
     got = op_results(op, backend, t, size, **kw)

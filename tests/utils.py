@@ -61,12 +61,21 @@ TOL = {
 LONG = os.environ.get("STVIT_LONG_TESTS", "0") not in ("", "0")
 
 
-def backend_device(backend):
+def device_for(backend):
     """The device a backend's tests run on: CUDA for ``cuda``, and for ``triton`` when there is a
-    GPU (else the Triton interpreter on the CPU), the CPU for the others."""
+    GPU (else the Triton interpreter on the CPU), the CPU for the others. ``None`` (auto) and
+    ``reference`` run on the CPU. Every test picks its device here."""
     if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
         return "cuda"
     return "cpu"
+
+
+def other_device(backend):
+    """A device that is not ``device_for(backend)``: the CPU for a GPU backend, else a GPU when there
+    is one, else PyTorch's shape-only 'meta' device."""
+    if device_for(backend) == "cuda":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "meta"
 
 
 def op_results(op, backend, t, size, dtype=None, scale=None, n_iter=1):
