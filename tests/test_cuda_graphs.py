@@ -1,0 +1,96 @@
+"""CUDA graphs: ``torch.compile(mode="reduce-overhead")`` and ``torch.cuda.make_graphed_callables``
+over ``SuperTokenAttention`` and ``stvit_small``, forward and forward + backward, on every GPU
+backend: no graph break (fullgraph), no recompilation, and the eager results. Nothing on the path
+may synchronise with the host or allocate outside the caching allocator, or capture fails."""
+import copy
+
+import pytest
+import torch
+
+import stvit
+import stvit_kernels as sk
+
+from .utils import seed_for
+
+pytestmark = pytest.mark.cuda
+
+GPU_BACKENDS = [b for b in ("cuda", "triton") if b in sk.available_backends()]
+
+
+def _module(backend):
+    torch.manual_seed(seed_for("graphs-module", backend))
+    return sk.SuperTokenAttention(64, 8, n_iter=2, num_heads=2, qkv_bias=True,
+                                  backend=backend).cuda()
+
+
+def _fwd_bwd(fn, x, g):
+    y = fn(x)
+    (gx,) = torch.autograd.grad(y, x, g)
+    return y.detach().clone(), gx.clone()  # graph outputs are overwritten by the next replay
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_module_reduce_overhead(backend):
+    torch._dynamo.reset()
+    m = _module(backend)
+    compiled = torch.compile(m, mode="reduce-overhead", fullgraph=True)
+    xs = [torch.randn(4, 64, 50, 44, device="cuda", requires_grad=True) for _ in range(4)]
+    g = torch.randn(4, 64, 50, 44, device="cuda")
+    _fwd_bwd(compiled, xs[0], g)  # compile and record
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for x in xs[1:]:
+            y, gx = _fwd_bwd(compiled, x, g)
+            y_e, gx_e = _fwd_bwd(m, x, g)
+            torch.testing.assert_close(y, y_e, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(gx, gx_e, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():  # inference: its own graph, then replays
+            for x in xs[1:]:
+                torch.testing.assert_close(compiled(x).clone(), m(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_module_make_graphed_callables(backend):
+    m = _module(backend)
+    ref = copy.deepcopy(m)
+    x0 = torch.randn(4, 64, 56, 56, device="cuda", requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(m, (x0,))
+    g = torch.randn(4, 64, 56, 56, device="cuda")
+    for _ in range(3):
+        x = torch.randn(4, 64, 56, 56, device="cuda", requires_grad=True)
+        y, gx = _fwd_bwd(graphed, x, g)
+        y_e, gx_e = _fwd_bwd(ref, x, g)
+        torch.testing.assert_close(y, y_e, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gx, gx_e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_stvit_small_reduce_overhead(backend):
+    """A training step and inference of stvit_small under reduce-overhead: same results as eager,
+    no recompilation on later steps."""
+    torch._dynamo.reset()
+    torch.manual_seed(seed_for("graphs-stvit-small", backend))
+    model = stvit.stvit_small(num_classes=10, drop_path_rate=0.0).cuda().train()
+    eager = copy.deepcopy(model)
+    with sk.use_backend(backend):
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        xs = [torch.randn(2, 3, 64, 64, device="cuda") for _ in range(3)]
+
+        def step(fn, m, x):
+            m.zero_grad(set_to_none=True)
+            out = fn(x)
+            out.square().mean().backward()
+            return out.detach().clone(), [p.grad.clone() for p in m.parameters()]
+
+        step(compiled, model, xs[0])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for x in xs[1:]:
+                out, grads = step(compiled, model, x)
+                out_e, grads_e = step(eager, eager, x)
+                torch.testing.assert_close(out, out_e, rtol=1e-3, atol=1e-4)
+                for a, b in zip(grads, grads_e):
+                    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+        eager.load_state_dict(model.state_dict())  # the same BN statistics (one more step here)
+        model.eval(), eager.eval()
+        with torch.no_grad():
+            for x in xs:
+                torch.testing.assert_close(compiled(x).clone(), eager(x), rtol=1e-3, atol=1e-4)
