@@ -1,19 +1,23 @@
-"""STViT-S/B/L throughput (images per second): the reference backend against the best fused backend.
+"""STViT-S/B/L throughput (images per second): the official algorithm and the reference backend
+against the best fused backend.
 
 For every model, ``mode`` (``infer``: forward under ``torch.no_grad`` in eval mode; ``train``: one
 training step, forward + cross-entropy + backward + AdamW step, in train mode), ``precision``
 (``float32``, or ``autocast``: ``torch.autocast`` in bfloat16 around the forward and the loss) and
 with or without ``torch.compile`` (the model compiled, default settings; compile time is not
-timed), the model runs once with every super token attention on the ``reference`` backend and once
-on the best fused backend of the device (``cuda`` > ``triton`` on a GPU, ``cpu`` on a CPU: what
-``auto`` picks). Both start from the same weights; inputs are random images cycled from a small
+timed), the model runs once with every super token attention replaced by the official algorithm op
+for op (``official``: ``benchmarks/official.py`` with the same weights, the model a user of the
+official code runs), once on the ``reference`` backend and once on the best fused backend of the
+device (``cuda`` > ``triton`` on a GPU, ``cpu`` on a CPU: what ``auto`` picks). All start from the
+same weights; inputs are random images cycled from a small
 pool (never zeros), labels random. Timing as in ``bench_ops.py`` (GPU: ``do_bench`` median with
 ``--rep-ms`` of repetitions, one provider after the other; CPU: ``torch.utils.benchmark``, the two
 models timed in interleaved rounds); images/s = batch / median time. On a GPU also the peak extra
 memory of one step (``torch.cuda.max_memory_allocated``).
 
 Target (GPU, computed): STViT-S inference, float32, eager, fused >= 1.5x the reference-backend
-model; the other settings' ratios are listed for information.
+model; the other settings' ratios, and every setting's fused / official ratio (the headline), are
+listed for information.
 
     python benchmarks/bench_model.py --quick        # CPU: STViT-S, batch 2, fp32, infer + train, eager
     python benchmarks/bench_model.py --device cuda  # STViT-S/B/L, batch 64, 224², fp32 + autocast,
@@ -27,22 +31,32 @@ import copy
 import os
 import sys
 import traceback
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from official import OfficialStokenAttention  # noqa: E402
 
 import stvit  # noqa: E402
 import stvit_kernels as sk  # noqa: E402
 
 MODELS = {"small": stvit.stvit_small, "base": stvit.stvit_base, "large": stvit.stvit_large}
+#: The providers the fused backends are measured against.
+BASELINES = ("official", "reference")
 
 
 def set_backend(model: torch.nn.Module, backend: str) -> None:
-    """Point every super token attention of the model at one backend."""
+    """Point every super token attention of the model at one backend; ``official`` replaces each
+    by the official algorithm with the same weights."""
+    if backend == "official":
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, sk.SuperTokenAttention):
+                    setattr(parent, name, OfficialStokenAttention.from_module(child))
+        return
     for m in model.modules():
         if isinstance(m, sk.SuperTokenAttention):
             m.backend = backend
@@ -151,26 +165,30 @@ def run_group(base_model, name, providers, mode, precision, compiled, args, devi
 
 
 def speedups(rows: List[Dict], device) -> List[Dict]:
-    """Fused / reference images-per-second ratio for every measured setting; the issue's target
-    (GPU: STViT-S inference float32 eager >= 1.5x) carries a threshold."""
+    """Fused / official and fused / reference images-per-second ratios for every measured setting;
+    the issue's target (GPU: STViT-S inference float32 eager >= 1.5x reference) carries a
+    threshold, the rest (the official ratio included) are for information."""
     out = []
     ok = [r for r in rows if r.get("status") == "ok"]
     for key in dict.fromkeys((r["model"], r["mode"], r["precision"], r["compile"]) for r in rows):
         sel = [r for r in ok if (r["model"], r["mode"], r["precision"], r["compile"]) == key]
-        ref = [r for r in sel if r["provider"] == "reference"]
-        fus = [r for r in sel if r["provider"] != "reference"]
-        value = (max(r["images_per_s"] for r in fus) / ref[0]["images_per_s"]) if ref and fus else None
-        is_target = device.type == "cuda" and key == ("small", "infer", "float32", False)
-        threshold = 1.5 if is_target else None
+        fus = [r for r in sel if r["provider"] not in BASELINES]
         model, mode, precision, compiled = key
-        out.append(dict(
-            name=(f"{device.type}: STViT-{model[0].upper()} {mode}, {precision}, "
-                  f"{'compiled' if compiled else 'eager'}: fused / reference images/s"),
-            threshold=threshold, value=value, unit="x",
-            met=None if value is None or threshold is None else bool(value >= threshold),
-            details=dict(reference=ref[0]["images_per_s"] if ref else None,
-                         fused={r["provider"]: r["images_per_s"] for r in fus}),
-            note=None if value is not None else "not measured (a setting failed or was skipped)"))
+        for base in ("official", "reference"):
+            ref = [r for r in sel if r["provider"] == base]
+            if base == "official" and not any(r["provider"] == base for r in rows):
+                continue   # not a provider of this run
+            value = (max(r["images_per_s"] for r in fus) / ref[0]["images_per_s"]) if ref and fus else None
+            is_target = base == "reference" and device.type == "cuda" and key == ("small", "infer", "float32", False)
+            threshold = 1.5 if is_target else None
+            out.append(dict(
+                name=(f"{device.type}: STViT-{model[0].upper()} {mode}, {precision}, "
+                      f"{'compiled' if compiled else 'eager'}: fused / {base} images/s"),
+                threshold=threshold, value=value, unit="x",
+                met=None if value is None or threshold is None else bool(value >= threshold),
+                details={base: ref[0]["images_per_s"] if ref else None,
+                         "fused": {r["provider"]: r["images_per_s"] for r in fus}},
+                note=None if value is not None else "not measured (a setting failed or was skipped)"))
     return out
 
 
@@ -187,7 +205,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=["off", "on", "both"], default=None,
                    help="default: both (--quick: off; compiling the model takes minutes on 2 cores)")
     p.add_argument("--providers", nargs="+", default=None,
-                   help="backends to compare (default: reference and the best fused one)")
+                   help="official, reference and backends to compare (default: official, reference "
+                        "and the best fused backend)")
     p.add_argument("--min-run-time", type=float, default=1.0, help="CPU: seconds per measurement")
     p.add_argument("--rep-ms", type=int, default=1000, help="GPU: do_bench repetition time")
     p.add_argument("--threads", type=int, default=None)
@@ -215,7 +234,7 @@ def main(argv=None) -> Dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     fused = common.fused_backends(device, torch.float32)
-    providers = args.providers or (["reference"] + fused[:1])
+    providers = args.providers or (["official", "reference"] + fused[:1])
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     meta = common.metadata(device, argv)
     print(f"device: {meta['device']}; providers: {providers}", file=sys.stderr)

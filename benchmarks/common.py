@@ -12,6 +12,18 @@ Timing
     The callables the scripts time cycle through a small pool of distinct inputs
     (:func:`pool_size`), so a kernel never reads the same, cache-resident tensor twice in a row.
 
+Per call, on a GPU (:func:`gpu_per_call`)
+    * host time: calls enqueued back to back with no synchronisation between them, the host's
+      time divided by their number (:func:`host_time`): what Python, dispatch and the launches
+      cost. On a CPU the host does the work itself, so host time per call *is* the wall time.
+    * GPU time: one call captured into a CUDA graph and the graph's replay timed like any call
+      (:func:`graph_time`): the device's time without host overhead. A call that cannot be
+      captured (a host synchronisation, CPU work, a backward whose graph was recorded before the
+      capture) records why instead.
+    * kernels per call: ``torch.profiler`` over a few calls (:func:`count_kernels`); copies and
+      fills (``memcpy`` / ``memset``) are counted apart, and the kernels' summed time is the GPU
+      busy time per call.
+
 Memory
     * GPU: ``torch.cuda.max_memory_allocated()`` during one call minus ``memory_allocated()``
       before it (:func:`cuda_peak_bytes`): the extra memory that step needs on top of what is
@@ -109,10 +121,11 @@ def metadata(device: torch.device, argv: Optional[Sequence[str]] = None) -> Dict
                                         if torch.backends.cudnn.is_available() else None),
         stvit_kernels=getattr(sk, "__version__", None), git_commit=_git("rev-parse", "HEAD"),
         git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
-        backends=sk.available_backends(),
+        backends=sk.available_backends(), **library_provenance(),
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         load_avg_start=_loadavg(),
-        command=" ".join([_python()] + list(argv)),
+        command=" ".join(([f"PYTHONPATH={os.environ['PYTHONPATH']}"] if os.environ.get("PYTHONPATH") else [])
+                         + [_python()] + list(argv)),
     )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -120,6 +133,29 @@ def metadata(device: torch.device, argv: Optional[Sequence[str]] = None) -> Dict
                     gpu_l2_bytes=getattr(props, "L2_cache_size", None),
                     gpu_sms=props.multi_processor_count)
     return meta
+
+
+def library_provenance() -> Dict:
+    """Which ``stvit_kernels`` the run imported: its folder, the commit of the checkout it lives in
+    and whether that checkout's library sources (``stvit_kernels/``, ``csrc/``) differ from the
+    commit. A baseline measured from another worktree (``git worktree add /tmp/base HEAD``) says so
+    here, while ``git_commit`` / ``git_dirty`` describe the checkout of the benchmark scripts."""
+    import stvit_kernels as sk
+
+    pkg = os.path.dirname(os.path.realpath(sk.__file__))
+    root = os.path.dirname(pkg)
+    out = dict(stvit_kernels_path=pkg, stvit_kernels_commit=None, stvit_kernels_dirty=None)
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10)
+        head = run("rev-parse", "HEAD")
+        if head.returncode == 0:
+            status = run("status", "--porcelain", "--untracked-files=no", "--", "stvit_kernels", "csrc")
+            out.update(stvit_kernels_commit=head.stdout.strip(),
+                       stvit_kernels_dirty=bool(status.stdout.strip()) if status.returncode == 0 else None)
+    except Exception:
+        pass
+    return out
 
 
 def _loadavg() -> Optional[List[float]]:
@@ -197,7 +233,7 @@ def fused_backends(device: torch.device, dtype: torch.dtype) -> List[str]:
             continue
         if name == "triton" and device.type != "cuda":
             continue
-        if get_backend(name).decline_reason(device, dtype) is None:
+        if get_backend(name).decline_reason(device) is None:
             out.append(name)
     return out
 
@@ -315,6 +351,140 @@ def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return int(peak)
 
 
+def _quartiles(values: Sequence[float]) -> Tuple[float, float, float]:
+    """Median, lower and upper quartile of a non-empty list."""
+    ts = sorted(values)
+    q = lambda p: ts[min(len(ts) - 1, int(p * (len(ts) - 1) + 0.5))]  # noqa: E731
+    n = len(ts)
+    med = ts[n // 2] if n % 2 else 0.5 * (ts[n // 2 - 1] + ts[n // 2])
+    return med, q(0.25), q(0.75)
+
+
+def host_time(step: Callable[[], object], device: torch.device, calls: int = 10,
+              blocks: int = 21) -> Dict[str, float]:
+    """GPU: the host's time per call, in ms: blocks of ``calls`` calls enqueued back to back with no
+    synchronisation between them (the device is synchronised before each block, not inside it);
+    median and quartiles over the blocks. ``calls`` should keep the launches of a block well under
+    the device's launch queue (~1000), or a full queue makes the host wait for the GPU."""
+    import time
+
+    sync(device)
+    per_call = []
+    for _ in range(blocks):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        per_call.append((time.perf_counter() - t0) / calls)
+    sync(device)
+    med, lo, hi = _quartiles(per_call)
+    return dict(host_ms=med * 1e3, host_ms_lo=lo * 1e3, host_ms_hi=hi * 1e3, host_calls=calls)
+
+
+def graph_time(step: Callable[[], object], device: torch.device, warmup: int = 3) -> Dict[str, float]:
+    """GPU: the device's time per call without host overhead, in ms: one ``step()`` captured into a
+    CUDA graph (after ``warmup`` calls on a side stream, as ``torch.cuda.graph`` requires), the
+    graph's replay timed with :func:`time_call` (L2 flushed, like the wall time). Raises if the call
+    cannot be captured."""
+    sync(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    sync(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+        t = time_call(graph.replay, device)
+    finally:
+        del graph
+        sync(device)
+        torch.cuda.empty_cache()
+    return dict(gpu_ms=t["ms"], gpu_ms_lo=t["ms_lo"], gpu_ms_hi=t["ms_hi"])
+
+
+def count_kernels(step: Callable[[], object], device: torch.device, calls: int = 3) -> Dict[str, float]:
+    """GPU: kernels launched per call (``torch.profiler`` over ``calls`` warm calls), the copies and
+    fills per call (``memcpy`` / ``memset``, counted apart), and the kernels' summed device time per
+    call in ms (``gpu_busy_ms``)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        sync(device)
+    kernels = memops = 0
+    busy_us = 0.0
+    for e in prof.events():
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue
+        act = (getattr(e, "activity_type", None) or "").lower()
+        name = e.name or ""
+        if act:
+            kind = "kernel" if act == "kernel" else "memop" if act in ("gpu_memcpy", "gpu_memset") else None
+        elif getattr(e, "is_user_annotation", False):
+            kind = None
+        else:
+            kind = "memop" if name.startswith(("Memcpy", "Memset")) else "kernel"
+        if kind == "kernel":
+            kernels += 1
+            busy_us += e.time_range.elapsed_us()
+        elif kind == "memop":
+            memops += 1
+    if kernels == 0 and memops == 0:
+        raise RuntimeError("the profiler recorded no GPU activity")
+    return dict(kernels=kernels / calls, memops=memops / calls, gpu_busy_ms=busy_us / calls / 1e3)
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The first exception of a chain (a failed CUDA-graph capture raises again on leaving the
+    capture; the first error says why)."""
+    seen = set()
+    while e.__context__ is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__context__
+    return e
+
+
+def gpu_per_call(step: Callable[[], object], device: torch.device, graphable: bool = True,
+                 not_graphable_note: Optional[str] = None) -> Dict:
+    """GPU: the per-call breakdown of one timed step, each part guarded on its own: ``kernels``,
+    ``memops``, ``gpu_busy_ms`` (:func:`count_kernels`); ``host_ms`` (:func:`host_time`, with blocks
+    of at most ~500 launches); ``gpu_ms`` (:func:`graph_time`). A part that fails records
+    ``<part>_note`` instead; ``graphable=False`` skips the capture with ``not_graphable_note``."""
+    out: Dict = {}
+
+    def note(e: BaseException) -> str:
+        r = root_cause(e)
+        msg = str(r).strip().splitlines()[0] if str(r).strip() else ""
+        return f"{type(r).__name__}: {msg[:200]}"
+
+    try:
+        out.update(count_kernels(step, device))
+    except Exception as e:  # noqa: BLE001
+        out["kernels_note"] = note(e)
+    launches = max(1.0, (out.get("kernels") or 30) + (out.get("memops") or 0))
+    try:
+        out.update(host_time(step, device, calls=int(max(2, min(20, 500 // launches)))))
+    except Exception as e:  # noqa: BLE001
+        out["host_note"] = note(e)
+    if not graphable:
+        out["gpu_note"] = not_graphable_note or "not captured"
+    else:
+        try:
+            out.update(graph_time(step, device))
+        except Exception as e:  # noqa: BLE001
+            out["gpu_note"] = "CUDA-graph capture failed: " + note(e)
+    sync(device)
+    return out
+
+
 def saved_bytes(forward: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
     """Bytes of the distinct storages autograd saves for the backward while ``forward()`` runs
     (with gradients enabled), leaving out the storages of ``exclude`` (inputs, parameters)."""
@@ -372,3 +542,21 @@ def fmt_bytes(n: Optional[float]) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{int(n)} B"
+
+
+def target_strings(t: Dict, ascii_only: bool = False) -> Tuple[str, str]:
+    """``(measured, threshold)`` of a target row as text: ``2.50x`` / ``>= 3x``, ``75%`` /
+    ``>= 70%``, ``0.412 ms`` / ``<= 0.2 ms``; ``not measured`` and ``info`` where missing."""
+    unit, le = t.get("unit", "x"), t.get("direction", ">=") == "<="
+    op = ("<=" if le else ">=") if ascii_only else ("≤" if le else "≥")
+
+    def fmt(v, thr=False):
+        if unit == "fraction":
+            return f"{100 * v:.0f}%"
+        if unit == "ms":
+            return f"{fmt_ms(v)} ms"
+        return f"{v:g}x" if thr else f"{v:.2f}x"
+
+    val = "not measured" if t.get("value") is None else fmt(t["value"])
+    thr = "info" if t.get("threshold") is None else f"{op} {fmt(t['threshold'], thr=True)}"
+    return val, thr

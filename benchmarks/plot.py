@@ -9,7 +9,10 @@ Op results (``bench_ops.py``): ``<stem>_time.png``, median time against the numb
 ``<stem>_memory.png``, memory against tokens per op: the GPU's peak extra memory of a fwd+bwd
 call where it was measured, else the bytes saved for backward (see ``benchmarks/common.py``).
 Model results (``bench_model.py``): ``<stem>.png``, images per second per model and setting.
-``--markdown`` prints the tables for a README instead (no matplotlib needed).
+``--markdown`` prints the tables for a README instead (no matplotlib needed): per op and shape the
+median wall time of every provider with the ratios (headline: ``official / fused``, the official
+algorithm against the best fused backend), and on a GPU a per-call table per provider (wall, host,
+CUDA-graph GPU time, kernels; see ``benchmarks/common.py``).
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ import common  # noqa: E402
 STYLE = {
     "reference": ("#7f7f7f", "o"),
     "reference+compile": ("#bcbd22", "v"),
+    "official": ("#ff7f0e", "P"),
+    "official+compile": ("#e377c2", "*"),
     "cpu": ("#1f77b4", "s"),
     "cuda": ("#d62728", "s"),
     "triton": ("#2ca02c", "D"),
@@ -251,12 +256,50 @@ def _ratio(a: Optional[Dict], b: Optional[Dict]) -> str:
     return "–" if not a or not b else f"{a['ms'] / b['ms']:.1f}x"
 
 
+def _per_call_rows(sel: List[Dict]) -> List[Dict]:
+    """Rows of a group that carry the GPU per-call breakdown (or say why a part is missing)."""
+    keys = ("gpu_ms", "kernels", "gpu_note", "kernels_note", "host_note")
+    return [r for r in sel if r.get("status") == "ok" and any(k in r for k in keys)]
+
+
+def _per_call_table(rows: List[Dict]) -> List[str]:
+    """GPU: wall / host / CUDA-graph GPU time and kernels per call, one line per provider and mode."""
+    out = [_md_row(["tokens", "mode", "provider", "wall ms", "host ms", "GPU ms (graph)", "host / GPU",
+                    "kernels", "peak memory"]),
+           _md_row(["---:", ":--", ":--", "---:", "---:", "---:", "---:", "---:", "---:"])]
+    notes = []
+    for r in rows:
+        host, gpu = r.get("host_ms"), r.get("gpu_ms")
+        mark = ""
+        for k in ("host_note", "gpu_note", "kernels_note"):
+            if r.get(k):
+                notes.append(r[k])
+                mark += f" [{len(notes)}]"
+        ms = lambda v: "–" if v is None else common.fmt_ms(v)  # noqa: E731
+        out.append(_md_row([
+            f"{r['side']}²", r["mode"], r["provider"], ms(r["ms"]), ms(host), ms(gpu) + mark,
+            f"{host / gpu:.1f}" if host and gpu else "–",
+            "–" if r.get("kernels") is None else f"{r['kernels']:g}",
+            "–" if r.get("peak_bytes") is None else common.fmt_bytes(r["peak_bytes"])]))
+    out.append("")
+    for i, n in enumerate(notes, 1):
+        out.append(f"[{i}] {n}  ")
+    if notes:
+        out.append("")
+    return out
+
+
 def markdown_ops(data: Dict) -> str:
     fused = set(data["config"].get("fused_backends", []))
     rows = data["results"]
+    meta = data["meta"]
     out = [f"**STA ops** — {_title(data)}, {rows[0]['dtype'] if rows else ''}. "
-           f"Median ms; ratios are times measured in the same run.", ""]
+           f"Median ms; ratios are times measured in the same run; `official` is the official STViT "
+           f"algorithm op for op (`benchmarks/official.py`), the headline baseline.", ""]
     out += _warning(data)
+    if meta.get("device_type") == "cpu":
+        out += ["On a CPU the host does the work itself: host time per call is the wall time below. "
+                "GPU time (CUDA-graph replay) and kernels per call are measured on a GPU only.", ""]
     if data.get("copy_bandwidth"):
         out += [f"Copy bandwidth: {data['copy_bandwidth']['gbps']:.0f} GB/s.", ""]
     for op, tag in dict.fromkeys((r["op"], r["tag"]) for r in rows):
@@ -264,10 +307,13 @@ def markdown_ops(data: Dict) -> str:
         provs = list(dict.fromkeys(r["provider"] for r in sel))
         fprovs = [p for p in provs if p in fused]
         r0 = sel[0]
+        threads = (f", {common.threads_str(r0['threads'])}"
+                   if r0.get("threads") and r0["threads"] != meta.get("threads") else "")
         out.append(f"`{op}` ({tag}: B={r0['batch']}, C={r0['dim']}, {r0['stoken']}x{r0['stoken']} "
-                   f"super tokens, {r0['heads']} head(s))")
+                   f"super tokens, {r0['heads']} head(s){threads})")
         out.append("")
-        extra = (["reference / fused"] if fprovs and "reference" in provs else []) + \
+        extra = (["official / fused"] if fprovs and "official" in provs else []) + \
+                (["reference / fused"] if fprovs and "reference" in provs else []) + \
                 (["SDPA / STA"] if "dense-sdpa" in provs else []) + \
                 (["fused % of copy BW"] if any("bw_frac" in r for r in sel) else [])
         out.append(_md_row(["tokens", "mode"] + provs + extra))
@@ -282,6 +328,8 @@ def markdown_ops(data: Dict) -> str:
                             else (r or {}).get("status", "–"))
             bf = min((ok[p] for p in fprovs if p in ok), key=lambda r: r["ms"], default=None)
             bs = bf or ok.get("reference")
+            if "official / fused" in extra:
+                line.append(_ratio(ok.get("official"), bf))
             if "reference / fused" in extra:
                 line.append(_ratio(ok.get("reference"), bf))
             if "SDPA / STA" in extra:
@@ -290,19 +338,24 @@ def markdown_ops(data: Dict) -> str:
                 line.append(f"{100 * bf['bw_frac']:.0f}%" if bf and "bw_frac" in bf else "–")
             out.append(_md_row(line))
         out.append("")
+        per_call = _per_call_rows(sel)
+        if per_call:
+            out.append("Per call (GPU):")
+            out.append("")
+            out += _per_call_table(per_call)
     if data.get("targets"):
         out += ["Targets (computed from the figures above):", "",
                 _md_row(["target", "measured", "threshold", "met"]), _md_row([":--", "---:", "---:", ":-:"])]
         for t in data["targets"]:
-            frac = t["unit"] == "fraction"
-            val = "not measured" if t["value"] is None else (
-                f"{100 * t['value']:.0f}%" if frac else f"{t['value']:.2f}x")
-            thr = "info" if t["threshold"] is None else (
-                f"≥ {100 * t['threshold']:.0f}%" if frac else f"≥ {t['threshold']:g}x")
+            val, thr = common.target_strings(t)
             met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
             out.append(_md_row([t["name"], val, thr, met]))
         out.append("")
-    out.append(f"Command: `{data['meta']['command']}`")
+    if data.get("baseline"):
+        b = data["baseline"]
+        out += [f"Baseline of the proxy target: library at commit `{(b.get('commit') or '?')[:12]}`, "
+                f"{b.get('date', '?')[:10]}.", ""]
+    out.append(f"Command: `{meta['command']}`")
     return "\n".join(out)
 
 
@@ -312,14 +365,17 @@ def _fmt_rate(v: float) -> str:
 
 def markdown_model(data: Dict) -> str:
     rows = [r for r in data["results"]]
-    out = [f"**STViT images/s** — {_title(data)}.", ""]
-    out += _warning(data)
     provs = list(dict.fromkeys(r["provider"] for r in rows))
-    ref = [p for p in provs if p.startswith("reference")]
-    fus = [p for p in provs if not p.startswith("reference")]
+    out = [f"**STViT images/s** — {_title(data)}."
+           + (" `official`: every super token attention runs the official algorithm op for op "
+              "(`benchmarks/official.py`)." if "official" in provs else ""), ""]
+    out += _warning(data)
+    bases = [p for p in ("official", "reference") if p in provs]
+    fus = [p for p in provs if p not in ("official", "reference") and not p.startswith("reference")]
+    ratios = [b for b in bases if fus]
     out.append(_md_row(["model", "mode", "precision", "torch.compile", "batch"] + provs
-                       + (["fused / reference"] if ref and fus else [])))
-    out.append(_md_row([":--", ":--", ":--", ":--", "---:"] + ["---:"] * (len(provs) + (1 if ref and fus else 0))))
+                       + [f"fused / {b}" for b in ratios]))
+    out.append(_md_row([":--", ":--", ":--", ":--", "---:"] + ["---:"] * (len(provs) + len(ratios))))
     for key in dict.fromkeys((r["model"], r["mode"], r["precision"], r["compile"]) for r in rows):
         sel = {r["provider"]: r for r in rows if (r["model"], r["mode"], r["precision"], r["compile"]) == key}
         line = [key[0], key[1], key[2], "yes" if key[3] else "no", next(iter(sel.values()))["batch"]]
@@ -327,17 +383,17 @@ def markdown_model(data: Dict) -> str:
             r = sel.get(p)
             line.append(_fmt_rate(r["images_per_s"]) if r and r.get("status") == "ok"
                         else (r or {}).get("status", "–"))
-        if ref and fus:
-            a = [sel[p] for p in ref if p in sel and sel[p].get("status") == "ok"]
-            b = [sel[p] for p in fus if p in sel and sel[p].get("status") == "ok"]
-            line.append(f"{max(x['images_per_s'] for x in b) / a[0]['images_per_s']:.2f}x" if a and b else "–")
+        b = [sel[p] for p in fus if p in sel and sel[p].get("status") == "ok"]
+        for base in ratios:
+            a = sel.get(base)
+            line.append(f"{max(x['images_per_s'] for x in b) / a['images_per_s']:.2f}x"
+                        if a and a.get("status") == "ok" and b else "–")
         out.append(_md_row(line))
     out.append("")
     if data.get("targets"):
         out += [_md_row(["target", "measured", "threshold", "met"]), _md_row([":--", "---:", "---:", ":-:"])]
         for t in data["targets"]:
-            val = "not measured" if t["value"] is None else f"{t['value']:.2f}x"
-            thr = "info" if t["threshold"] is None else f"≥ {t['threshold']:g}x"
+            val, thr = common.target_strings(t)
             out.append(_md_row([t["name"], val, thr, {True: "yes", False: "**no**", None: "–"}[t["met"]]]))
         out.append("")
     out.append(f"Command: `{data['meta']['command']}`")

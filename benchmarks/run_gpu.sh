@@ -10,7 +10,12 @@
 # step where a command's time is limited; the ops steps of one dtype --append into the same JSON
 # (the targets are recomputed over everything measured so far), and so do the model steps.
 #   build           build the CUDA extension if the 'cuda' backend is not available (non-fatal)
-#   ops-fp32-targets  the B=64 STViT-S target shapes: STA, associate, affinity_aggregate (float32)
+#   ops-fp32-targets  the B=64 STViT-S target shapes: STA (stages 1 and 2), associate,
+#                   affinity_aggregate (float32); the official algorithm, reference, compiled
+#                   reference, fused backends; wall / host / CUDA-graph time and kernels per call
+#   ops-fp32-reduce-overhead  the B=64 STA target shapes under torch.compile(mode="reduce-overhead"):
+#                   official+compile against every fused backend +compile, eager beside
+#                   (own JSON: <gpu>_ops_reduce_overhead.json)
 #   ops-fp32-sta    SuperTokenAttention sweep 56²..256² tokens (B=8) vs reference, compiled
 #                   reference, dense SDPA / naive attention (float32)
 #   ops-fp32-ops    affinity, aggregate, upsample sweeps (float32)
@@ -28,7 +33,7 @@ PY=${PYTHON:-python3}
 R=benchmarks/results
 mkdir -p "$R"
 
-ALL_STEPS=(build ops-fp32-targets ops-fp32-sta ops-fp32-ops ops-fp32-assoc
+ALL_STEPS=(build ops-fp32-targets ops-fp32-reduce-overhead ops-fp32-sta ops-fp32-ops ops-fp32-assoc
            ops-bf16-targets ops-bf16-sta ops-bf16-ops ops-bf16-assoc
            model-eager model-compiled-small-infer model-compiled-small-train
            model-compiled-base-infer model-compiled-base-train
@@ -58,6 +63,10 @@ step() {
       fi
       "$PY" -c "import stvit_kernels as sk, torch; print(torch.cuda.get_device_name()); print(sk.explain(torch.randn(1, 8, 8, 8, device='cuda')))"
       ;;
+    ops-fp32-reduce-overhead)
+      K=$(kind); run "$PY" benchmarks/bench_ops.py --full --device cuda --no-sweep --ops sta \
+        --providers official official+compile fused fused+compile --compile-mode reduce-overhead \
+        --out "$R/${K}_ops_reduce_overhead.json" ;;
     ops-fp32-*|ops-bf16-*)
       local dt part out args
       case "$1" in ops-fp32-*) dt=float32; out="$R/$(kind)_ops.json" ;; *) dt=bfloat16; out="$R/$(kind)_ops_bfloat16.json" ;; esac

@@ -4,7 +4,9 @@ The ``benchmark`` tests time tiny op and module calls on the best CPU backend an
 (``pytest tests/test_bench.py --benchmark-autosave`` keeps a history; ``--benchmark-compare``
 compares with it); without pytest-benchmark options they run as ordinary, fast tests that also
 check the outputs. The script tests run ``benchmarks/bench_ops.py``, ``bench_model.py`` and
-``plot.py`` on tiny shapes, so the scripts a GPU machine will run later stay runnable.
+``plot.py`` on tiny shapes, so the scripts a GPU machine will run later stay runnable; the targets,
+the host-overhead proxy and its baseline, and the GPU per-call tables are checked on synthetic rows.
+(The ``official`` provider's agreement with our module is tests/test_official_baseline.py.)
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def _cpu_backends():
     for name in sk.available_backends():
         if name in ("reference", "triton"):
             continue
-        if sk.backends.get_backend(name).decline_reason(torch.device("cpu"), torch.float32) is None:
+        if sk.backends.get_backend(name).decline_reason(torch.device("cpu")) is None:
             names.append(name)
     return names
 
@@ -155,7 +157,8 @@ def test_bench_ops_script(tmp_path):
     out = tmp_path / "ops.json"
     payload = bench_ops.main([
         "--device", "cpu", "--ops", *bench_ops.OPS, "--sides", "8", "--dim", "8", "--heads", "2",
-        "--stoken", "4", "--batch", "1", "--providers", "reference", "fused", "dense-sdpa", "dense-naive",
+        "--stoken", "4", "--batch", "1", "--providers", "reference", "official", "fused", "dense-sdpa",
+        "dense-naive",
         "--modes", "fwd", "bwd", "fwd+bwd", "--no-targets", "--min-run-time", "0.002",
         "--naive-max-gib", "0.00001", "--out", str(out)])
     data = json.loads(out.read_text())
@@ -171,6 +174,12 @@ def test_bench_ops_script(tmp_path):
             for be in BACKENDS[1:]:
                 assert (op, be, mode) in got
     assert ("sta", "dense-sdpa", "fwd+bwd") in got
+    # the official algorithm is a module: measured for sta only, every mode
+    assert {(op, m) for op, p, m in got if p == "official"} == {("sta", m) for m in bench_ops.MODES}
+    # on a CPU, host time per call is the wall time; the GPU-only figures are absent
+    assert all(r["host_ms"] == r["ms"] for r in rows if r["status"] == "ok")
+    assert not any(k in r for r in rows for k in ("gpu_ms", "kernels", "gpu_note"))
+    assert all(r["threads"] == 1 for r in rows)
     # the naive dense map of 8x8 tokens, 2 heads (32 KiB) is over the 0.00001 GiB limit: skipped
     naive = [r for r in rows if r["provider"] == "dense-naive"]
     assert naive and all(r["status"] == "skipped" and "N x N" in r["note"] for r in naive)
@@ -180,6 +189,9 @@ def test_bench_ops_script(tmp_path):
     assert data["targets"] and all(t["value"] is None and t["met"] is None for t in data["targets"])
     md = plot.markdown(str(out))
     assert "| tokens | mode | reference |" in md and "`sta`" in md
+    assert "official / fused" in md and "host time per call is the wall time" in md
+    assert "Per call (GPU)" not in md
+    assert data["config"]["per_call"]["host_ms"].startswith("equal to the wall time")
 
 
 def test_plot_ops_png(tmp_path):
@@ -200,28 +212,175 @@ def test_targets_are_computed():
     bench_ops = _load("bench_ops")
     base = dict(op="sta", tag="stage1-b8", dtype="float32", status="ok", side=56, batch=8, dim=64)
     rows = [dict(base, provider="reference", mode="fwd+bwd", ms=30.0),
+            dict(base, provider="official", mode="fwd+bwd", ms=24.0),
             dict(base, provider="cpu", mode="fwd+bwd", ms=12.0),
             dict(base, provider="reference", mode="fwd", ms=10.0),
+            dict(base, provider="official", mode="fwd", ms=5.0),
             dict(base, provider="cpu", mode="fwd", ms=1.0)]
     t = bench_ops.evaluate_targets(rows, torch.device("cpu"), torch.float32, ["cpu"])
-    s1 = next(x for x in t if "stage 1" in x["name"] and "fwd+bwd" in x["name"])
+    s1 = next(x for x in t if "stage 1" in x["name"] and "fwd+bwd" in x["name"] and "/ reference" in x["name"])
     assert s1["value"] == pytest.approx(2.5) and s1["threshold"] == 3.0 and s1["met"] is False
+    # the headline: against the official algorithm
+    o1 = next(x for x in t if "stage 1" in x["name"] and "fwd+bwd" in x["name"] and "/ official" in x["name"])
+    assert o1["value"] == pytest.approx(2.0) and o1["threshold"] == 3.0 and o1["met"] is False
+    assert o1["details"]["slow"] == "official" and o1["details"]["fast"] == "cpu"
     s2 = next(x for x in t if "stage 2" in x["name"] and "fwd+bwd" in x["name"])
     assert s2["value"] is None and s2["met"] is None
-    # GPU: bandwidth fraction of the fused affinity+aggregation, dense SDPA ratio
+    # GPU: against the official algorithm (wall), host time per call, bandwidth, dense SDPA
     g = dict(dtype="bfloat16", status="ok", batch=8, dim=64)
-    rows = [dict(g, op="affinity_aggregate", tag="stage1-b64", side=56, mode="fwd", provider="cuda",
+    st = dict(g, op="sta", tag="stage1-b64", side=56, batch=64)
+    rows = [dict(st, mode="fwd", provider="official", ms=0.94, host_ms=1.04, gpu_ms=0.45),
+            dict(st, mode="fwd", provider="cuda", ms=0.20, host_ms=0.18, gpu_ms=0.19, kernels=9),
+            dict(st, mode="fwd", provider="triton", ms=0.30, host_ms=0.25, gpu_ms=0.28),
+            dict(st, mode="fwd+bwd", provider="official", ms=2.43, host_ms=2.8),
+            dict(st, mode="fwd+bwd", provider="cuda", ms=0.9, host_ms=0.6),
+            dict(g, op="affinity_aggregate", tag="stage1-b64", side=56, mode="fwd", provider="cuda",
                  ms=0.02, bw_frac=0.75),
             dict(g, op="affinity_aggregate", tag="stage1-b64", side=56, mode="fwd", provider="triton",
                  ms=0.03, bw_frac=0.5),
             dict(g, op="sta", tag="sweep", side=128, mode="fwd", provider="dense-sdpa", ms=40.0),
             dict(g, op="sta", tag="sweep", side=128, mode="fwd", provider="cuda", ms=1.0)]
     t = bench_ops.evaluate_targets(rows, torch.device("cuda"), torch.bfloat16, ["cuda", "triton"])
+    by = {x["name"]: x for x in t}
+    fwd = by["gpu: STA fwd wall, best fused / official, B=64 STViT-S stage 1, bfloat16"]
+    assert fwd["value"] == pytest.approx(4.7) and fwd["threshold"] == 4.0 and fwd["met"] is True
+    fb = by["gpu: STA fwd+bwd wall, best fused / official, B=64 STViT-S stage 1, bfloat16"]
+    assert fb["value"] == pytest.approx(2.7) and fb["threshold"] == 3.0 and fb["met"] is False
+    host = by["gpu: STA fwd host time per call, best fused, B=64 STViT-S stage 1, bfloat16"]
+    assert host["value"] == 0.18 and host["threshold"] == 0.20 and host["direction"] == "<="
+    assert host["met"] is True and host["details"]["provider"] == "cuda" and host["details"]["official_host_ms"] == 1.04
+    hfb = by["gpu: STA fwd+bwd host time per call, best fused, B=64 STViT-S stage 1, bfloat16"]
+    assert hfb["value"] == 0.6 and hfb["met"] is False
+    assert by["gpu: STA fwd wall, best fused / official, B=64 STViT-S stage 2, bfloat16"]["value"] is None
     bw = next(x for x in t if "affinity_aggregate" in x["name"])
     assert bw["value"] == 0.75 and bw["met"] is True and bw["details"]["provider"] == "cuda"
     dense = next(x for x in t if "128x128" in x["name"] and " fwd " in x["name"])
     assert dense["value"] == pytest.approx(40.0) and dense["met"] is True
     assert next(x for x in t if "56x56" in x["name"] and " fwd " in x["name"])["met"] is None
+
+
+def test_proxy_targets_against_a_baseline():
+    bench_ops = _load("bench_ops")
+    base = dict(op="sta", tag="proxy", dtype="float32", status="ok", side=16, batch=1, dim=64, threads=1)
+    rows = [dict(base, provider=p, mode=m, ms=ms) for p, m, ms in (
+        ("cpu", "fwd", 0.8), ("official", "fwd", 1.6), ("reference", "fwd", 2.0),
+        ("cpu", "fwd+bwd", 2.0), ("official", "fwd+bwd", 4.0), ("reference", "fwd+bwd", 5.0))]
+    meta = dict(stvit_kernels_commit="abc123", stvit_kernels_dirty=False, device="cpu x", date="2026-11-27")
+    baseline = bench_ops.proxy_baseline_summary(rows, meta)
+    assert baseline["commit"] == "abc123" and baseline["ms"]["cpu"] == {"fwd": 0.8, "fwd+bwd": 2.0}
+    later = [dict(r, ms=r["ms"] * (0.2 if r["provider"] == "cpu" else 1.1)) for r in rows]
+    t = bench_ops.proxy_targets(later, baseline)
+    fwd = t[0]
+    assert "proxy" in fwd["name"] and " fwd," in fwd["name"]
+    assert fwd["threshold"] == pytest.approx(0.2) and fwd["value"] == pytest.approx(0.16)
+    assert fwd["direction"] == "<=" and fwd["met"] is True
+    assert fwd["details"]["fraction_of_baseline"] == pytest.approx(0.2)
+    assert fwd["details"]["baseline_commit"] == "abc123"
+    assert t[1]["threshold"] is None and t[1]["value"] == pytest.approx(0.4)          # fwd+bwd: info
+    # load-normalised by the official algorithm of the same run
+    assert t[2]["threshold"] == 0.25 and t[2]["value"] == pytest.approx(0.2 / 1.1) and t[2]["met"] is True
+    # without a baseline: listed, no threshold, a note
+    t = bench_ops.proxy_targets(later, None)
+    assert t[0]["threshold"] is None and t[0]["met"] is None and "no baseline" in t[0]["note"]
+    assert t[2]["threshold"] is None and t[2]["value"] is None
+
+
+def test_committed_proxy_baseline():
+    """The baseline of the proxy target is committed with the commit of the library it measured."""
+    bench_ops = _load("bench_ops")
+    with open(bench_ops.PROXY_BASELINE) as f:
+        data = json.load(f)
+    b = data["baseline"]
+    assert len(b["commit"]) == 40 and b["library_dirty"] is False
+    assert set(b["ms"]) == {"cpu", "official", "reference"}
+    assert all(set(v) == {"fwd", "fwd+bwd"} and min(v.values()) > 0 for v in b["ms"].values())
+    assert data["meta"]["threads"] == 1 and all(r["threads"] == 1 for r in data["results"])
+    fwd = next(t for t in data["targets"] if "proxy STA fwd, cpu backend, ms" in t["name"])
+    assert fwd["threshold"] == pytest.approx(0.25 * b["ms"]["cpu"]["fwd"]) and fwd["direction"] == "<="
+
+
+def test_proxy_script(tmp_path, monkeypatch):
+    bench_ops, plot = _load("bench_ops"), _load("plot")
+    threads = torch.get_num_threads()
+    out = tmp_path / "proxy.json"
+    bench_ops.main(["--proxy", "--min-run-time", "0.005", "--out", str(out)])
+    assert torch.get_num_threads() == threads
+    data = json.loads(out.read_text())
+    rows = data["results"]
+    want = {"reference", "official"} | ({"cpu"} if "cpu" in BACKENDS else set())
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in want for m in ("fwd", "fwd+bwd")}
+    assert all(r["status"] == "ok" and r["tag"] == "proxy" and r["threads"] == 1 for r in rows), rows
+    assert all((r["batch"], r["dim"], r["side"], r["stoken"], r["heads"]) == (1, 64, 16, 8, 1) for r in rows)
+    assert data["meta"]["threads"] == 1 and data["targets"] and all("proxy" in t["name"] for t in data["targets"])
+    assert "baseline" not in data
+    assert "`sta` (proxy" in plot.markdown(str(out))
+    # --record-baseline refuses a library that differs from its commit, else stores the baseline
+    base_out = tmp_path / "baseline.json"
+    monkeypatch.setattr(bench_ops.common, "library_provenance", lambda: dict(
+        stvit_kernels_path="x", stvit_kernels_commit="f" * 40, stvit_kernels_dirty=True))
+    with pytest.raises(SystemExit, match="differs from its commit"):
+        bench_ops.main(["--record-baseline", "--min-run-time", "0.005", "--out", str(base_out)])
+    monkeypatch.setattr(bench_ops.common, "library_provenance", lambda: dict(
+        stvit_kernels_path="x", stvit_kernels_commit="f" * 40, stvit_kernels_dirty=False))
+    bench_ops.main(["--record-baseline", "--min-run-time", "0.005", "--out", str(base_out)])
+    data = json.loads(base_out.read_text())
+    assert data["baseline"]["commit"] == "f" * 40 and set(data["baseline"]["ms"]) == want
+    if "cpu" in want:
+        fwd = data["targets"][0]
+        assert fwd["threshold"] == pytest.approx(0.25 * data["baseline"]["ms"]["cpu"]["fwd"])
+        assert fwd["met"] is False
+
+
+def test_cases_of_the_presets():
+    """The CPU quick run holds the proxy (1 thread) and the official provider at the target shapes."""
+    bench_ops = _load("bench_ops")
+    args = bench_ops.parse_args(["--quick"])
+    cases = bench_ops.build_cases(args, torch.device("cpu"), ["cpu"])
+    proxy = [c for c in cases if c.tag == "proxy"]
+    assert len(proxy) == 1 and proxy[0].threads == 1 and set(proxy[0].providers) == {"cpu", "official", "reference"}
+    assert (proxy[0].batch, proxy[0].dim, proxy[0].side, proxy[0].stoken, proxy[0].heads) == (1, 64, 16, 8, 1)
+    for tag in ("stage1-b8", "stage2-b8"):
+        c = next(c for c in cases if c.tag == tag)
+        assert "official" in c.providers and "cpu" in c.providers and c.batch == 8
+    assert "official" in bench_ops.resolve_providers(args, ["cpu"])
+    gpu = bench_ops.target_cases(torch.device("cuda"), "quick", ["cuda", "triton"])
+    assert {c.tag for c in gpu if c.op == "sta"} == {"stage1-b64", "stage2-b64"}
+    assert all("official" in c.providers for c in gpu)
+    assert bench_ops.build_cases(bench_ops.parse_args(["--proxy"]), torch.device("cpu"), ["cpu"]) == proxy
+    with pytest.raises(SystemExit, match="CPU float32"):
+        bench_ops.main(["--proxy", "--device", "cuda", "--no-save"])
+
+
+def test_markdown_gpu_per_call(tmp_path):
+    """A GPU results file: the per-call table (wall, host, CUDA-graph GPU time, kernels) per provider,
+    with the reason where a call could not be captured; the official ratio first."""
+    plot = _load("plot")
+    g = dict(op="sta", tag="stage1-b64", batch=64, dim=64, side=56, tokens=3136, stoken=8, heads=1,
+             dtype="float32", status="ok", threads=None)
+    rows = [dict(g, provider="official", mode="fwd", ms=0.944, host_ms=1.041, gpu_ms=0.449, kernels=27,
+                 memops=0, peak_bytes=3 << 20),
+            dict(g, provider="cuda", mode="fwd", ms=0.2, host_ms=0.15, gpu_ms=0.19, kernels=9, memops=0),
+            dict(g, provider="reference+compile", mode="fwd", ms=0.5, host_ms=0.3, kernels=12,
+                 gpu_note="CUDA-graph capture failed: RuntimeError: operation not permitted when stream "
+                          "is capturing"),
+            dict(g, provider="cuda", mode="bwd", ms=0.3, host_ms=0.3, kernels=20,
+                 gpu_note="bwd replays a graph recorded before the capture: see the fwd+bwd row")]
+    payload = dict(kind="ops", meta=dict(device="NVIDIA H200", device_type="cuda", threads=16,
+                                         torch="2.14.1", date="2026-11-27T00:00:00", command="x"),
+                   config=dict(fused_backends=["cuda"]), results=rows, targets=[
+                       dict(name="gpu: STA fwd host time per call", threshold=0.2, value=0.15, unit="ms",
+                            direction="<=", met=True)])
+    path = tmp_path / "h200_ops.json"
+    path.write_text(json.dumps(payload))
+    md = plot.markdown(str(path))
+    assert "| tokens | mode | official | cuda | reference+compile | official / fused |" in md
+    assert "| 56² | fwd | 0.944 | 0.200 | 0.500 | 4.7x |" in md
+    assert "Per call (GPU):" in md
+    assert "| 56² | fwd | official | 0.944 | 1.04 | 0.449 | 2.3 | 27 | 3.0 MiB |" in md
+    assert "| 56² | fwd | reference+compile | 0.500 | 0.300 | – [1] | – | 12 | – |" in md
+    assert "[1] CUDA-graph capture failed: RuntimeError" in md and "[2] bwd replays" in md
+    assert "| gpu: STA fwd host time per call | 0.150 ms | ≤ 0.200 ms | yes |" in md
+    assert "host time per call is the wall time" not in md
 
 
 def test_bench_model_script(tmp_path, monkeypatch):
@@ -238,7 +397,69 @@ def test_bench_model_script(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     rows = data["results"]
     assert {(r["mode"], r["provider"]) for r in rows} == {(m, p) for m in ("infer", "train")
-                                                          for p in ["reference"] + BACKENDS[1:2]}
+                                                          for p in ["official", "reference"] + BACKENDS[1:2]}
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in rows), rows
-    assert len(data["targets"]) == 2 and all(t["threshold"] is None for t in data["targets"])
-    assert "| model | mode | precision |" in plot.markdown(str(out))
+    # per mode: fused / official and fused / reference, both for information on a CPU
+    assert len(data["targets"]) == 4 and all(t["threshold"] is None for t in data["targets"])
+    assert sum("fused / official" in t["name"] for t in data["targets"]) == 2
+    md = plot.markdown(str(out))
+    assert "| model | mode | precision |" in md
+    if BACKENDS[1:]:
+        assert "fused / official | fused / reference |" in md
+
+
+def test_official_model_has_the_weights():
+    """bench_model's ``official`` provider swaps every super token attention of a model for the
+    official algorithm with the same weights: the model's output does not change."""
+    import stvit
+
+    bench_model = _load("bench_model")
+    torch.manual_seed(0)
+    model = stvit.STViT(embed_dim=[16, 32, 32, 32], depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 2],
+                        stoken_size=[8, 4, 1, 1], projection=64, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        bench_model.set_backend(model, "reference")
+        want = model(x)
+        bench_model.set_backend(model, "official")
+        got = model(x)
+    assert not any(isinstance(m, sk.SuperTokenAttention) for m in model.modules())
+    assert sum(type(m).__name__ == "OfficialStokenAttention" for m in model.modules()) == 4
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_per_call_guards_each_part(monkeypatch):
+    """The GPU per-call breakdown (no GPU here: its parts are stubbed) records what each part
+    measured, and the reason where one failed, without failing the row; a failed CUDA-graph capture
+    reports its first error, not the one raised on leaving the capture."""
+    common = _load("bench_ops").common
+    monkeypatch.setattr(common, "count_kernels", lambda step, device: dict(kernels=27.0, memops=0.0,
+                                                                           gpu_busy_ms=0.4))
+    monkeypatch.setattr(common, "host_time", lambda step, device, calls=10: dict(
+        host_ms=1.0, host_ms_lo=0.9, host_ms_hi=1.1, host_calls=calls))
+
+    def failing_capture(step, device):
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(common, "graph_time", failing_capture)
+    out = common.gpu_per_call(lambda: None, torch.device("cpu"))
+    assert out["kernels"] == 27 and out["host_ms"] == 1.0 and "gpu_ms" not in out
+    assert out["host_calls"] == 500 // 27   # blocks of calls kept under ~500 launches
+    assert out["gpu_note"].startswith("CUDA-graph capture failed: RuntimeError: operation not permitted")
+    out = common.gpu_per_call(lambda: None, torch.device("cpu"), graphable=False, not_graphable_note="bwd")
+    assert out["gpu_note"] == "bwd"
+    monkeypatch.setattr(common, "count_kernels", lambda step, device: 1 / 0)
+    monkeypatch.setattr(common, "graph_time", lambda step, device: dict(gpu_ms=0.2))
+    out = common.gpu_per_call(lambda: None, torch.device("cpu"))
+    assert out["kernels_note"].startswith("ZeroDivisionError") and out["gpu_ms"] == 0.2
+    assert out["host_calls"] == 500 // 30   # no kernel count: assumes 30 launches per call
+
+
+def test_host_time_counts_calls():
+    common = _load("bench_ops").common
+    n = []
+    t = common.host_time(lambda: n.append(1), torch.device("cpu"), calls=4, blocks=5)
+    assert len(n) == 20 and t["host_calls"] == 4 and 0 <= t["host_ms_lo"] <= t["host_ms"] <= t["host_ms_hi"]
