@@ -14,9 +14,10 @@ Shapes (``hh = H / h``, ``ww = W / w``; same contract as :mod:`stvit_kernels.ref
 
 Design. A program owns one ``h x w`` cell of one image (``pid = b * hh * ww + ci * ww + cj``); the
 cell's pixels are flattened to ``p = a * w + b`` and processed in blocks of ``BLOCK_P`` (the next
-power of two >= h*w, capped at ``_MAX_BLOCK_P``; bigger cells loop or add a grid axis), channels in
-chunks of ``BLOCK_C``. The cell size ``(h, w)`` is a compile-time constant, so the pixel index
-arithmetic is shifts and masks. The 9 neighbour slots are padded to 16.
+power of two >= h*w, at least 16, capped at ``_MAX_BLOCK_P``; bigger cells loop or add a grid
+axis), channels in chunks of ``BLOCK_C`` (a power of two, at least 16). The cell size ``(h, w)`` is
+a compile-time constant, so the pixel index arithmetic is shifts and masks. The 9 neighbour slots
+are padded to 16.
 
 * affinity, grid ``(B*hh*ww, pixel blocks)``: logits ``[BLOCK_P, 16] = x [BLOCK_P, C] @ s_nbr [C, 16]``
   accumulated over channel chunks (``s_nbr`` is the 3x3 neighbourhood of super tokens, zero for an
@@ -25,8 +26,8 @@ arithmetic is shifts and masks. The 9 neighbour slots are padded to 16.
   ``[16, BLOCK_C] = A^T [16, P] @ x [P, BLOCK_C]`` (A loaded with invalid slots zeroed) go to a
   workspace ``[B, hh, ww, 9, C]`` (``[B, hh, ww, 9]`` for den); :func:`_reduce_kernel` then adds,
   for each super token ``(u, v)``, the partials of the 9 cells ``(u - di, v - dj)`` around it (a
-  ``[super tokens, 16, C]`` tile summed over its middle axis). Deterministic: no atomics, every sum
-  has one fixed order.
+  ``[super tokens, 16, C]`` tile summed over its middle axis). No atomics: every sum has one order
+  fixed by the compiled kernel (see Determinism below).
 * affinity_aggregate, grid ``(B*hh*ww,)``: the affinity program above, then, with A still in
   registers, the aggregate partials of the same cell (x is read a second time, from L2), then the
   same reduction. A cell bigger than one pixel block loops, accumulating its partials in its own
@@ -34,19 +35,35 @@ arithmetic is shifts and masks. The 9 neighbour slots are padded to 16.
 * upsample, grid ``(B*hh*ww, pixel blocks, channel chunks)``:
   ``y [BLOCK_P, BLOCK_C] = A [BLOCK_P, 16] @ s_nbr [16, BLOCK_C]`` (A with invalid slots zeroed).
 
-``tl.dot`` computes these matrix products when every dimension is >= 16 (``BLOCK_P >= 16`` and
-``C >= 16``) and the dtype is float16 / bfloat16 / float32 (float32 with ``input_precision="ieee"``,
-i.e. no TF32, so float32 results match the reference to ~1e-6); otherwise (small cells, few
-channels, float64) a broadcast multiply and ``tl.sum`` over a 3-D tile. Accumulation is float32
-(float64 for float64 inputs); outputs are in the input dtype; offsets that scale with ``B*C*H*W``
-are int64. No autotuning: block sizes follow from ``(C, h, w)`` (:func:`_plan`).
+Precision. Every one of these matrix products is an explicit ``tl.dot(..., input_precision="ieee")``,
+for every dtype and size: a cell of fewer than 16 pixels or fewer than 16 channels is padded to 16
+with masked rows, which read as 0 and add exactly 0. So float32 is exact float32 on every ``C``
+(FMAs on CUDA cores, never TF32; results match the reference to ~1e-6), float16 / bfloat16 run on
+tensor cores with float32 accumulation, float64 on float64 tensor cores (DMMA, IEEE double).
+There is deliberately no broadcast-multiply-``tl.sum`` fallback: Triton's combine pass
+(``CombineBroadcastMulReducePattern``) rewrites ``tl.sum(a[:, :, None] * b[None, :, :], axis=1)``
+into a ``tt.dot`` of its own, with TF32 input precision up to Triton 3.6 and no check of K; on an
+H200 that made the float32 affinity ~5e-4 wrong for 5..15 channels and 0.6 wrong for 1..4 (K < 8
+on TF32 tensor cores). ``tests/test_triton_ir.py`` compiles every kernel for sm_90 without a GPU and
+checks its IR for TF32 and for dots the source did not write. Outputs are in the input dtype;
+offsets that scale with ``B*C*H*W`` are int64. No autotuning: block sizes follow from ``(C, h, w)``
+(:func:`_plan`).
 
-Inputs are read through their strides (any layout, channels_last included, without a copy); outputs
-are contiguous. Under ``TRITON_INTERPRET=1`` (CPU tensors, how CI runs these kernels) bfloat16
-matrix products are computed from float32 copies of the operands, because the interpreter's
-``tl.dot`` multiplies the raw bits of bfloat16 operands (Triton 3.8); the result is the same
-(bfloat16 products are exact in float32). The interpreter also truncates float32 -> bfloat16
-casts where a GPU rounds to nearest, so bfloat16 outputs there are up to 1 ulp off instead of 1/2.
+Layouts and determinism. Inputs are read through their strides (any layout, channels_last included,
+without a copy); outputs are contiguous. Results are bitwise identical run to run for the same
+inputs on the same device and Triton version (no atomics, fixed loop orders). They are not bitwise
+identical across input layouts: Triton compiles one kernel per stride specialisation (a stride equal
+to 1, strides and pointers divisible by 16), the compiler picks each kernel's register layouts from
+the memory access pattern, and the order of the in-register sums (``den``, the softmax
+normaliser) follows the layout. A channels_last and a contiguous input give results that agree to
+float rounding (a few ulp; e.g. ``den`` 1 ulp apart on an H200).
+
+Interpreter. Under ``TRITON_INTERPRET=1`` (CPU tensors, how CI runs these kernels) bfloat16 matrix
+products are computed from float32 copies of the operands, because the interpreter's ``tl.dot``
+multiplies the raw bits of bfloat16 operands (Triton 3.8); the result is the same (bfloat16
+products are exact in float32). The interpreter also truncates float32 -> bfloat16 casts where a
+GPU rounds to nearest, so bfloat16 outputs there are up to 1 ulp off instead of 1/2. The
+interpreter runs none of the compiler's passes, hence the IR test.
 """
 from __future__ import annotations
 
@@ -62,10 +79,8 @@ import triton.language as tl
 #: Largest pixel block of one program. A cell with more pixels loops (aggregate, fused) or gets a
 #: grid axis of pixel blocks (affinity, upsample). Tests lower it to exercise those paths.
 _MAX_BLOCK_P = 256
-#: Elements of a [BLOCK_P, BLOCK_C] tile of the tl.dot path, and of the reduction's 3-D tile.
+#: Elements of a [BLOCK_P, BLOCK_C] tile (a tl.dot operand), and of the reduction's 3-D tile.
 _TILE = 4096
-#: Elements of the [BLOCK_P, BLOCK_C, 16] product of the broadcast (no tl.dot) path.
-_TILE3 = 8192
 
 
 def _interpreting() -> bool:
@@ -103,32 +118,30 @@ def _pow2(n: int) -> int:
 
 
 class _Plan(NamedTuple):
-    BLOCK_P: int     # pixels per block (power of two, >= 2)
+    BLOCK_P: int     # pixels per block (power of two, >= 16: a tl.dot dimension)
     N_PB: int        # pixel blocks per cell
-    BLOCK_C: int     # channels per chunk
-    USE_DOT: bool    # tl.dot for the [P, C] x [C, 16] / [16, P] x [P, C] products
+    BLOCK_C: int     # channels per chunk (power of two, >= 16: a tl.dot dimension)
+    N_CC: int        # channel chunks (a compile-time loop count: Triton 3.6's interpreter cannot
+                     # loop over a range bounded by a kernel argument with numpy >= 2.4)
     DOT_UPCAST: bool  # interpreter + bfloat16: feed tl.dot float32 copies
     num_warps: int
 
 
 def _plan(dtype: torch.dtype, C: int, h: int, w: int) -> _Plan:
     """Block sizes for a cell of ``h x w`` pixels and ``C`` channels (every kernel but the
-    reduction multiplies a ``[P, C]`` tile with ``[C, 16]``, or ``[P, 16]`` with ``[16, C]``)."""
+    reduction multiplies a ``[P, C]`` tile with ``[C, 16]``, ``[16, P]`` with ``[P, C]``, or
+    ``[P, 16]`` with ``[16, C]``). Every dimension of a tl.dot is >= 16: fewer pixels or channels
+    are padded with masked (zero) rows, which add exactly 0."""
     P = h * w
-    block_p = max(2, min(_pow2(P), _MAX_BLOCK_P))
+    block_p = max(16, min(_pow2(P), _MAX_BLOCK_P))
     n_pb = triton.cdiv(P, block_p)
-    use_dot = dtype != torch.float64 and block_p >= 16 and C >= 16
-    if use_dot:
-        block_c = max(16, min(_pow2(C), _TILE // block_p, 128))
-        work = block_p * (block_c + 16)
-        if dtype == torch.float32:
-            work *= 2  # an exact float32 tl.dot is a loop of FMAs on CUDA cores
-    else:
-        block_c = max(2, min(_pow2(C), _TILE3 // (16 * block_p), 64))
-        work = block_p * block_c * 16  # the 3-D broadcast
+    block_c = max(16, min(_pow2(C), _TILE // block_p, 128))
+    work = block_p * (block_c + 16)
+    if dtype in (torch.float32, torch.float64):
+        work *= 2  # an exact float32 tl.dot is FMAs on CUDA cores; float64 runs on slow DMMA
     num_warps = 8 if work >= 8192 else 4 if work >= 2048 else 2
-    upcast = use_dot and dtype == torch.bfloat16 and _interpreting()
-    return _Plan(block_p, n_pb, block_c, use_dot, upcast, num_warps)
+    upcast = dtype == torch.bfloat16 and _interpreting()
+    return _Plan(block_p, n_pb, block_c, triton.cdiv(C, block_c), upcast, num_warps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,7 +182,7 @@ def _cell_logits(p_xb, p_sb,
                  sxc, ssc,
                  scale_hi, scale_lo,
                  SOFTMAX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                 USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                 N_CC: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """``[BLOCK_P, 16]`` in the accumulation dtype: the scaled logits of one pixel block against
     the cell's neighbours (exactly 0 for an invalid slot), or with ``SOFTMAX`` their softmax over
     the slots 0..8 (slots 9..15 come out 0).
@@ -177,21 +190,18 @@ def _cell_logits(p_xb, p_sb,
     ``p_xb + o_xpix`` are the pixels' channel-0 addresses, ``p_sb + o_snbr`` the neighbours'."""
     ACC = tl.float64 if p_xb.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros([BLOCK_P, 16], dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        o_c = c0 + tl.arange(0, BLOCK_C)
+    for cc in range(N_CC):
+        o_c = cc * BLOCK_C + tl.arange(0, BLOCK_C)
         m_c = o_c < C
         o_c64 = o_c.to(tl.int64)
         b_x = tl.load(p_xb + o_xpix[:, None] + o_c64[None, :] * sxc,
                       mask=m_p[:, None] & m_c[None, :], other=0.)          # [BLOCK_P, BLOCK_C]
         b_s = tl.load(p_sb + o_c64[:, None] * ssc + o_snbr[None, :],
                       mask=m_c[:, None] & m_k[None, :], other=0.)          # [BLOCK_C, 16]
-        if USE_DOT:
-            if DOT_UPCAST:
-                b_x = b_x.to(tl.float32)
-                b_s = b_s.to(tl.float32)
-            acc += tl.dot(b_x, b_s, input_precision="ieee")
-        else:
-            acc += tl.sum(b_x.to(ACC)[:, :, None] * b_s.to(ACC)[None, :, :], axis=1)
+        if DOT_UPCAST:
+            b_x = b_x.to(tl.float32)
+            b_s = b_s.to(tl.float32)
+        acc += tl.dot(b_x, b_s, input_precision="ieee")
     logits = tl.where(m_k[None, :], acc * scale_hi + acc * scale_lo, 0.)
     if SOFTMAX:
         z = tl.where((o_k < 9)[None, :], logits, float("-inf"))
@@ -233,7 +243,7 @@ def _affinity_kernel(
     scale_hi, scale_lo,
     # meta
     CELL_H: tl.constexpr, CELL_W: tl.constexpr, SOFTMAX: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, N_CC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Grid (B*hh*ww, pixel blocks): A (or the logits) of one pixel block of one cell."""
     b, ci, cj, o_k, o_u, o_v, m_k = _cell_of(tl.program_id(0), hh, ww)
@@ -241,7 +251,7 @@ def _affinity_kernel(
     b_a = _cell_logits(p_x + b * sxb, p_s + b * ssb,
                        C, o_i * sxh + o_j * sxw, m_p, o_u * ssh + o_v * ssw, o_k, m_k,
                        sxc, ssc, scale_hi, scale_lo,
-                       SOFTMAX, BLOCK_P, BLOCK_C, USE_DOT, DOT_UPCAST)
+                       SOFTMAX, BLOCK_P, BLOCK_C, N_CC, DOT_UPCAST)
     p_out = p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None]
     tl.store(p_out, _rounded(b_a, p_a), mask=m_p[:, None] & (o_k < 9)[None, :])
 
@@ -257,7 +267,7 @@ def _aggregate_kernel(
     sab, sak, sah, saw,
     # meta
     CELL_H: tl.constexpr, CELL_W: tl.constexpr, N_PB: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Grid (B*hh*ww, channel chunks): the cell's 9 partial sums ``A^T x`` of one channel chunk,
     and (chunk 0) of ``A``, to the workspace rows ``pid * 9 + k``."""
@@ -278,13 +288,10 @@ def _aggregate_kernel(
         b_x = tl.load(p_x + b * sxb + (o_i * sxh + o_j * sxw)[:, None] + o_c64[None, :] * sxc,
                       mask=m_p[:, None] & m_c[None, :], other=0.)          # [BLOCK_P, BLOCK_C]
         acc_den += tl.sum(b_a.to(ACC), axis=0)
-        if USE_DOT:
-            if DOT_UPCAST:
-                b_a = b_a.to(tl.float32)
-                b_x = b_x.to(tl.float32)
-            acc += tl.dot(tl.trans(b_a), b_x, input_precision="ieee")
-        else:
-            acc += tl.sum(b_a.to(ACC)[:, :, None] * b_x.to(ACC)[:, None, :], axis=0)
+        if DOT_UPCAST:
+            b_a = b_a.to(tl.float32)
+            b_x = b_x.to(tl.float32)
+        acc += tl.dot(tl.trans(b_a), b_x, input_precision="ieee")
 
     o_row = pid.to(tl.int64) * 9 + o_k.to(tl.int64)
     tl.store(p_wnum + o_row[:, None] * C + o_c64[None, :], acc,
@@ -306,7 +313,7 @@ def _affinity_aggregate_kernel(
     scale_hi, scale_lo,
     # meta
     CELL_H: tl.constexpr, CELL_W: tl.constexpr, N_PB: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, N_CC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Grid (B*hh*ww,): A of the cell (stored), then, with A still in registers, the partial sums
     ``A^T x`` and of ``A`` to the workspace rows ``pid * 9 + k``."""
@@ -323,7 +330,7 @@ def _affinity_aggregate_kernel(
         b_a = _cell_logits(p_xb, p_s + b * ssb,
                            C, o_xpix, m_p, o_u * ssh + o_v * ssw, o_k, m_k,
                            sxc, ssc, scale_hi, scale_lo,
-                           True, BLOCK_P, BLOCK_C, USE_DOT, DOT_UPCAST)
+                           True, BLOCK_P, BLOCK_C, N_CC, DOT_UPCAST)
         # A as stored (input dtype); pixels past the cell must not add to the sums
         b_a = _rounded(tl.where(m_p[:, None], b_a, 0.), p_a)
         p_out = p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None]
@@ -333,22 +340,18 @@ def _affinity_aggregate_kernel(
         if N_PB > 1:
             den += tl.load(p_wden + o_row, mask=m_row & (pb > 0), other=0.)
         tl.store(p_wden + o_row, den, mask=m_row)
-        if USE_DOT:
-            if DOT_UPCAST:
-                b_a = b_a.to(tl.float32)
-            b_at = tl.trans(b_a)                                            # [16, BLOCK_P]
-        for c0 in range(0, C, BLOCK_C):
-            o_c = c0 + tl.arange(0, BLOCK_C)
+        if DOT_UPCAST:
+            b_a = b_a.to(tl.float32)
+        b_at = tl.trans(b_a)                                                # [16, BLOCK_P]
+        for cc in range(N_CC):
+            o_c = cc * BLOCK_C + tl.arange(0, BLOCK_C)
             m_c = o_c < C
             o_c64 = o_c.to(tl.int64)
             b_x = tl.load(p_xb + o_xpix[:, None] + o_c64[None, :] * sxc,
                           mask=m_p[:, None] & m_c[None, :], other=0.)      # [BLOCK_P, BLOCK_C]
-            if USE_DOT:
-                if DOT_UPCAST:
-                    b_x = b_x.to(tl.float32)
-                part = tl.dot(b_at, b_x, input_precision="ieee")
-            else:
-                part = tl.sum(b_a.to(ACC)[:, :, None] * b_x.to(ACC)[:, None, :], axis=0)
+            if DOT_UPCAST:
+                b_x = b_x.to(tl.float32)
+            part = tl.dot(b_at, b_x, input_precision="ieee")
             p_ws = p_wnum + o_row[:, None] * C + o_c64[None, :]
             m_ws = m_row[:, None] & m_c[None, :]
             if N_PB > 1:
@@ -416,7 +419,7 @@ def _upsample_kernel(
     syb, syc, syh, syw,
     # meta
     CELL_H: tl.constexpr, CELL_W: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Grid (B*hh*ww, pixel blocks, channel chunks): ``y [BLOCK_P, BLOCK_C] = A [BLOCK_P, 16] @
     s_nbr [16, BLOCK_C]``, A loaded with its invalid slots zeroed (they are skipped)."""
@@ -425,19 +428,15 @@ def _upsample_kernel(
     o_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
     o_c64 = o_c.to(tl.int64)
-    ACC = tl.float64 if p_y.dtype.element_ty == tl.float64 else tl.float32
 
     b_a = tl.load(p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None],
                   mask=m_p[:, None] & m_k[None, :], other=0.)              # [BLOCK_P, 16]
     b_s = tl.load(p_s + b * ssb + (o_u * ssh + o_v * ssw)[:, None] + o_c64[None, :] * ssc,
                   mask=m_k[:, None] & m_c[None, :], other=0.)              # [16, BLOCK_C]
-    if USE_DOT:
-        if DOT_UPCAST:
-            b_a = b_a.to(tl.float32)
-            b_s = b_s.to(tl.float32)
-        b_y = tl.dot(b_a, b_s, input_precision="ieee")
-    else:
-        b_y = tl.sum(b_a.to(ACC)[:, :, None] * b_s.to(ACC)[None, :, :], axis=1)
+    if DOT_UPCAST:
+        b_a = b_a.to(tl.float32)
+        b_s = b_s.to(tl.float32)
+    b_y = tl.dot(b_a, b_s, input_precision="ieee")
 
     p_out = p_y + b * syb + o_c64[None, :] * syc + (o_i * syh + o_j * syw)[:, None]
     tl.store(p_out, _rounded(b_y, p_y), mask=m_p[:, None] & m_c[None, :])
@@ -494,7 +493,7 @@ def affinity(x: torch.Tensor, s: torch.Tensor, h: int, w: int, scale: float,
         sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
         scale_hi=scale_hi, scale_lo=scale_lo,
         CELL_H=h, CELL_W=w, SOFTMAX=bool(softmax),
-        BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, USE_DOT=plan.USE_DOT,
+        BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, N_CC=plan.N_CC,
         DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
     )
     return A
@@ -523,7 +522,7 @@ def aggregate(x: torch.Tensor, A: torch.Tensor, h: int, w: int):
         sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
         sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
         CELL_H=h, CELL_W=w, N_PB=plan.N_PB,
-        BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, USE_DOT=plan.USE_DOT,
+        BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C,
         DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
     )
     return _reduce(wnum, wden, x.dtype)
@@ -549,7 +548,7 @@ def upsample(s: torch.Tensor, A: torch.Tensor, h: int, w: int) -> torch.Tensor:
         sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
         syb=y.stride(0), syc=y.stride(1), syh=y.stride(2), syw=y.stride(3),
         CELL_H=h, CELL_W=w, BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C,
-        USE_DOT=plan.USE_DOT, DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
+        DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
     )
     return y
 
@@ -580,7 +579,7 @@ def affinity_aggregate(x: torch.Tensor, s: torch.Tensor, h: int, w: int, scale: 
         sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
         scale_hi=scale_hi, scale_lo=scale_lo,
         CELL_H=h, CELL_W=w, N_PB=plan.N_PB,
-        BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, USE_DOT=plan.USE_DOT,
+        BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, N_CC=plan.N_CC,
         DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
     )
     num, den = _reduce(wnum, wden, x.dtype)

@@ -13,7 +13,7 @@ import stvit_kernels as sk
 
 from stvit_kernels._utils import pair
 
-from .utils import TOL, backend_device, make_inputs, op_results, seed_for
+from .utils import TOL, device_for, make_inputs, op_results, seed_for
 
 BACKENDS = sk.available_backends()
 FUSED = [b for b in BACKENDS if b != "reference"]
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def _inputs(key, B, C, H, W, h, w, backend, dtype=torch.float32):
-    return make_inputs(B, C, H, W, h, w, dtype=dtype, device=backend_device(backend),
+    return make_inputs(B, C, H, W, h, w, dtype=dtype, device=device_for(backend),
                        seed=seed_for(key, B, C, H, W, h, w))
 
 
@@ -76,10 +76,16 @@ LAYOUTS = [strided, transposed_back, expanded, channels_last]
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layouts_match_contiguous(backend, op):
+    """The contract of README "Determinism": ``cpu`` and ``cuda`` give bitwise the result they
+    give on the contiguous tensors (they read the same numbers in the same order). ``triton`` is
+    bitwise run to run for one layout, and across layouts within float32 rounding (16 ulp of the
+    output's largest element): Triton compiles a kernel per stride specialisation (a stride equal
+    to 1, multiples of 16), and the register layout the compiler picks for each, which orders the
+    in-register sums, may differ (on an H200 channels_last moved ``den`` by 1 ulp). The
+    reference (plain PyTorch) is close."""
     B, C, H, W, h, w = 2, 5, 4, 6, 2, 3  # a 2 x 2 grid: few programs for the Triton interpreter
     base = _inputs("layout", B, C, H, W, h, w, backend)
     size = (h, w)
-    exact = backend != "reference"
     on_base = op_results(op, backend, base, size)
     for layout in LAYOUTS:
         t = {k: layout(v) for k, v in base.items()}
@@ -87,7 +93,17 @@ def test_layouts_match_contiguous(backend, op):
         contiguous = {k: v.contiguous() for k, v in t.items()}
         got = op_results(op, backend, t, size)
         want = on_base if layout is not expanded else op_results(op, backend, contiguous, size)
-        _same(got, want, exact, f"{layout.__name__} vs contiguous")
+        where = f"{layout.__name__} vs contiguous"
+        if backend == "triton":
+            _same(op_results(op, backend, t, size), got, True, f"{layout.__name__} run to run")
+            for name in want:
+                a, b = got[name].cpu(), want[name].cpu()
+                assert a.shape == b.shape and a.dtype == b.dtype, f"{where}: {name}"
+                err = (a - b).abs().max().item()
+                bound = 16 * torch.finfo(b.dtype).eps * b.abs().max().item()
+                assert err <= bound, f"{where}: {name} differs by {err:.3g} (bound {bound:.3g})"
+        else:
+            _same(got, want, backend != "reference", where)
         if backend != "reference":
             _same(got, op_results(op, "reference", contiguous, size), False,
                   f"{layout.__name__} vs reference")
@@ -109,7 +125,7 @@ def test_module_layouts_match_contiguous(backend, layout):
     """The module on a channels_last / strided input (padded: 7 x 5 with 4 x 4 super tokens)."""
     torch.manual_seed(seed_for("module-layout", backend))
     C = 8
-    dev = backend_device(backend)
+    dev = device_for(backend)
     m = sk.SuperTokenAttention(C, 4, n_iter=2, num_heads=2, qkv_bias=True).to(dev)
     x = torch.randn(1, C, 7, 5, device=dev)
     g = torch.randn(1, C, 7, 5, device=dev)
@@ -146,7 +162,7 @@ def test_module_image_smaller_than_one_stoken(backend, stoken_size):
     torch.manual_seed(seed_for("small-image", backend, stoken_size))
     C = 8
     ref = sk.SuperTokenAttention(C, stoken_size, n_iter=2, num_heads=2, qkv_bias=True)
-    dev = backend_device(backend)
+    dev = device_for(backend)
     m = copy.deepcopy(ref).to(dev)
     x = torch.randn(2, C, 5, 3)
     g = torch.randn(2, C, 5, 3)
@@ -158,7 +174,7 @@ def test_module_image_smaller_than_one_stoken(backend, stoken_size):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_module(backend):
-    dev = backend_device(backend)
+    dev = device_for(backend)
     m = sk.SuperTokenAttention(8, (4, 3), num_heads=2).to(dev)
     x = torch.randn(0, 8, 9, 7, device=dev)
     res = _module_results(m, backend, x, torch.randn(0, 8, 9, 7, device=dev))
@@ -177,7 +193,7 @@ def test_stoken_size_int_or_pair(backend):
         _same(op_results(op, backend, t, (4, 4)), op_results(op, backend, t, 4), exact=True,
               where=op)
     torch.manual_seed(seed_for("int-or-pair-module"))
-    m_int = sk.SuperTokenAttention(3, 4, num_heads=1).to(backend_device(backend))
+    m_int = sk.SuperTokenAttention(3, 4, num_heads=1).to(device_for(backend))
     m_pair = copy.deepcopy(m_int)
     m_pair.stoken_size = (4, 4)
     assert sk.SuperTokenAttention(3, [4, 4], num_heads=1).stoken_size == m_int.stoken_size == (4, 4)

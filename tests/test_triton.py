@@ -261,6 +261,8 @@ GPU_SHAPES = [
     pytest.param(2, 64, 56, 56, 8, 8, id="B2-C64-56x56-s8"),
     pytest.param(2, 128, 28, 28, 4, 4, id="B2-C128-28x28-s4"),
     pytest.param(1, 40, 30, 18, 5, 3, id="B1-C40-30x18-s5x3"),
+    # RGB superpixels: 3 channels padded to a 16-wide tl.dot, 256-pixel cells (the largest block)
+    pytest.param(2, 3, 64, 48, 16, 16, id="B2-C3-64x48-s16-rgb"),
 ]
 
 

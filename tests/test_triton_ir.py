@@ -1,0 +1,373 @@
+"""The Triton kernels as the GPU compiler builds them: no TF32 anywhere, and no ``tt.dot`` but the ones
+written in the source. Runs without a GPU.
+
+Why. Tests that run the kernels under ``TRITON_INTERPRET=1`` (CI without a GPU) never run Triton's
+compiler, and the compiler rewrites code: its combine pass (``CombineBroadcastMulReducePattern`` in
+``lib/Dialect/Triton/Transforms/Combine.cpp``) turns ``tl.sum(a[:, :, None] * b[None, :, :], axis=1)``
+into ``tt.dot(a, b)``. Up to Triton 3.6 that dot is built with ``inputPrecision = tf32``, and the
+size check (>= 16) looks at M and N, never at K, so a broadcast product over 1..15 channels ran on
+TF32 tensor cores: about 5e-4 off with K = 8 and plainly wrong (0.6) with K = 2 or 4 on an H200
+(Triton 3.8 builds that dot as IEEE, but still builds it).
+
+How. A subprocess without ``TRITON_INTERPRET`` (which replaces ``@triton.jit`` kernels by the
+interpreter; ``conftest.py`` sets it when there is no GPU) loads ``stvit_kernels/triton_kernels.py``,
+runs its host functions on small CPU tensors with every kernel launch replaced by a recorder, and
+compiles each recorded launch for sm_90 (``GPUTarget("cuda", 90, 32)``) with the specialisation
+Triton's own launcher computes from those arguments (strides equal to 1 or divisible by 16, pointer
+alignment), down to PTX and a cubin (``ptxas`` ships with Triton): no GPU is needed. Then:
+- the TTIR has exactly the ``tt.dot`` ops written in the kernel's source (none made by a compiler
+  rewrite), each with every dimension >= 16;
+- every ``tt.dot`` with float32 operands has IEEE input precision (no ``inputPrecision`` other than
+  ``ieee``); every dot accumulates in float32 (float16 / bfloat16 / float32 operands) or float64;
+- no float32 dot runs on tensor cores in the TTGIR (an ``#mma`` operand encoding, or a
+  ``warp_group_dot``), and the PTX has no TF32 ``mma`` / ``wgmma`` instruction.
+Control kernels show that the check fails where it should (the old broadcast pattern over K = 4,
+an explicit TF32 dot) and passes an explicit IEEE dot.
+
+The compiled kernels land in Triton's cache (``~/.triton/cache`` or ``TRITON_CACHE_DIR``), so a
+second run takes ~30 s; a cold run compiles ~140 kernels (~1 s each, split over up to 4 processes:
+1.5 to 3 minutes on 2 cores), ~180 with ``STVIT_LONG_TESTS=1`` (every float32 pair of channel
+count and cell size).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if __name__ == "__main__":  # the worker compiles; the interpreter would replace the kernels
+    os.environ.pop("TRITON_INTERPRET", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not importable")
+import triton.language as tl  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ROOT / "stvit_kernels" / "triton_kernels.py"
+ARCH = 90  # sm_90: H100 / H200, the GPUs this project runs on
+
+# tt.dot ops written in each kernel's source (with the helpers it calls: _cell_logits has one)
+DOTS_WRITTEN = {
+    "_affinity_kernel": 1, "_aggregate_kernel": 1, "_affinity_aggregate_kernel": 2,
+    "_upsample_kernel": 1, "_reduce_kernel": 0,
+}
+
+
+def _case(dtype, C, h, w, grid=(2, 2), layout="contiguous", max_block_p=None, logits=False):
+    name = f"{dtype}-C{C}-s{h}x{w}"
+    name += "" if grid == (2, 2) else f"-grid{grid[0]}x{grid[1]}"
+    name += "" if layout == "contiguous" else f"-{layout}"
+    name += "" if max_block_p is None else f"-maxP{max_block_p}"
+    return dict(id=name, dtype=dtype, C=C, h=h, w=w, grid=grid, layout=layout,
+                max_block_p=max_block_p, logits=logits)
+
+
+LONG = os.environ.get("STVIT_LONG_TESTS", "0") not in ("", "0")
+SMALL_C = (1, 3, 5, 8, 13)
+LARGE_C = (16, 64, 128)
+# Float32 plans: channel counts on both sides of 16 (a tl.dot dimension: fewer are padded), on
+# cells of 2, 15, 16 and 64 pixels (fewer than 16 are padded too); every pair with
+# STVIT_LONG_TESTS=1.
+if LONG:
+    F32 = [(C, h, w) for C in SMALL_C + LARGE_C for h, w in ((1, 2), (3, 5), (4, 4), (8, 8))]
+else:
+    F32 = ([(C, 1, 2) for C in (1, 13, 64)] + [(C, 3, 5) for C in (3, 8, 16, 128)]
+           + [(C, 4, 4) for C in (13, 16)] + [(C, 8, 8) for C in (1, 5, 13, 16, 64, 128)])
+# Plus every dtype, a 1-cell grid, channels_last inputs (other stride specialisations), cells of
+# several pixel blocks, and the affinity without softmax (the logits) on a few of them.
+CASES = (
+    [_case("float32", C, h, w, logits=(C, h, w) in ((3, 3, 5), (64, 8, 8))) for C, h, w in F32]
+    + [_case(dt, C, h, w, logits=C == 3) for dt in ("float16", "bfloat16") for C in (3, 64)
+       for h, w in ((3, 5), (8, 8))]
+    + [_case("float64", C, h, w) for C in (3, 64) for h, w in ((1, 2), (8, 8))]
+    + [_case("float32", 5, 8, 8, grid=(1, 1))]
+    + [_case("float32", C, 8, 8, layout="channels_last") for C in (3, 64)]
+    + [_case("float32", C, 8, 8, max_block_p=16) for C in (5, 16)]
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Control kernels: the check must flag the first two and pass the third.
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _control_broadcast_kernel(p_x, p_s, p_o, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The old fallback: a 3-D broadcast product summed over its middle axis (K = BLOCK_C)."""
+    o_p = tl.arange(0, BLOCK_P)
+    o_c = tl.arange(0, BLOCK_C)
+    o_k = tl.arange(0, 16)
+    b_x = tl.load(p_x + o_p[:, None] * BLOCK_C + o_c[None, :])
+    b_s = tl.load(p_s + o_c[:, None] * 16 + o_k[None, :])
+    acc = tl.sum(b_x[:, :, None] * b_s[None, :, :], axis=1)
+    tl.store(p_o + o_p[:, None] * 16 + o_k[None, :], acc)
+
+
+@triton.jit
+def _control_dot_kernel(p_x, p_s, p_o, PRECISION: tl.constexpr):
+    o = tl.arange(0, 16)
+    b_x = tl.load(p_x + o[:, None] * 16 + o[None, :])
+    b_s = tl.load(p_s + o[:, None] * 16 + o[None, :])
+    tl.store(p_o + o[:, None] * 16 + o[None, :], tl.dot(b_x, b_s, input_precision=PRECISION))
+
+
+CONTROLS = {
+    # name: (kernel, constexprs, dots intended)
+    "broadcast-K4": ("_control_broadcast_kernel", dict(BLOCK_P=16, BLOCK_C=4), 0),
+    "dot-tf32": ("_control_dot_kernel", dict(PRECISION="tf32"), 1),
+    "dot-ieee": ("_control_dot_kernel", dict(PRECISION="ieee"), 1),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading the IR (in the test process, on the reports of the worker)
+# ------------------------------------------------------------------------------------------------
+
+_ELT = r"(?:tensor|memdesc)<((?:\d+x)+)([a-z]+\d*)"
+
+
+def _dots(ir: str, gpu: bool):
+    """Every dot op of a TTIR (``gpu=False``) or TTGIR module: its name, the element types of its
+    operands and result, its input precision (None: not printed, i.e. the default, IEEE) and
+    whether it runs on tensor cores (an ``#mma`` operand encoding, or a ``warp_group_dot``)."""
+    found = []
+    for line in ir.splitlines():
+        bare = re.sub(r"\{[^{}]*\}", "", line)  # attribute dicts, encodings' parameters
+        m = re.search(r"=\s*(tt\.dot|tt\.dot_scaled|ttng\.warp_group_dot)\s", bare)
+        if not m:
+            continue
+        types = bare[bare.index(" : ", m.end()):]
+        prec = re.search(r"inputPrecision\s*=\s*(\w+)", line)
+        operands = re.findall(_ELT, types)[:3]
+        found.append(dict(op=m.group(1), elts=[elt for _, elt in operands],
+                          shapes=[[int(n) for n in dims.split("x")[:-1]] for dims, _ in operands],
+                          precision=prec.group(1) if prec else None,
+                          tensor_cores=gpu and (m.group(1) != "tt.dot" or "parent = #mma" in line),
+                          line=re.sub(r"\s*loc\(.*$", "", line.strip())[:300]))
+    return found
+
+
+def _ieee(precision) -> bool:
+    # printed values: "ieee" (or 2 in a generic attribute dict, the enum's number, as in
+    # "inputPrecision = 0 : i32" for TF32); absent means the attribute's default, IEEE
+    return precision in (None, "ieee", "2")
+
+
+def violations(report: dict, dots_intended: int):
+    """Why one compiled kernel breaks the rules (empty: it does not)."""
+    bad = []
+    ttir = _dots(report["ttir"], gpu=False)
+    if len(ttir) != dots_intended:
+        bad.append(f"{len(ttir)} tt.dot in the TTIR, {dots_intended} written: "
+                   + "; ".join(d["line"] for d in ttir))
+    for d in ttir:
+        if any(n < 16 for shape in d["shapes"][:2] for n in shape):
+            bad.append(f"tt.dot with a dimension < 16: {d['line']}")
+        if "f32" in d["elts"][:2] and not _ieee(d["precision"]):
+            bad.append(f"float32 tt.dot with inputPrecision = {d['precision']}: {d['line']}")
+        if d["elts"][2:] and d["elts"][2] != report["acc"]:
+            bad.append(f"tt.dot accumulates in {d['elts'][2]}, not {report['acc']}: {d['line']}")
+    for d in _dots(report["ttgir"], gpu=True):
+        if "f32" in d["elts"][:2] and d["tensor_cores"]:
+            bad.append(f"float32 dot on tensor cores in the TTGIR: {d['line']}")
+    mma = sorted(set(re.findall(r"\b(?:mma|wgmma\.mma_async)\.[\w.]+", report["ptx"])))
+    if any("tf32" in i for i in mma):
+        bad.append(f"TF32 tensor-core instructions in the PTX: {mma}")
+    if dots_intended == 0 and mma:
+        bad.append(f"tensor-core instructions in the PTX of a kernel without tl.dot: {mma}")
+    return bad
+
+
+# ------------------------------------------------------------------------------------------------
+# The worker (a subprocess: ``python tests/test_triton_ir.py OUT.json CASE_IDS...``)
+# ------------------------------------------------------------------------------------------------
+
+def _load_kernels():
+    """stvit_kernels/triton_kernels.py as a module of its own (the package's __init__ is not
+    needed, nor the compiled extension)."""
+    spec = importlib.util.spec_from_file_location("_stvit_triton_kernels_ir", KERNELS)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _Compiler:
+    """Compiles one launch (kernel + keyword arguments) the way ``JITFunction.run`` would, for
+    the target alone: Triton's binder computes the signature, constexprs and specialisation."""
+
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+
+        self.target = GPUTarget("cuda", ARCH, 32)
+        self.backend = make_backend(self.target)
+        self.done = {}
+
+    def __call__(self, fn, kwargs):
+        from triton.compiler import ASTSource
+        from triton.runtime.jit import create_function_from_signature
+
+        kwargs = dict(kwargs, debug=False)
+        binder = create_function_from_signature(fn.signature, fn.params, self.backend)
+        bound, specialization, options = binder(**kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound,
+                                                              specialization, options)
+        key = repr((fn.__name__, signature, sorted(constexprs.items()), sorted(attrs.items()),
+                    sorted(options.__dict__.items())))
+        if key not in self.done:
+            src = ASTSource(fn, signature, constexprs, attrs)
+            kernel = triton.compile(src, target=self.target, options=options.__dict__)
+            self.done[key] = {k: kernel.asm[k] for k in ("ttir", "ttgir", "ptx")}
+        return self.done[key]
+
+
+def _record_launches(tk, case):
+    """Run every host function of ``tk`` on the case's tensors; return the launches it makes."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda **kwargs: launches.append((self.fn, kwargs))
+
+    saved = {}
+    for name in DOTS_WRITTEN:
+        saved[name] = getattr(tk, name)
+        setattr(tk, name, Recorder(saved[name]))
+    saved_max_p = tk._MAX_BLOCK_P
+    if case["max_block_p"]:
+        tk._MAX_BLOCK_P = case["max_block_p"]
+    try:
+        dtype = getattr(torch, case["dtype"])
+        C, h, w = case["C"], case["h"], case["w"]
+        hh, ww = case["grid"]
+        B, H, W = 2, hh * h, ww * w
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(B, C, H, W, generator=g).to(dtype)
+        s = torch.randn(B, C, hh, ww, generator=g).to(dtype)
+        A = torch.randn(B, 9, H, W, generator=g).softmax(1).to(dtype)
+        if case["layout"] == "channels_last":
+            x, s, A = (t.to(memory_format=torch.channels_last) for t in (x, s, A))
+        scale = C ** -0.5
+        tk.affinity(x, s, h, w, scale, True)
+        if case["logits"]:
+            tk.affinity(x, s, h, w, scale, False)
+        tk.aggregate(x, A, h, w)
+        tk.upsample(s, A, h, w)
+        tk.affinity_aggregate(x, s, h, w, scale)
+    finally:
+        for name, fn in saved.items():
+            setattr(tk, name, fn)
+        tk._MAX_BLOCK_P = saved_max_p
+    return launches
+
+
+def _worker(out_path, case_ids):
+    tk = _load_kernels()
+    compile_ = _Compiler()
+    by_id = {c["id"]: c for c in CASES}
+    result = {"triton": triton.__version__, "cases": {}, "controls": {}}
+    for cid in case_ids:
+        if cid in CONTROLS:
+            name, constexprs, _ = CONTROLS[cid]
+            fn = globals()[name]
+            f32 = torch.zeros(16 * 16)
+            asm = compile_(fn, dict(p_x=f32, p_s=f32, p_o=f32, **constexprs))
+            result["controls"][cid] = dict(asm, kernel=name, acc="f32")
+            continue
+        case = by_id[cid]
+        acc = "f64" if case["dtype"] == "float64" else "f32"
+        reports = []
+        for fn, kwargs in _record_launches(tk, case):
+            reports.append(dict(compile_(fn, kwargs), kernel=fn.__name__, acc=acc))
+        result["cases"][cid] = reports
+    Path(out_path).write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------------------------
+# The tests
+# ------------------------------------------------------------------------------------------------
+
+def _has_cuda_backend() -> bool:
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+pytestmark = pytest.mark.skipif(not _has_cuda_backend(), reason="triton has no NVIDIA backend")
+
+
+def _run_workers(ids, tmp: Path):
+    """The worker over ``ids``, split over up to 4 processes (one per core)."""
+    n = max(1, min(4, os.cpu_count() or 1, len(ids)))
+    parts = [ids[i::n] for i in range(n)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def run(i):
+        out = tmp / f"ir_{i}.json"
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(out), *parts[i]],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"IR worker failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+        return json.loads(out.read_text())
+
+    merged = {"cases": {}, "controls": {}}
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        for part in pool.map(run, range(n)):
+            merged["triton"] = part["triton"]
+            merged["cases"].update(part["cases"])
+            merged["controls"].update(part["controls"])
+    return merged
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    with tempfile.TemporaryDirectory() as tmp:
+        return _run_workers([c["id"] for c in CASES] + list(CONTROLS), Path(tmp))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_no_tf32_and_dots_only_where_planned(compiled, case):
+    reports = compiled["cases"][case["id"]]
+    assert {r["kernel"] for r in reports} == set(DOTS_WRITTEN), "a kernel was not launched"
+    problems = []
+    for r in reports:
+        problems += [f"{r['kernel']}: {p}" for p in violations(r, DOTS_WRITTEN[r["kernel"]])]
+    assert not problems, f"triton {compiled['triton']}, sm_{ARCH}:\n" + "\n".join(problems)
+
+
+def test_check_flags_the_old_broadcast_pattern(compiled):
+    """``tl.sum(x[:, :, None] * s[None, :, :], axis=1)`` over K = 4 channels: the compiler makes a
+    tt.dot of it (TF32 up to Triton 3.6, IEEE later), which the check reports either way."""
+    report = compiled["controls"]["broadcast-K4"]
+    problems = violations(report, CONTROLS["broadcast-K4"][2])
+    assert any("1 tt.dot in the TTIR, 0 written" in p for p in problems), problems
+    assert any("dimension < 16" in p for p in problems), problems
+
+
+def test_check_flags_a_tf32_dot(compiled):
+    report = compiled["controls"]["dot-tf32"]
+    problems = violations(report, CONTROLS["dot-tf32"][2])
+    assert any("inputPrecision = tf32" in p for p in problems), problems
+    assert any("TF32 tensor-core instructions in the PTX" in p for p in problems), problems
+
+
+def test_check_passes_an_ieee_dot(compiled):
+    report = compiled["controls"]["dot-ieee"]
+    assert violations(report, CONTROLS["dot-ieee"][2]) == []
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2:])
