@@ -11,6 +11,8 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -228,6 +230,33 @@ at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) {
   return K::pool(x.contiguous(), h, w);
 }
 
+// The refine of the STA module (stvit_kernels.RefineAttention): multi-head self-attention over the
+// N = H * W tokens of s [B, C, H, W], with the official parameters (qkv: 1x1 conv to 3C whose
+// channels are [heads, (q, k, v), head_dim]; proj: 1x1 conv). The convolutions run as matrix
+// products on the token-major view [B, N, C], so q, k, v are views with unit stride on head_dim
+// and aligned rows, which SDPA's fused kernels take for any N. Composite of ATen ops (registered
+// CompositeImplicitAutograd: autograd, autocast and torch.compile see those ops); one call from
+// Python instead of a dozen. The Python fallback for builds without this extension is
+// RefineAttention._forward_python, the same ops.
+at::Tensor refine_attention(const at::Tensor& s, const at::Tensor& qkv_weight,
+                            const std::optional<at::Tensor>& qkv_bias,
+                            const at::Tensor& proj_weight,
+                            const std::optional<at::Tensor>& proj_bias, int64_t heads,
+                            double scale, double dropout_p) {
+  TORCH_CHECK(s.dim() == 4, "stvit::refine_attention: s must be 4-D, got s.shape=", s.sizes());
+  const int64_t B = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3), N = H * W;
+  TORCH_CHECK(heads >= 1 && C % heads == 0, "stvit::refine_attention: ", C,
+              " channels do not split into ", heads, " heads");
+  const at::Tensor tokens = s.reshape({B, C, N}).transpose(1, 2);  // [B, N, C]
+  const at::Tensor qkv = at::linear(tokens, qkv_weight.reshape({3 * C, C}), qkv_bias);
+  const auto q_k_v = qkv.view({B, N, heads, 3, C / heads}).permute({3, 0, 2, 1, 4}).unbind(0);
+  const at::Tensor out = at::scaled_dot_product_attention(q_k_v[0], q_k_v[1], q_k_v[2], {},
+                                                          dropout_p, false, scale);
+  const at::Tensor proj = at::linear(out.transpose(1, 2).reshape({B, N, C}),
+                                     proj_weight.reshape({C, C}), proj_bias);
+  return proj.transpose(1, 2).view({B, C, H, W});
+}
+
 }  // namespace
 }  // namespace stvit
 
@@ -241,6 +270,12 @@ TORCH_LIBRARY(stvit, m) {
   m.def("associate(Tensor x, Tensor? s, int h, int w, float scale, int n_iter) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("associate_backward(Tensor g, Tensor A, Tensor den, int h, int w) -> Tensor");
+  m.def("refine_attention(Tensor s, Tensor qkv_weight, Tensor? qkv_bias, Tensor proj_weight, "
+        "Tensor? proj_bias, int heads, float scale, float dropout_p) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(stvit, CompositeImplicitAutograd, m) {
+  m.impl("refine_attention", &stvit::refine_attention);
 }
 
 TORCH_LIBRARY_IMPL(stvit, CPU, m) {

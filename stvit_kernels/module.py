@@ -7,8 +7,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _ext
 from ._utils import StokenSize, autocast_inputs, cast, check_n_iter, pair
 from .backends import resolve
+
+#: The refine attention as one C++ call when the extension is built (it always is where a compiler
+#: was), else None and RefineAttention._forward_python.
+_REFINE_OP = torch.ops.stvit.refine_attention.default if _ext.load_error() is None else None
 
 #: Buffers of the official module that this one computes implicitly (identity kernels of its
 #: unfold / fold convolutions); dropped when loading an official state dict.
@@ -42,16 +47,25 @@ class RefineAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.attn_drop_p if self.training else 0.0
+        if _REFINE_OP is not None:  # the same ops, composed in C++ (csrc/ops.cpp): one call
+            out = _REFINE_OP(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
+                             self.num_heads, self.scale, p)
+        else:
+            out = self._forward_python(x, p)
+        return self.proj_drop(out) if self.training and self.proj_drop.p > 0 else out
+
+    def _forward_python(self, x: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """``stvit::refine_attention`` in Python, for builds without the extension."""
         B, C, H, W = x.shape
         N, heads = H * W, self.num_heads
-        tokens = x.flatten(2).transpose(1, 2)                                   # [B, N, C] view
-        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)       # [B, N, 3C]
-        q, k, v = qkv.unflatten(2, (heads, 3, C // heads)).permute(3, 0, 2, 1, 4)  # [B, heads, N, hd]
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop_p if self.training else 0.0, scale=self.scale)
-        out = F.linear(out.transpose(1, 2).flatten(2), self.proj.weight.flatten(1), self.proj.bias)
-        out = out.transpose(1, 2).unflatten(2, (H, W))                          # [B, C, H, W] view
-        return self.proj_drop(out) if self.training and self.proj_drop.p > 0 else out
+        tokens = x.reshape(B, C, N).transpose(1, 2)                               # [B, N, C]
+        qkv = F.linear(tokens, self.qkv.weight.reshape(3 * C, C), self.qkv.bias)  # [B, N, 3C]
+        q, k, v = qkv.view(B, N, heads, 3, C // heads).permute(3, 0, 2, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+        out = F.linear(out.transpose(1, 2).reshape(B, N, C), self.proj.weight.reshape(C, C),
+                       self.proj.bias)
+        return out.transpose(1, 2).view(B, C, H, W)
 
 
 class SuperTokenAttention(nn.Module):
