@@ -23,7 +23,7 @@ export STVIT_EXPECT_CUDA STVIT_EXPECT_COMPILED
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
 
 GPU_PY      ?= python3
-GPU_WORKERS ?= 8
+GPU_WORKERS ?= 16
 
 T211_VENV := .venv-torch2.11
 T211_TREE := .build-torch2.11
@@ -51,12 +51,10 @@ test: install
 	$(PY) -m pytest tests -q -rs
 
 test-gpu:
-	STVIT_GPU_TIER=1 STVIT_EXPECT_CUDA=1 $(GPU_PY) -m pytest tests -q -rfEs -p no:cacheprovider \
-		-n $(GPU_WORKERS) --timeout 600 --durations=15
+	GPU_PY=$(GPU_PY) GPU_WORKERS=$(GPU_WORKERS) bash tests/gpu.sh tier
 
 sanitize-gpu:
-	compute-sanitizer --tool memcheck --error-exitcode 1 $(GPU_PY) tests/sanitize_cuda.py
-	compute-sanitizer --tool racecheck --error-exitcode 1 $(GPU_PY) tests/sanitize_cuda.py
+	GPU_PY=$(GPU_PY) bash tests/gpu.sh sanitize
 
 test-torch2.11:
 	test -x $(T211_VENV)/bin/python || $(PYTHON) -m venv $(T211_VENV)

@@ -26,8 +26,8 @@ from .utils import LONG, TOL, device_for, make_inputs, op_results, seed_for
 
 OPS = ["affinity", "aggregate", "upsample", "associate"]
 FUSED = [b for b in sk.available_backends() if b != "reference"]
-CASES = 2000 if LONG else 200
-INTERPRETER_CASES = 400 if LONG else 200
+CASES = int(os.environ.get("STVIT_SWEEP_CASES", 2000 if LONG else 200))
+INTERPRETER_CASES = int(os.environ.get("STVIT_SWEEP_CASES", 400 if LONG else 200))
 ONLY_CASE = os.environ.get("STVIT_SWEEP_CASE")
 
 pytestmark = pytest.mark.usefixtures("poison_outputs", "one_thread")

@@ -25,7 +25,8 @@ HALF = [torch.float16, torch.bfloat16]
 # CPU tensors under the interpreter; with a GPU the kernels are compiled and take CUDA tensors
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # every output and workspace the kernels get starts as NaN (tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("poison_outputs")
+# every test here runs the Triton kernels, on the GPU when there is one: all in the GPU tier
+pytestmark = [pytest.mark.usefixtures("poison_outputs"), pytest.mark.gpu]
 
 
 def _inputs(key, B, C, H, W, h, w, dtype=torch.float32, device=DEVICE):
