@@ -2,7 +2,8 @@
 
 The same trivial kernel (``x + 1`` on a 4 x 4 CPU tensor) behind each registration that
 stvit_kernels could use, timed per call on one thread (``time.thread_time``: CPU time of this
-thread, which a busy shared machine disturbs less than wall time), best of several blocks:
+thread, which a busy shared machine disturbs less than wall time), best of several blocks taken in
+turns:
 
 * the ATen op called directly (the floor: what any kernel call costs);
 * ``torch.library.define`` + ``impl`` (what stvit_kernels uses for its raw operators), called
@@ -27,15 +28,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
-def per_call_us(fn, n=20000, blocks=7) -> float:
-    for _ in range(n // 10):
-        fn()
-    best = float("inf")
-    for _ in range(blocks):
-        t = time.thread_time()
-        for _ in range(n):
+def per_call_us(fns, n=5000, rounds=15):
+    """Per call of each of ``fns``: the best of ``rounds`` blocks of ``n`` calls, the functions
+    taking turns block by block (so a busy spell of a shared machine hits them all)."""
+    for fn in fns:
+        for _ in range(n // 5):
             fn()
-        best = min(best, (time.thread_time() - t) / n * 1e6)
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t = time.thread_time()
+            for _ in range(n):
+                fn()
+            best[i] = min(best[i], (time.thread_time() - t) / n * 1e6)
     return best
 
 
@@ -77,7 +82,8 @@ def measure():
         ("autograd.Function.apply(define + impl)", lambda: Fn.apply(x)),
         ("autograd.Function.apply(define + impl), input requires grad", lambda: Fn.apply(xg)),
     ]
-    out = [dict(name=name, us=per_call_us(fn)) for name, fn in rows]
+    times = per_call_us([fn for _, fn in rows])
+    out = [dict(name=name, us=us) for (name, _), us in zip(rows, times)]
     floor = out[0]["us"]
     for r in out:
         r["over_aten_us"] = r["us"] - floor
