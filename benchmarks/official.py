@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stvit_kernels.module import conv_refine  # the same three convolutions, the official layout
+
 #: The buffers of the official module that our SuperTokenAttention does not have.
 IDENTITY_KEYS = ("unfold.weights", "fold.weights")
 
@@ -118,11 +120,7 @@ class OfficialStokenAttention(nn.Module):
                                                              qk_scale=qk_scale, attn_drop=attn_drop,
                                                              proj_drop=proj_drop)
             else:
-                self.stoken_refine = nn.Sequential(
-                    nn.Conv2d(dim, dim, 1, 1, 0),
-                    nn.Conv2d(dim, dim, 5, 1, 2, groups=dim),
-                    nn.Conv2d(dim, dim, 1, 1, 0),
-                )
+                self.stoken_refine = conv_refine(dim)
 
     @classmethod
     def from_module(cls, sta: nn.Module) -> "OfficialStokenAttention":

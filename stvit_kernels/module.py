@@ -68,6 +68,16 @@ class RefineAttention(nn.Module):
         return out.transpose(1, 2).view(B, C, H, W)
 
 
+def conv_refine(dim: int) -> nn.Sequential:
+    """The official refine without attention (``refine_attention=False``): conv1x1 -> depthwise
+    5x5 -> conv1x1, with the official submodule indices."""
+    return nn.Sequential(
+        nn.Conv2d(dim, dim, 1, 1, 0),
+        nn.Conv2d(dim, dim, 5, 1, 2, groups=dim),
+        nn.Conv2d(dim, dim, 1, 1, 0),
+    )
+
+
 class SuperTokenAttention(nn.Module):
     """Super Token Attention (STViT, CVPR 2023), state-dict compatible with the official
     ``StokenAttention`` (minus its two constant ``unfold`` / ``fold`` buffers, which loading drops).
@@ -111,11 +121,7 @@ class SuperTokenAttention(nn.Module):
                                                      qk_scale=qk_scale, attn_drop=attn_drop,
                                                      proj_drop=proj_drop)
             else:
-                self.stoken_refine = nn.Sequential(
-                    nn.Conv2d(dim, dim, 1, 1, 0),
-                    nn.Conv2d(dim, dim, 5, 1, 2, groups=dim),
-                    nn.Conv2d(dim, dim, 1, 1, 0),
-                )
+                self.stoken_refine = conv_refine(dim)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, stoken_size={self.stoken_size}, n_iter={self.n_iter}, "
