@@ -43,9 +43,10 @@ def _same(got, want, exact, where):
 
 # ------------------------------------------------------------------------------------------------
 # Layouts: every tensor of a call (inputs and incoming gradients) as a non-contiguous view with the
-# same values, or channels_last. The fused backends must give bitwise the result they give on the
-# contiguous tensors (they copy, or read through the strides, the same numbers); the reference
-# (plain PyTorch) may sum in another order.
+# same values, or channels_last. `cpu` and `cuda` must give bitwise the result they give on the
+# contiguous tensors (they copy the same numbers to contiguous NCHW); `triton` reads through the
+# strides and is bounded across layouts (see test_layouts_match_contiguous); the reference (plain
+# PyTorch) may sum in another order.
 # ------------------------------------------------------------------------------------------------
 
 def strided(t):
