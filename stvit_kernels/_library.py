@@ -309,15 +309,13 @@ FAKES = {
     "associate_backward": _fake_associate_backward,
 }
 
-#: Schemas of the raw operators (the C++ ones are declared with the same text in csrc/ops.cpp).
+#: Schemas of the Triton operators (the C++ ones of the same names are declared with the same text
+#: in csrc/ops.cpp).
 SCHEMAS = {
     "affinity": "(Tensor x, Tensor s, int h, int w, float scale, bool softmax) -> Tensor",
     "aggregate": "(Tensor x, Tensor A, int h, int w) -> (Tensor, Tensor)",
     "upsample": "(Tensor s, Tensor A, int h, int w) -> Tensor",
     "affinity_aggregate": "(Tensor x, Tensor s, int h, int w, float scale) -> (Tensor, Tensor, Tensor)",
-    "pool": "(Tensor x, int h, int w) -> Tensor",
-    "associate": "(Tensor x, Tensor? s, int h, int w, float scale, int n_iter) -> (Tensor, Tensor, Tensor)",
-    "associate_backward": "(Tensor g, Tensor A, Tensor den, int h, int w) -> Tensor",
 }
 
 
@@ -352,7 +350,6 @@ def compiled_kernels() -> Kernels:
 #: as Triton does when its kernels are decorated).
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-_TRITON_OPS = ("affinity", "aggregate", "upsample", "affinity_aggregate")
 _LIB = torch.library.Library("stvit", "FRAGMENT")
 
 
@@ -373,7 +370,7 @@ def _triton_refuse(name: str) -> Callable:
 
 
 def _define_triton() -> Kernels:
-    for name in _TRITON_OPS:
+    for name in SCHEMAS:
         _LIB.define(f"triton_{name}{SCHEMAS[name]}")
         _LIB.impl(f"triton_{name}", _triton_impl(name), "CUDA")
         _LIB.impl(f"triton_{name}", _triton_impl(name) if TRITON_INTERPRET else _triton_refuse(name),
