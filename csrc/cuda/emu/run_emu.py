@@ -21,7 +21,9 @@ from stvit_kernels import reference as ref
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA_DIR = os.environ.get("STVIT_CUDA_DIR", os.path.join(ROOT, "csrc", "cuda"))
 _h = hashlib.sha1(b"".join(open(f, "rb").read() for f in sorted(glob.glob(CUDA_DIR + "/*.cuh")) + [os.path.join(HERE, "emu_ext.cpp"), os.path.join(HERE, "emu_shim.h")])).hexdigest()[:10]
-emu = load(name=os.environ.get("STVIT_EMU_NAME", "stvit_emu") + "_" + _h, sources=[os.path.join(HERE, "emu_ext.cpp")],
+# the torch release in the name too: venvs with different torches never share a build
+_torch = torch.__version__.split("+")[0].replace(".", "_")
+emu = load(name=os.environ.get("STVIT_EMU_NAME", "stvit_emu") + f"_{_h}_torch{_torch}", sources=[os.path.join(HERE, "emu_ext.cpp")],
            extra_include_paths=[HERE, CUDA_DIR, os.path.join(ROOT, "csrc")],
            extra_cflags=["-O1", "-std=c++20", "-Wno-unknown-pragmas"], verbose=False)
 
