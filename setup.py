@@ -5,8 +5,9 @@
 
 What gets built:
 
-* always: the host code (``csrc/ops.cpp``: checks, ``torch.ops.stvit`` registration, Python module)
-  and the OpenMP CPU kernels (``csrc/cpu/*.cpp``);
+* always: the host code (``csrc/ops.cpp``: checks, ``torch.ops.stvit`` registration, Python module),
+  the refine attention operators (``csrc/refine.cpp``) and the OpenMP CPU kernels
+  (``csrc/cpu/*.cpp``);
 * the CUDA kernels (``csrc/cuda/*.cu``), compiled with ``-DSTVIT_WITH_CUDA`` for every source, when
   torch is a CUDA build and nvcc is found.
 
@@ -177,7 +178,7 @@ def extensions_and_cmdclass():
     if cuda_home is not None:
         cpp_extension.CUDA_HOME = cuda_home
 
-    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")]
+    sources = _rel([os.path.join(ROOT, "csrc", n) for n in ("ops.cpp", "refine.cpp")]
                    + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     # -ffp-contract=fast: FMAs in the AVX2 kernels; -fno-tree-loop-distribute-patterns: keep the
     # short row copies of the kernels inline instead of memcpy calls per cell row

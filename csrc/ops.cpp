@@ -3,7 +3,9 @@
 // module. The kernels behind the primitives are the *_cpu functions of csrc/cpu and the *_cuda
 // functions of csrc/cuda (stvit.h); every check happens here, once, before either is called, and
 // raises through TORCH_CHECK. `associate` and `associate_backward` are the STA module's
-// association stage and its gradient as one call each (a loop over the kernels, in C++).
+// association stage and its gradient as one call each (a loop over the kernels, in C++);
+// `sta_forward` and `sta_backward` the whole module with its refine attention written out
+// (refine.cpp), one call each way.
 #include <pybind11/pybind11.h>
 
 #include <optional>
@@ -11,8 +13,6 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/linear.h>
-#include <ATen/ops/scaled_dot_product_attention.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -24,6 +24,7 @@
 #endif
 
 #include "cpu/kernels.h"
+#include "refine.h"
 #include "stvit.h"
 
 namespace stvit {
@@ -230,31 +231,40 @@ at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) {
   return K::pool(x.contiguous(), h, w);
 }
 
-// The refine of the STA module (stvit_kernels.RefineAttention): multi-head self-attention over the
-// N = H * W tokens of s [B, C, H, W], with the official parameters (qkv: 1x1 conv to 3C whose
-// channels are [heads, (q, k, v), head_dim]; proj: 1x1 conv). The convolutions run as matrix
-// products on the token-major view [B, N, C], so q, k, v are views with unit stride on head_dim
-// and aligned rows, which SDPA's fused kernels take for any N. Composite of ATen ops (registered
-// CompositeImplicitAutograd: autograd, autocast and torch.compile see those ops); one call from
-// Python instead of a dozen. The Python fallback for builds without this extension is
-// RefineAttention._forward_python, the same ops.
-at::Tensor refine_attention(const at::Tensor& s, const at::Tensor& qkv_weight,
-                            const std::optional<at::Tensor>& qkv_bias,
-                            const at::Tensor& proj_weight,
-                            const std::optional<at::Tensor>& proj_bias, int64_t heads,
-                            double scale, double dropout_p) {
-  TORCH_CHECK(s.dim() == 4, "stvit::refine_attention: s must be 4-D, got s.shape=", s.sizes());
-  const int64_t B = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3), N = H * W;
-  TORCH_CHECK(heads >= 1 && C % heads == 0, "stvit::refine_attention: ", C,
-              " channels do not split into ", heads, " heads");
-  const at::Tensor tokens = s.reshape({B, C, N}).transpose(1, 2);  // [B, N, C]
-  const at::Tensor qkv = at::linear(tokens, qkv_weight.reshape({3 * C, C}), qkv_bias);
-  const auto q_k_v = qkv.view({B, N, heads, 3, C / heads}).permute({3, 0, 2, 1, 4}).unbind(0);
-  const at::Tensor out = at::scaled_dot_product_attention(q_k_v[0], q_k_v[1], q_k_v[2], {},
-                                                          dropout_p, false, scale);
-  const at::Tensor proj = at::linear(out.transpose(1, 2).reshape({B, N, C}),
-                                     proj_weight.reshape({C, C}), proj_bias);
-  return proj.transpose(1, 2).view({B, C, H, W});
+using Tensor7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                           at::Tensor>;
+
+// The STA module (stvit_kernels.SuperTokenAttention with its attention refine, padding aside) in
+// one call: associate (initial pooling, n_iter passes), the refine attention written out, and the
+// upsampling. Returns (y, then what sta_backward needs: A, den, the super tokens s that entered
+// the refine, and the refine's qkvh, attn, o).
+template <typename K>
+Tensor7 sta_forward(const at::Tensor& x, const at::Tensor& qkv_weight,
+                    const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
+                    const std::optional<at::Tensor>& proj_bias, int64_t h, int64_t w, double scale,
+                    int64_t n_iter, int64_t heads, double attn_scale) {
+  typename K::Guard guard(x);
+  auto [s, A, den] = associate<K>(x, std::nullopt, h, w, scale, n_iter);
+  auto [r, qkvh, attn, o] =
+      refine_attention_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, attn_scale);
+  at::Tensor y = upsample<K>(r, A, h, w);
+  return {y, A, den, s, qkvh, attn, o};
+}
+
+// The gradient of sta_forward's y into x and the refine's four parameters, the module's
+// semantics (A and den constants): upsampling -> (ds: aggregate(g, A).num), the refine by hand,
+// the association (associate_backward).
+template <typename K>
+Tensor5 sta_backward(const at::Tensor& grad, const at::Tensor& A, const at::Tensor& den,
+                     const at::Tensor& s, const at::Tensor& qkvh, const at::Tensor& attn,
+                     const at::Tensor& o, const at::Tensor& qkv_weight,
+                     const at::Tensor& proj_weight, int64_t h, int64_t w, int64_t heads,
+                     double attn_scale) {
+  typename K::Guard guard(grad);
+  const at::Tensor gr = std::get<0>(aggregate<K>(grad, A, h, w));
+  auto [gs, dqkv_w, dqkv_b, dproj_w, dproj_b] =
+      refine_attention_backward(gr, s, qkvh, attn, o, qkv_weight, proj_weight, heads, attn_scale);
+  return {associate_backward<K>(gs, A, den, h, w), dqkv_w, dqkv_b, dproj_w, dproj_b};
 }
 
 }  // namespace
@@ -270,12 +280,12 @@ TORCH_LIBRARY(stvit, m) {
   m.def("associate(Tensor x, Tensor? s, int h, int w, float scale, int n_iter) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("associate_backward(Tensor g, Tensor A, Tensor den, int h, int w) -> Tensor");
-  m.def("refine_attention(Tensor s, Tensor qkv_weight, Tensor? qkv_bias, Tensor proj_weight, "
-        "Tensor? proj_bias, int heads, float scale, float dropout_p) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(stvit, CompositeImplicitAutograd, m) {
-  m.impl("refine_attention", &stvit::refine_attention);
+  m.def("sta_forward(Tensor x, Tensor qkv_weight, Tensor? qkv_bias, Tensor proj_weight, "
+        "Tensor? proj_bias, int h, int w, float scale, int n_iter, int heads, float attn_scale) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("sta_backward(Tensor grad, Tensor A, Tensor den, Tensor s, Tensor qkvh, Tensor attn, "
+        "Tensor o, Tensor qkv_weight, Tensor proj_weight, int h, int w, int heads, "
+        "float attn_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(stvit, CPU, m) {
@@ -287,6 +297,8 @@ TORCH_LIBRARY_IMPL(stvit, CPU, m) {
   m.impl("pool", &stvit::pool<K>);
   m.impl("associate", &stvit::associate<K>);
   m.impl("associate_backward", &stvit::associate_backward<K>);
+  m.impl("sta_forward", &stvit::sta_forward<K>);
+  m.impl("sta_backward", &stvit::sta_backward<K>);
 }
 
 #ifdef STVIT_WITH_CUDA
@@ -299,6 +311,8 @@ TORCH_LIBRARY_IMPL(stvit, CUDA, m) {
   m.impl("pool", &stvit::pool<K>);
   m.impl("associate", &stvit::associate<K>);
   m.impl("associate_backward", &stvit::associate_backward<K>);
+  m.impl("sta_forward", &stvit::sta_forward<K>);
+  m.impl("sta_backward", &stvit::sta_backward<K>);
 }
 #endif
 

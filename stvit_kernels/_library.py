@@ -23,7 +23,8 @@ The operators are declared with ``define`` + ``impl`` (C++ ``TORCH_LIBRARY`` or
 ``torch.library.Library``) and a fake implementation (``register_fake``) for ``torch.compile``, but
 no autograd kernel: calling one from Python costs one dispatcher round trip. The autograd lives one
 level up, in one ``torch.autograd.Function`` per public op or module step (:class:`Affinity`,
-:class:`Aggregate`, :class:`Upsample`, :class:`AffinityAggregate`, :class:`Associate`), written once
+:class:`Aggregate`, :class:`Upsample`, :class:`AffinityAggregate`, :class:`Associate`, and
+:class:`Refine` for the refine attention), written once
 for every family in terms of the family's own raw operators (:class:`Kernels`), so that
 
 * affinity: ``dlogit = A * (g - sum_k A g)`` (just ``g`` for the logits);
@@ -248,6 +249,61 @@ class Associate(torch.autograd.Function):
         return None, family(fam).associate_backward(g, A, den, h, w), None, None, None, None, None
 
 
+class Refine(torch.autograd.Function):
+    """The refine attention of the STA module as one autograd node: the forward
+    ``stvit::refine_attention_forward`` (qkv projection, softmax attention in the accumulation type,
+    proj) returns its intermediates and ``stvit::refine_attention_backward`` differentiates it by
+    hand (csrc/refine.cpp). The composite ``stvit::refine_attention`` (SDPA) would put ~20 nodes of
+    views, matmuls and SDPA on autograd's graph, each a dispatcher round trip in the backward."""
+
+    @staticmethod
+    def forward(ctx, s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale):
+        ctx.set_materialize_grads(False)
+        out, qkvh, attn, o = torch.ops.stvit.refine_attention_forward.default(
+            s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale)
+        ctx.save_for_backward(s, qkvh, attn, o, qkv_weight, proj_weight)
+        ctx.args = (heads, scale, qkv_bias is not None, proj_bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return (None,) * 7
+        s, qkvh, attn, o, qkv_weight, proj_weight = ctx.saved_tensors
+        heads, scale, has_qkv_bias, has_proj_bias = ctx.args
+        ds, dqkv_w, dqkv_b, dproj_w, dproj_b = torch.ops.stvit.refine_attention_backward.default(
+            g, s, qkvh, attn, o, qkv_weight, proj_weight, heads, scale)
+        return (ds, dqkv_w, dqkv_b if has_qkv_bias else None, dproj_w,
+                dproj_b if has_proj_bias else None, None, None)
+
+
+class SuperTokenStep(torch.autograd.Function):
+    """The whole STA module with its attention refine (``stvit::sta_forward`` / ``sta_backward``,
+    csrc/ops.cpp: associate, the written-out refine, upsample) as one autograd node and one C++
+    call each way, for the compiled family. Gradients into ``x`` and the four refine parameters,
+    with the module's semantics (``A`` and ``den`` are constants)."""
+
+    @staticmethod
+    def forward(ctx, x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads,
+                attn_scale):
+        ctx.set_materialize_grads(False)
+        y, *saved = torch.ops.stvit.sta_forward.default(
+            x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads, attn_scale)
+        ctx.save_for_backward(*saved, qkv_weight, proj_weight)
+        ctx.args = (h, w, heads, attn_scale, qkv_bias is not None, proj_bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        if gy is None:
+            return (None,) * 11
+        h, w, heads, attn_scale, has_qkv_bias, has_proj_bias = ctx.args
+        dx, dqkv_w, dqkv_b, dproj_w, dproj_b = torch.ops.stvit.sta_backward.default(
+            gy, *ctx.saved_tensors, h, w, heads, attn_scale)
+        return (dx, dqkv_w, dqkv_b if has_qkv_bias else None, dproj_w,
+                dproj_b if has_proj_bias else None) + (None,) * 6
+
+
 # ------------------------------------------------------------------------------------------------
 # Fake implementations (output shapes only) for torch.compile / FakeTensor / meta tensors
 # ------------------------------------------------------------------------------------------------
@@ -299,6 +355,25 @@ def _fake_associate_backward(g, A, den, h, w):
     return g.new_empty((g.shape[0], g.shape[1], A.shape[2], A.shape[3]))
 
 
+def _fake_sta_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads,
+                      attn_scale):
+    _check_fake(x, qkv_weight, proj_weight)
+    B, C, H, W = x.shape
+    N, acc = (H // h) * (W // w), accumulation_dtype(x.dtype)
+    s, A, den = _fake_associate(x, None, h, w, scale, n_iter)
+    qkvh = x.new_empty((3, B * heads, N, C // heads), dtype=acc)
+    attn = x.new_empty((B * heads, N, N), dtype=acc)
+    return x.new_empty(x.shape), A, den, s, qkvh, attn, x.new_empty((B * N, C))
+
+
+def _fake_sta_backward(grad, A, den, s, qkvh, attn, o, qkv_weight, proj_weight, h, w, heads,
+                       attn_scale):
+    _check_fake(grad, A, den, s, o, qkv_weight, proj_weight)
+    return (grad.new_empty(grad.shape), qkv_weight.new_empty(qkv_weight.shape),
+            qkv_weight.new_empty((qkv_weight.shape[0],)), proj_weight.new_empty(proj_weight.shape),
+            proj_weight.new_empty((proj_weight.shape[0],)))
+
+
 FAKES = {
     "affinity": _fake_affinity,
     "aggregate": _fake_aggregate,
@@ -307,6 +382,12 @@ FAKES = {
     "pool": _fake_pool,
     "associate": _fake_associate,
     "associate_backward": _fake_associate_backward,
+}
+
+#: The compiled family's module step (csrc/ops.cpp), with no Triton counterpart.
+FAKES_COMPILED = {
+    "sta_forward": _fake_sta_forward,
+    "sta_backward": _fake_sta_backward,
 }
 
 #: Schemas of the Triton operators (the C++ ones of the same names are declared with the same text
@@ -332,7 +413,7 @@ def compiled_kernels() -> Kernels:
     global _COMPILED
     if _COMPILED is None:
         ops = torch.ops.stvit
-        for name, fake in FAKES.items():
+        for name, fake in {**FAKES, **FAKES_COMPILED}.items():
             torch.library.register_fake(f"stvit::{name}", fake)
         _COMPILED = register_family(Kernels(
             "stvit",

@@ -151,6 +151,9 @@ class CompiledBackend(FusedBackend):
     """The C++/CUDA extension ``stvit_kernels._C``: ops ``torch.ops.stvit.*`` that PyTorch's
     dispatcher routes to the CPU or the CUDA kernels by the tensors' device."""
 
+    #: The STA module with its attention refine runs as one C++ call (``stvit::sta_forward``).
+    one_step = True
+
     def __init__(self, name: str, device_type: str):
         self.name = name
         self.device_type = device_type

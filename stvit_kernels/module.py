@@ -8,12 +8,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _ext
+from ._library import Refine, SuperTokenStep, needs_grad
 from ._utils import StokenSize, autocast_inputs, cast, check_n_iter, pair
 from .backends import resolve
 
-#: The refine attention as one C++ call when the extension is built (it always is where a compiler
-#: was), else None and RefineAttention._forward_python.
-_REFINE_OP = torch.ops.stvit.refine_attention.default if _ext.load_error() is None else None
+#: The refine attention as C++ calls when the extension is built (it always is where a compiler
+#: was), else None and RefineAttention._forward_python: the SDPA composite and the written-out
+#: forward (csrc/refine.cpp).
+_BUILT = _ext.load_error() is None
+_REFINE_OP = torch.ops.stvit.refine_attention.default if _BUILT else None
+_REFINE_FORWARD = torch.ops.stvit.refine_attention_forward.default if _BUILT else None
+#: The whole module in one C++ call (csrc/ops.cpp), for the compiled kernel family.
+_STA_FORWARD = torch.ops.stvit.sta_forward.default if _BUILT else None
+
+#: Up to this many tokens (and without attention dropout) the refine runs written out: one C++
+#: call forward and, when a gradient is needed, one autograd node
+#: (:class:`stvit_kernels._library.Refine`, which keeps the [B, heads, N, N] softmax for its
+#: backward, as the official code does); beyond it, SDPA, whose fused kernels keep no N x N map.
+#: 256 covers the STA refines of STViT up to 512² images and its stage 3-4 attention at 224².
+REFINE_FUSED_MAX_TOKENS = 256
 
 #: Buffers of the official module that this one computes implicitly (identity kernels of its
 #: unfold / fold convolutions); dropped when loading an official state dict.
@@ -29,6 +42,11 @@ class RefineAttention(nn.Module):
     ``[B, N, C]``, so q, k and v come out as strided views with unit stride along ``head_dim`` and
     16-byte aligned rows, a layout the fused kernels of ``F.scaled_dot_product_attention`` (flash,
     memory-efficient) accept as it is, for any number of tokens ``N`` (one included).
+
+    Up to :data:`REFINE_FUSED_MAX_TOKENS` tokens and without attention dropout, the same function
+    runs written out instead (csrc/refine.cpp: softmax attention in float32 for half inputs, one
+    C++ call forward, and one autograd node, :class:`stvit_kernels._library.Refine`, with a
+    backward by hand), which costs far fewer host calls per step than SDPA and its autograd graph.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
@@ -48,11 +66,18 @@ class RefineAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.attn_drop_p if self.training else 0.0
-        if _REFINE_OP is not None:  # the same ops, composed in C++ (csrc/ops.cpp): one call
-            out = _REFINE_OP(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
-                             self.num_heads, self.scale, p)
-        else:
+        params = (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
+        if not _BUILT:
             out = self._forward_python(x, p)
+        elif p == 0.0 and x.shape[2] * x.shape[3] <= REFINE_FUSED_MAX_TOKENS:
+            # written out (csrc/refine.cpp), the inputs cast as autocast would
+            x, *params = autocast_inputs(x, *params)
+            if needs_grad(x, *params):
+                out = Refine.apply(x, *params, self.num_heads, self.scale)
+            else:
+                out = _REFINE_FORWARD(x, *params, self.num_heads, self.scale)[0]
+        else:  # the same ops as _forward_python (SDPA), composed in C++: one call
+            out = _REFINE_OP(x, *params, self.num_heads, self.scale, p)
         return self.proj_drop(out) if self.training and self.proj_drop.p > 0 else out
 
     def _forward_python(self, x: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -156,13 +181,43 @@ class SuperTokenAttention(nn.Module):
         if autocast:
             (x,) = autocast_inputs(x)
         be = resolve(x, self.backend)
-        s, A = be.associate(x, None, h, w, self.scale, self.n_iter)
-        # under autocast the refine may return another precision than the association's
-        s = cast(self._refine(s), A.dtype)
-        y = be.upsample(s, A, h, w)
+        y = self._step(x, autocast) if self._one_step(be, x) else None
+        if y is None:
+            s, A = be.associate(x, None, h, w, self.scale, self.n_iter)
+            # under autocast the refine may return another precision than the association's
+            s = cast(self._refine(s), A.dtype)
+            y = be.upsample(s, A, h, w)
         if pad_r or pad_b:
             y = y[:, :, :H0, :W0]
         return y
+
+    def _one_step(self, be, x: torch.Tensor) -> bool:
+        """Whether the whole module runs as one C++ call (and one autograd node): the compiled
+        kernels, the attention refine written out (as many tokens as
+        :data:`REFINE_FUSED_MAX_TOKENS` at most, no dropout in training)."""
+        if not (self.refine and self.refine_attention and getattr(be, "one_step", False)):
+            return False
+        r = self.stoken_refine
+        if self.training and (r.attn_drop_p > 0 or r.proj_drop.p > 0):
+            return False
+        h, w = self.stoken_size
+        return (x.shape[2] // h) * (x.shape[3] // w) <= REFINE_FUSED_MAX_TOKENS
+
+    def _step(self, x: torch.Tensor, autocast: bool) -> Optional[torch.Tensor]:
+        """The module on padded ``x`` as ``stvit::sta_forward`` (:class:`SuperTokenStep` when a
+        gradient is needed); under autocast the refine's parameters are cast like ``x``. None if
+        they then differ in dtype from ``x`` (a float64 ``x`` under autocast)."""
+        r = self.stoken_refine
+        params = (r.qkv.weight, r.qkv.bias, r.proj.weight, r.proj.bias)
+        if autocast:
+            params = autocast_inputs(*params)
+            if params[0].dtype != x.dtype:
+                return None
+        h, w = self.stoken_size
+        args = (h, w, self.scale, self.n_iter, r.num_heads, r.scale)
+        if needs_grad(x, *params):
+            return SuperTokenStep.apply(x, *params, *args)
+        return _STA_FORWARD(x, *params, *args)[0]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in OFFICIAL_CONSTANT_KEYS:

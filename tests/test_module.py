@@ -151,12 +151,17 @@ def _sdpa_cases():
 @pytest.mark.parametrize("device,dtype,kernel", _sdpa_cases())
 @pytest.mark.parametrize("H,W", [(1, 1), (2, 3), (7, 7)], ids=["N1", "N6", "N49"])
 @pytest.mark.parametrize("dim,heads", [(64, 1), (64, 2), (128, 4)])
-def test_refine_attention_takes_the_fast_sdpa_kernels(device, dtype, kernel, H, W, dim, heads):
-    """The refine hands SDPA q / k / v in a layout its fused kernels accept for any number of
-    super tokens, one included (with only that kernel allowed, SDPA raises rather than fall back),
-    and the result is the math kernel's."""
+def test_refine_attention_takes_the_fast_sdpa_kernels(device, dtype, kernel, H, W, dim, heads,
+                                                      monkeypatch):
+    """The refine's SDPA path (taken beyond REFINE_FUSED_MAX_TOKENS tokens or with attention
+    dropout; forced here for every N) hands SDPA q / k / v in a layout its fused kernels accept
+    for any number of super tokens, one included (with only that kernel allowed, SDPA raises
+    rather than fall back), and the result is the math kernel's."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    import stvit_kernels.module as module_mod
+
+    monkeypatch.setattr(module_mod, "REFINE_FUSED_MAX_TOKENS", 0)
     torch.manual_seed(seed_for("sdpa-layout", device, dtype, H, W, dim, heads))
     m = sk.RefineAttention(dim, num_heads=heads, qkv_bias=True).to(device=device, dtype=dtype)
     x = torch.randn(2, dim, H, W, device=device, dtype=dtype)

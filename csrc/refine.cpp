@@ -1,0 +1,187 @@
+// The refine of the STA module (stvit_kernels.RefineAttention): multi-head self-attention over the
+// N = H * W tokens of s [B, C, H, W] with the official parameters (qkv: a 1x1 conv to 3C whose
+// output channels are [heads, (q, k, v), head_dim]; proj: a 1x1 conv). Three operators, all
+// compositions of ATen ops, so one C++ body serves every device:
+//
+//   refine_attention(s, ...) -> out
+//       the inference / large-N path: the 1x1 convolutions as matrix products on the token-major
+//       view [B, N, C] (q, k, v come out as views with unit stride on head_dim and aligned rows,
+//       which the fused kernels of scaled_dot_product_attention take for any N) and SDPA.
+//       Registered CompositeImplicitAutograd: autograd, autocast and torch.compile see the ATen
+//       ops (one call from Python instead of a dozen).
+//   refine_attention_forward(s, ...) -> (out, qkv, attn, o)
+//   refine_attention_backward(grad, s, qkv, attn, o, ...) -> (ds, dqkv_w, dqkv_b, dproj_w, dproj_b)
+//       the training path: the same function with the attention core written out (scores,
+//       softmax, weighted sum, in float32 for half inputs), its intermediates returned for the
+//       backward, and the backward by hand (the textbook formulas of linear, softmax and matmul).
+//       Registered CompositeExplicitAutograd (no autograd of their own, any device, meta tensors
+//       included): the one autograd node of stvit_kernels._library.Refine calls them, where the
+//       composite above would put ~20 nodes on autograd's graph. Autocast is off inside (the caller
+//       casts the inputs), so the attention core stays in the accumulation type.
+//
+// Saved for the backward: qkvh [3, B * heads, N, d] (q, k, v head-major, accumulation type),
+// attn [B * heads, N, N] (the softmax, accumulation type), o [B * N, C] (the attention output
+// before proj, input dtype). Outputs `out` and `ds` are [B, C, H, W] views of token-major tensors
+// (the strides of channels_last).
+#include <optional>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "refine.h"
+
+namespace stvit {
+namespace {
+
+struct RefineShape {
+  int64_t B, C, H, W, N, heads, d;
+};
+
+RefineShape refine_shape(const char* op, const at::Tensor& s, int64_t heads) {
+  TORCH_CHECK(s.dim() == 4, "stvit::", op, ": s must be 4-D, got s.shape=", s.sizes());
+  const int64_t C = s.size(1);
+  TORCH_CHECK(heads >= 1 && C % heads == 0, "stvit::", op, ": ", C,
+              " channels do not split into ", heads, " heads");
+  return {s.size(0), C, s.size(2), s.size(3), s.size(2) * s.size(3), heads, C / heads};
+}
+
+// Inside the raw forward and backward: no autograd recording (they are the autograd node's own
+// computations) and no autocast (the caller cast the inputs; the attention core stays in the
+// accumulation type).
+struct RawGuard {
+  c10::impl::ExcludeDispatchKeyGuard no_autograd{c10::autograd_dispatch_keyset_with_ADInplaceOrView};
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
+
+// [B, C, H, W] -> its token-major view [B, N, C] (a transpose: no copy)
+at::Tensor tokens_of(const at::Tensor& t, const RefineShape& g) {
+  return t.reshape({g.B, g.C, g.N}).transpose(1, 2);
+}
+
+// [B, N, C] token-major -> a [B, C, H, W] view of it
+at::Tensor map_of(const at::Tensor& t, const RefineShape& g) {
+  return t.transpose(1, 2).view({g.B, g.C, g.H, g.W});
+}
+
+at::ScalarType acc_of(at::ScalarType dt) {
+  return dt == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor refine_attention(const at::Tensor& s, const at::Tensor& qkv_weight,
+                            const std::optional<at::Tensor>& qkv_bias,
+                            const at::Tensor& proj_weight,
+                            const std::optional<at::Tensor>& proj_bias, int64_t heads,
+                            double scale, double dropout_p) {
+  const RefineShape g = refine_shape("refine_attention", s, heads);
+  const at::Tensor qkv = at::linear(tokens_of(s, g), qkv_weight.reshape({3 * g.C, g.C}), qkv_bias);
+  const auto q_k_v = qkv.view({g.B, g.N, heads, 3, g.d}).permute({3, 0, 2, 1, 4}).unbind(0);
+  const at::Tensor out = at::scaled_dot_product_attention(q_k_v[0], q_k_v[1], q_k_v[2], {},
+                                                          dropout_p, false, scale);
+  const at::Tensor proj = at::linear(out.transpose(1, 2).reshape({g.B, g.N, g.C}),
+                                     proj_weight.reshape({g.C, g.C}), proj_bias);
+  return map_of(proj, g);
+}
+
+// [B, N, heads, d] token-major (any strides) -> a contiguous [B * heads, N, d] copy in `dtype`
+at::Tensor head_major(const at::Tensor& t, const RefineShape& g, at::ScalarType dtype) {
+  return at::empty({g.B, g.heads, g.N, g.d}, t.options().dtype(dtype))
+      .copy_(t.view({g.B, g.N, g.heads, g.d}).transpose(1, 2))
+      .view({g.B * g.heads, g.N, g.d});
+}
+
+// [B * heads, N, d] head-major -> a contiguous token-major [B * N, C] copy in `dtype`
+at::Tensor token_major(const at::Tensor& t, const RefineShape& g, at::ScalarType dtype) {
+  return at::empty({g.B, g.N, g.heads, g.d}, t.options().dtype(dtype))
+      .copy_(t.view({g.B, g.heads, g.N, g.d}).transpose(1, 2))
+      .view({g.B * g.N, g.C});
+}
+
+// A fresh [B * heads, N, N or d] result of alpha * a @ b (baddbmm ignores `self` when beta = 0).
+at::Tensor scaled_bmm(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  return at::baddbmm(at::empty({a.size(0), a.size(1), b.size(2)}, a.options()), a, b, 0.0, alpha);
+}
+
+}  // namespace
+
+// Returns (out [B, C, H, W], qkvh [3, B * heads, N, d] (q, k, v head-major, accumulation type),
+// attn [B * heads, N, N] (accumulation type), o [B * N, C] (input dtype)).
+Tensor4 refine_attention_forward(const at::Tensor& s, const at::Tensor& qkv_weight,
+                                 const std::optional<at::Tensor>& qkv_bias,
+                                 const at::Tensor& proj_weight,
+                                 const std::optional<at::Tensor>& proj_bias, int64_t heads,
+                                 double scale) {
+  RawGuard raw;
+  const RefineShape g = refine_shape("refine_attention_forward", s, heads);
+  const at::ScalarType dt = s.scalar_type(), acc = acc_of(dt);
+  const at::Tensor qkv = at::linear(tokens_of(s, g), qkv_weight.reshape({3 * g.C, g.C}), qkv_bias);
+  // one copy: [B, N, heads, 3, d] -> [3, B, heads, N, d]
+  const at::Tensor qkvh = at::empty({3, g.B, g.heads, g.N, g.d}, s.options().dtype(acc))
+                              .copy_(qkv.view({g.B, g.N, g.heads, 3, g.d}).permute({3, 0, 2, 1, 4}))
+                              .view({3, g.B * g.heads, g.N, g.d});
+  const at::Tensor q = qkvh[0], k = qkvh[1], v = qkvh[2];
+  const at::Tensor attn = at::_softmax(scaled_bmm(q, k.transpose(1, 2), scale), -1, false);
+  const at::Tensor o = token_major(at::bmm(attn, v), g, dt);
+  const at::Tensor out = at::linear(o, proj_weight.reshape({g.C, g.C}), proj_bias);
+  return {map_of(out.view({g.B, g.N, g.C}), g), qkvh, attn, o};
+}
+
+// Gradients of refine_attention_forward's `out` into s and the four parameters (the bias
+// gradients are returned whether or not the module has biases: two small sums).
+Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s,
+                                  const at::Tensor& qkvh, const at::Tensor& attn,
+                                  const at::Tensor& o, const at::Tensor& qkv_weight,
+                                  const at::Tensor& proj_weight, int64_t heads, double scale) {
+  RawGuard raw;
+  const RefineShape g = refine_shape("refine_attention_backward", s, heads);
+  const at::ScalarType dt = s.scalar_type(), acc = acc_of(dt);
+  const int64_t BN = g.B * g.N;
+  // proj: out = o @ Wp^T + bp
+  const at::Tensor gout = tokens_of(grad.to(dt), g).reshape({BN, g.C});
+  const at::Tensor dproj_w = at::mm(gout.t(), o);
+  const at::Tensor dproj_b = gout.sum(0);
+  const at::Tensor go = head_major(at::mm(gout, proj_weight.reshape({g.C, g.C})), g, acc);
+  // attention core: o = softmax(scale * q k^T) v; the gradients of q, k, v land head-major in
+  // one buffer, in qkvh's layout
+  const at::Tensor q = qkvh[0], k = qkvh[1], v = qkvh[2];
+  const at::Tensor dqkvh = at::empty_like(qkvh);
+  at::Tensor dq = dqkvh[0], dk = dqkvh[1], dv = dqkvh[2];
+  at::bmm_out(dv, attn.transpose(1, 2), go);
+  const at::Tensor dscores = at::_softmax_backward_data(at::bmm(go, v.transpose(1, 2)), attn, -1, acc);
+  at::baddbmm_out(dq, dq, dscores, k, 0.0, scale);
+  at::baddbmm_out(dk, dk, dscores.transpose(1, 2), q, 0.0, scale);
+  // back to the qkv channel order [heads, (q, k, v), head_dim], token-major: [B * N, 3C]
+  const at::Tensor dqkv = at::empty({g.B, g.N, g.heads, 3, g.d}, s.options())
+                              .copy_(dqkvh.view({3, g.B, g.heads, g.N, g.d}).permute({1, 3, 2, 0, 4}))
+                              .view({BN, 3 * g.C});
+  // qkv: qkv = tokens @ Wqkv^T + bqkv
+  const at::Tensor dqkv_w = at::mm(dqkv.t(), tokens_of(s, g).reshape({BN, g.C}));
+  const at::Tensor dqkv_b = dqkv.sum(0);
+  const at::Tensor ds = at::mm(dqkv, qkv_weight.reshape({3 * g.C, g.C})).view({g.B, g.N, g.C});
+  return {map_of(ds, g), dqkv_w.view(qkv_weight.sizes()), dqkv_b,
+          dproj_w.view(proj_weight.sizes()), dproj_b};
+}
+
+}  // namespace stvit
+
+TORCH_LIBRARY_FRAGMENT(stvit, m) {
+  m.def("refine_attention(Tensor s, Tensor qkv_weight, Tensor? qkv_bias, Tensor proj_weight, "
+        "Tensor? proj_bias, int heads, float scale, float dropout_p) -> Tensor");
+  m.def("refine_attention_forward(Tensor s, Tensor qkv_weight, Tensor? qkv_bias, "
+        "Tensor proj_weight, Tensor? proj_bias, int heads, float scale) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("refine_attention_backward(Tensor grad, Tensor s, Tensor qkvh, Tensor attn, Tensor o, "
+        "Tensor qkv_weight, Tensor proj_weight, int heads, float scale) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(stvit, CompositeImplicitAutograd, m) {
+  m.impl("refine_attention", &stvit::refine_attention);
+}
+
+TORCH_LIBRARY_IMPL(stvit, CompositeExplicitAutograd, m) {
+  m.impl("refine_attention_forward", &stvit::refine_attention_forward);
+  m.impl("refine_attention_backward", &stvit::refine_attention_backward);
+}

@@ -1,0 +1,221 @@
+"""The lean training path: the refine attention written out (``stvit::refine_attention_forward`` /
+``_backward``, :class:`stvit_kernels._library.Refine`) and the whole module as one call each way
+(``stvit::sta_forward`` / ``sta_backward``, :class:`stvit_kernels._library.SuperTokenStep`).
+
+Each is checked against the composition it replaces (SDPA and autograd's graph; the module's
+per-piece path of associate, refine and upsample), outputs and every gradient, with float64
+gradchecks of the hand-written backwards, opcheck of the new operators, and the rules that decide
+which path runs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stvit_kernels as sk
+import stvit_kernels.module as module_mod
+from stvit_kernels import _library
+from stvit_kernels.backends import CompiledBackend
+
+from .utils import TOL, device_for, seed_for
+
+pytestmark = pytest.mark.skipif("cpu" not in sk.available_backends(),
+                                reason="the compiled extension is not built")
+
+
+def _devices():
+    out = [pytest.param("cpu", id="cpu")]
+    if "cuda" in sk.available_backends():
+        out.append(pytest.param("cuda", id="cuda", marks=pytest.mark.cuda))
+    return out
+
+
+def _graph(fn):
+    """Names of the autograd nodes reachable from ``fn``."""
+    names, todo, seen = set(), [fn], set()
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.add(type(f).__name__)
+        todo += [n for n, _ in f.next_functions]
+    return names
+
+
+def _grads(m, x, g):
+    for p in m.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_()
+    y = m(x)
+    y.backward(g)
+    return y.detach(), [x.grad] + [p.grad for p in m.parameters()], y.grad_fn
+
+
+@pytest.fixture
+def sdpa_refine(monkeypatch):
+    """Within the test: the refine always takes the SDPA composite."""
+    def force():
+        monkeypatch.setattr(module_mod, "REFINE_FUSED_MAX_TOKENS", 0)
+    return force
+
+
+# (B, C, heads, H, W, qkv_bias)
+REFINE_CASES = [
+    pytest.param(2, 16, 2, 7, 7, True, id="B2-C16-h2-N49"),
+    pytest.param(3, 12, 3, 2, 3, False, id="B3-C12-h3-N6-nobias"),
+    pytest.param(1, 8, 1, 1, 1, True, id="B1-C8-h1-N1"),
+    pytest.param(2, 32, 4, 16, 16, True, id="B2-C32-h4-N256"),
+]
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,C,heads,H,W,bias", REFINE_CASES)
+def test_written_out_refine_matches_sdpa(device, dtype, B, C, heads, H, W, bias, sdpa_refine):
+    torch.manual_seed(seed_for("refine-written-out", B, C, heads, H, W, bias, dtype))
+    m = sk.RefineAttention(C, num_heads=heads, qkv_bias=bias).to(device, dtype)
+    x = torch.randn(B, C, H, W, device=device, dtype=dtype)
+    g = torch.randn(B, C, H, W, device=device, dtype=dtype)
+    y, grads, fn = _grads(m, x, g)
+    assert type(fn).__name__ == "RefineBackward"
+    with torch.no_grad():
+        y_nograd = m(x)
+    sdpa_refine()
+    y_ref, grads_ref, fn_ref = _grads(m, x, g)
+    assert type(fn_ref).__name__ != "RefineBackward"
+    tol = TOL[dtype]
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(y_nograd, y_ref, **tol)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("heads,bias", [(1, True), (2, False)])
+def test_refine_gradcheck(heads, bias):
+    torch.manual_seed(seed_for("refine-gradcheck", heads, bias))
+    C = 4
+    m = sk.RefineAttention(C, num_heads=heads, qkv_bias=bias).double()
+    x = torch.randn(2, C, 2, 3, dtype=torch.float64, requires_grad=True)
+    params = [m.qkv.weight, m.qkv.bias, m.proj.weight, m.proj.bias]
+
+    def f(x, *p):
+        return _library.Refine.apply(x, *p, heads, 0.7)
+
+    torch.autograd.gradcheck(f, (x, *params))
+
+
+# (B, C, heads, H, W, stoken_size, n_iter)
+STEP_CASES = [
+    pytest.param(2, 16, 1, 16, 16, (8, 8), 1, id="B2-C16-16x16-s8"),
+    pytest.param(2, 12, 3, 13, 21, (4, 5), 2, id="B2-C12-h3-13x21-s4x5-pad-it2"),
+    pytest.param(1, 8, 2, 5, 3, (8, 8), 1, id="B1-C8-5x3-smaller-than-one-stoken"),
+    pytest.param(3, 16, 2, 28, 28, (4, 4), 3, id="B3-C16-28x28-s4-it3"),
+]
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,C,heads,H,W,size,n_iter", STEP_CASES)
+def test_module_one_step_matches_per_piece(device, dtype, B, C, heads, H, W, size, n_iter,
+                                           monkeypatch):
+    torch.manual_seed(seed_for("one-step", B, C, heads, H, W, size, n_iter, dtype))
+    m = sk.SuperTokenAttention(C, size, n_iter=n_iter, num_heads=heads, qkv_bias=True)
+    m = m.to(device, dtype)
+    x = torch.randn(B, C, H, W, device=device, dtype=dtype)
+    g = torch.randn(B, C, H, W, device=device, dtype=dtype)
+    y, grads, fn = _grads(m, x, g)
+    nodes = _graph(fn)
+    assert "SuperTokenStepBackward" in nodes and "UpsampleBackward" not in nodes
+    with torch.no_grad():
+        y_nograd = m(x)
+    monkeypatch.setattr(CompiledBackend, "one_step", False)
+    y_ref, grads_ref, _ = _grads(m, x, g)
+    tol = TOL[dtype]
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(y_nograd, y_ref, **tol)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_one_step_gradcheck():
+    torch.manual_seed(seed_for("one-step-gradcheck"))
+    C, heads, h, w = 4, 2, 2, 3
+    m = sk.SuperTokenAttention(C, (h, w), n_iter=2, num_heads=heads, qkv_bias=True).double()
+    r = m.stoken_refine
+    x = torch.randn(1, C, 4, 6, dtype=torch.float64)
+    params = [r.qkv.weight, r.qkv.bias, r.proj.weight, r.proj.bias]
+
+    # the parameters' gradients are true gradients; x's is the module's (A and den constants,
+    # as in the official model), checked against the per-piece path above
+    def f(*p):
+        return _library.SuperTokenStep.apply(x, *p, h, w, m.scale, 2, heads, r.scale)
+
+    torch.autograd.gradcheck(f, params)
+
+
+def _grad_fn_names(m, x):
+    return _graph(m(x.requires_grad_()).grad_fn)
+
+
+def test_which_path_runs(monkeypatch):
+    x = torch.randn(1, 8, 16, 16)
+    one = "SuperTokenStepBackward"
+    assert one in _grad_fn_names(sk.SuperTokenAttention(8, 8, num_heads=2), x.clone())
+    # another backend, the conv refine, no refine, dropout in training: the per-piece path
+    assert one not in _grad_fn_names(sk.SuperTokenAttention(8, 8, num_heads=2, backend="reference"),
+                                     x.clone())
+    assert one not in _grad_fn_names(sk.SuperTokenAttention(8, 8, refine_attention=False), x.clone())
+    assert one not in _grad_fn_names(sk.SuperTokenAttention(8, 8, refine=False), x.clone())
+    drop = sk.SuperTokenAttention(8, 8, num_heads=2, attn_drop=0.1)
+    assert one not in _grad_fn_names(drop, x.clone())
+    assert one in _grad_fn_names(drop.eval(), x.clone())
+    # more super tokens than REFINE_FUSED_MAX_TOKENS: SDPA
+    monkeypatch.setattr(module_mod, "REFINE_FUSED_MAX_TOKENS", 3)
+    assert one not in _grad_fn_names(sk.SuperTokenAttention(8, 8, num_heads=2), x.clone())
+    assert one in _grad_fn_names(sk.SuperTokenAttention(8, 8, num_heads=2), x[..., :8, :8].clone())
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_step_and_refine_ops(device, dtype):
+    torch.manual_seed(seed_for("opcheck-step", dtype))
+    B, C, heads, h, w = 2, 6, 2, 2, 3
+    m = sk.SuperTokenAttention(C, (h, w), num_heads=heads, qkv_bias=True).to(device, dtype)
+    r = m.stoken_refine
+    x = torch.randn(B, C, 4, 9, device=device, dtype=dtype)
+    W = (r.qkv.weight.detach(), r.qkv.bias.detach(), r.proj.weight.detach(), r.proj.bias.detach())
+    ops = torch.ops.stvit
+    y, A, den, s, qkvh, attn, o = ops.sta_forward(x, *W, h, w, m.scale, 2, heads, r.scale)
+    g = torch.randn_like(y)
+    samples = [
+        (ops.sta_forward.default, (x, *W, h, w, m.scale, 2, heads, r.scale)),
+        (ops.sta_forward.default, (x, W[0], None, W[2], None, h, w, m.scale, 1, heads, r.scale)),
+        (ops.sta_backward.default, (g, A, den, s, qkvh, attn, o, W[0], W[2], h, w, heads, r.scale)),
+        (ops.refine_attention_forward.default, (s, *W, heads, r.scale)),
+        (ops.refine_attention_backward.default,
+         (torch.randn_like(s), s, qkvh, attn, o, W[0], W[2], heads, r.scale)),
+    ]
+    for op, args in samples:
+        torch.library.opcheck(op, args)
+
+
+def test_half_inputs_keep_the_attention_core_in_float32():
+    """bfloat16 in, the softmax saved for the backward in float32, and the result as close to a
+    float64 truth as the SDPA composite's in bfloat16."""
+    torch.manual_seed(seed_for("refine-bf16"))
+    C, heads = 32, 2
+    m64 = sk.RefineAttention(C, num_heads=heads, qkv_bias=True).double()
+    x64 = torch.randn(2, C, 7, 7, dtype=torch.float64)
+    m16 = sk.RefineAttention(C, num_heads=heads, qkv_bias=True).to(torch.bfloat16)
+    m16.load_state_dict(m64.state_dict())
+    x16 = x64.to(torch.bfloat16).requires_grad_()
+    ops = torch.ops.stvit
+    _, qkvh, attn, _ = ops.refine_attention_forward(
+        x16.detach(), m16.qkv.weight, m16.qkv.bias, m16.proj.weight, m16.proj.bias, heads, m16.scale)
+    assert qkvh.dtype == attn.dtype == torch.float32
+    with torch.no_grad():
+        truth = m64(x64)
+        ours = m16(x16.detach()).double()
+        sdpa = m16._forward_python(x16.detach(), 0.0).double()
+    assert (ours - truth).abs().max() <= 2 * (sdpa - truth).abs().max() + 1e-3
