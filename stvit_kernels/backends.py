@@ -39,6 +39,9 @@ class Backend:
     """Base class: a name, two predicates and the primitives."""
 
     name: str = "?"
+    #: Whether the STA module with its attention refine runs as one C++ call on this backend
+    #: (``stvit::sta_forward``, SuperTokenAttention._one_step).
+    one_step: bool = False
 
     def unavailable_reason(self) -> Optional[str]:
         """None if this backend can run in this process, else why not. Probed once, when
@@ -151,7 +154,6 @@ class CompiledBackend(FusedBackend):
     """The C++/CUDA extension ``stvit_kernels._C``: ops ``torch.ops.stvit.*`` that PyTorch's
     dispatcher routes to the CPU or the CUDA kernels by the tensors' device."""
 
-    #: The STA module with its attention refine runs as one C++ call (``stvit::sta_forward``).
     one_step = True
 
     def __init__(self, name: str, device_type: str):

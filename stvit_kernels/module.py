@@ -181,7 +181,7 @@ class SuperTokenAttention(nn.Module):
         if autocast:
             (x,) = autocast_inputs(x)
         be = resolve(x, self.backend)
-        y = self._step(x, autocast) if self._one_step(be, x) else None
+        y = self._one_step(be, x, autocast)
         if y is None:
             s, A = be.associate(x, None, h, w, self.scale, self.n_iter)
             # under autocast the refine may return another precision than the association's
@@ -191,29 +191,24 @@ class SuperTokenAttention(nn.Module):
             y = y[:, :, :H0, :W0]
         return y
 
-    def _one_step(self, be, x: torch.Tensor) -> bool:
-        """Whether the whole module runs as one C++ call (and one autograd node): the compiled
-        kernels, the attention refine written out (as many tokens as
-        :data:`REFINE_FUSED_MAX_TOKENS` at most, no dropout in training)."""
-        if not (self.refine and self.refine_attention and getattr(be, "one_step", False)):
-            return False
+    def _one_step(self, be, x: torch.Tensor, autocast: bool) -> Optional[torch.Tensor]:
+        """The module on padded ``x`` as one C++ call, ``stvit::sta_forward``
+        (:class:`SuperTokenStep`, one autograd node, when a gradient is needed), where that call
+        applies: a backend with ``one_step`` (the compiled kernels), the attention refine with at
+        most :data:`REFINE_FUSED_MAX_TOKENS` super tokens and no dropout in training, and under
+        autocast parameters that cast to ``x``'s dtype. None otherwise (the per-piece path)."""
+        if not (be.one_step and self.refine and self.refine_attention):
+            return None
         r = self.stoken_refine
-        if self.training and (r.attn_drop_p > 0 or r.proj_drop.p > 0):
-            return False
         h, w = self.stoken_size
-        return (x.shape[2] // h) * (x.shape[3] // w) <= REFINE_FUSED_MAX_TOKENS
-
-    def _step(self, x: torch.Tensor, autocast: bool) -> Optional[torch.Tensor]:
-        """The module on padded ``x`` as ``stvit::sta_forward`` (:class:`SuperTokenStep` when a
-        gradient is needed); under autocast the refine's parameters are cast like ``x``. None if
-        they then differ in dtype from ``x`` (a float64 ``x`` under autocast)."""
-        r = self.stoken_refine
+        if ((self.training and (r.attn_drop_p > 0 or r.proj_drop.p > 0))
+                or (x.shape[2] // h) * (x.shape[3] // w) > REFINE_FUSED_MAX_TOKENS):
+            return None
         params = (r.qkv.weight, r.qkv.bias, r.proj.weight, r.proj.bias)
         if autocast:
             params = autocast_inputs(*params)
-            if params[0].dtype != x.dtype:
+            if params[0].dtype != x.dtype:  # a float64 x under autocast
                 return None
-        h, w = self.stoken_size
         args = (h, w, self.scale, self.n_iter, r.num_heads, r.scale)
         if needs_grad(x, *params):
             return SuperTokenStep.apply(x, *params, *args)
