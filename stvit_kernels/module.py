@@ -1,7 +1,7 @@
 """``SuperTokenAttention``: a drop-in for the official ``StokenAttention`` built on the fused ops."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,15 @@ _STA_FORWARD = torch.ops.stvit.sta_forward.default if _BUILT else None
 #: backward, as the official code does); beyond it, SDPA, whose fused kernels keep no N x N map.
 #: 256 covers the STA refines of STViT up to 512² images and its stage 3-4 attention at 224².
 REFINE_FUSED_MAX_TOKENS = 256
+
+def _param(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """``module.<name>`` for a parameter (or a None bias): the dict lookup that
+    ``nn.Module.__getattr__`` makes, without the failed attribute lookup before it (~0.5 µs a
+    time on CPython, several per call on the hot path); plain ``getattr`` for anything that is
+    not in ``_parameters`` (e.g. a parametrized weight)."""
+    params = module.__dict__["_parameters"]
+    return params[name] if name in params else getattr(module, name)
+
 
 #: Buffers of the official module that this one computes implicitly (identity kernels of its
 #: unfold / fold convolutions); dropped when loading an official state dict.
@@ -66,7 +75,7 @@ class RefineAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.attn_drop_p if self.training else 0.0
-        params = (self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias)
+        params = self.weights()
         if not _BUILT:
             out = self._forward_python(x, p)
         elif p == 0.0 and x.shape[2] * x.shape[3] <= REFINE_FUSED_MAX_TOKENS:
@@ -79,6 +88,11 @@ class RefineAttention(nn.Module):
         else:  # the same ops as _forward_python (SDPA), composed in C++: one call
             out = _REFINE_OP(x, *params, self.num_heads, self.scale, p)
         return self.proj_drop(out) if self.training and self.proj_drop.p > 0 else out
+
+    def weights(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+        """``(qkv.weight, qkv.bias, proj.weight, proj.bias)``, the biases None when absent."""
+        qkv, proj = self._modules["qkv"], self._modules["proj"]
+        return _param(qkv, "weight"), _param(qkv, "bias"), _param(proj, "weight"), _param(proj, "bias")
 
     def _forward_python(self, x: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """``stvit::refine_attention`` in Python, for builds without the extension."""
@@ -163,8 +177,10 @@ class SuperTokenAttention(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got x.dtype={x.dtype}")
         autocast = torch.is_autocast_enabled(x.device.type)
-        if self.refine and not autocast:
-            weight = self.stoken_refine.proj.weight if self.refine_attention else self.stoken_refine[0].weight
+        refine = self._modules["stoken_refine"] if self.refine else None
+        weights = refine.weights() if self.refine and self.refine_attention else None
+        if refine is not None and not autocast:
+            weight = weights[0] if weights is not None else refine[0].weight
             if x.dtype != weight.dtype:
                 raise TypeError(f"SuperTokenAttention has {weight.dtype} parameters but got "
                                 f"x.dtype={x.dtype}; convert the module (.to(dtype)) or run under "
@@ -181,7 +197,7 @@ class SuperTokenAttention(nn.Module):
         if autocast:
             (x,) = autocast_inputs(x)
         be = resolve(x, self.backend)
-        y = self._one_step(be, x, autocast)
+        y = self._one_step(be, x, autocast, weights) if weights is not None else None
         if y is None:
             s, A = be.associate(x, None, h, w, self.scale, self.n_iter)
             # under autocast the refine may return another precision than the association's
@@ -191,20 +207,21 @@ class SuperTokenAttention(nn.Module):
             y = y[:, :, :H0, :W0]
         return y
 
-    def _one_step(self, be, x: torch.Tensor, autocast: bool) -> Optional[torch.Tensor]:
+    def _one_step(self, be, x: torch.Tensor, autocast: bool, params) -> Optional[torch.Tensor]:
         """The module on padded ``x`` as one C++ call, ``stvit::sta_forward``
         (:class:`SuperTokenStep`, one autograd node, when a gradient is needed), where that call
-        applies: a backend with ``one_step`` (the compiled kernels), the attention refine with at
-        most :data:`REFINE_FUSED_MAX_TOKENS` super tokens and no dropout in training, and under
-        autocast parameters that cast to ``x``'s dtype. None otherwise (the per-piece path)."""
-        if not (be.one_step and self.refine and self.refine_attention):
+        applies: a backend with ``one_step`` (the compiled kernels), the attention refine (its
+        ``weights()``: ``params``) with at most :data:`REFINE_FUSED_MAX_TOKENS` super tokens and
+        no dropout in training, and under autocast parameters that cast to ``x``'s dtype. None
+        otherwise (the per-piece path). The refine module's own forward (and its hooks) is not
+        called on this path."""
+        if not be.one_step:
             return None
-        r = self.stoken_refine
+        r = self._modules["stoken_refine"]
         h, w = self.stoken_size
         if ((self.training and (r.attn_drop_p > 0 or r.proj_drop.p > 0))
                 or (x.shape[2] // h) * (x.shape[3] // w) > REFINE_FUSED_MAX_TOKENS):
             return None
-        params = (r.qkv.weight, r.qkv.bias, r.proj.weight, r.proj.bias)
         if autocast:
             params = autocast_inputs(*params)
             if params[0].dtype != x.dtype:  # a float64 x under autocast
