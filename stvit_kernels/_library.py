@@ -249,6 +249,14 @@ class Associate(torch.autograd.Function):
         return None, family(fam).associate_backward(g, A, den, h, w), None, None, None, None, None
 
 
+def _drop_absent_biases(grads, has_qkv_bias: bool, has_proj_bias: bool) -> tuple:
+    """``(d_input, dqkv_weight, dqkv_bias, dproj_weight, dproj_bias)`` of the refine operators
+    (which always compute both bias gradients), None for a bias the module does not have."""
+    d_input, dqkv_w, dqkv_b, dproj_w, dproj_b = grads
+    return (d_input, dqkv_w, dqkv_b if has_qkv_bias else None, dproj_w,
+            dproj_b if has_proj_bias else None)
+
+
 class Refine(torch.autograd.Function):
     """The refine attention of the STA module as one autograd node: the forward
     ``stvit::refine_attention_forward`` (qkv projection, softmax attention in the accumulation type,
@@ -269,12 +277,9 @@ class Refine(torch.autograd.Function):
     def backward(ctx, g):
         if g is None:
             return (None,) * 7
-        s, qkvh, attn, o, qkv_weight, proj_weight = ctx.saved_tensors
-        heads, scale, has_qkv_bias, has_proj_bias = ctx.args
-        ds, dqkv_w, dqkv_b, dproj_w, dproj_b = torch.ops.stvit.refine_attention_backward.default(
-            g, s, qkvh, attn, o, qkv_weight, proj_weight, heads, scale)
-        return (ds, dqkv_w, dqkv_b if has_qkv_bias else None, dproj_w,
-                dproj_b if has_proj_bias else None, None, None)
+        heads, scale, *biases = ctx.args
+        grads = torch.ops.stvit.refine_attention_backward.default(g, *ctx.saved_tensors, heads, scale)
+        return _drop_absent_biases(grads, *biases) + (None, None)
 
 
 class SuperTokenStep(torch.autograd.Function):
@@ -297,11 +302,9 @@ class SuperTokenStep(torch.autograd.Function):
     def backward(ctx, gy):
         if gy is None:
             return (None,) * 11
-        h, w, heads, attn_scale, has_qkv_bias, has_proj_bias = ctx.args
-        dx, dqkv_w, dqkv_b, dproj_w, dproj_b = torch.ops.stvit.sta_backward.default(
-            gy, *ctx.saved_tensors, h, w, heads, attn_scale)
-        return (dx, dqkv_w, dqkv_b if has_qkv_bias else None, dproj_w,
-                dproj_b if has_proj_bias else None) + (None,) * 6
+        h, w, heads, attn_scale, *biases = ctx.args
+        grads = torch.ops.stvit.sta_backward.default(gy, *ctx.saved_tensors, h, w, heads, attn_scale)
+        return _drop_absent_biases(grads, *biases) + (None,) * 6
 
 
 # ------------------------------------------------------------------------------------------------
