@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One short device call (about 7 minutes): the GPU tier, compute-sanitizer, and the STA per-call
+# figures (wall, host, CUDA-graph GPU time, kernels) at the B=64 STViT-S stage shapes, every step
+# time-boxed, its log and JSON under OUTDIR, one line per step in OUTDIR/summary.txt.
+#
+#   bash ../shared/gpu/stage.sh                                   # here: build for the GPU machine
+#   run(carry=[".gpu"], timeout_s=540,
+#       command="cd .gpu/tree && PYTHONPATH=$PWD bash benchmarks/gpu_check.sh $OUT")
+#
+# GPU_PY: the GPU machine's python (default python3). STEPS: a subset, e.g. STEPS="bench1 bench2".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
+PY=${GPU_PY:-python3}
+STEPS=${STEPS:-"tier sanitize bench1 bench2"}
+mkdir -p "$OUT"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+  git log -1 --format='tree at %H %s' 2>/dev/null || true; } > "$OUT/env.txt" 2>&1
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
+}
+
+# the STA module at a stage shape: official algorithm, cuda, triton; fwd and fwd+bwd
+STA=("$PY" benchmarks/bench_ops.py --device cuda --ops sta --providers official cuda triton
+     --batch 64 --modes fwd fwd+bwd --no-targets)
+
+for s in $STEPS; do
+  case "$s" in
+    tier) step test_gpu 240 bash tests/gpu.sh tier ;;
+    sanitize) step sanitize 60 bash tests/gpu.sh sanitize ;;
+    bench1) step bench_stage1 60 "${STA[@]}" --sides 56 --dim 64 --heads 1 --stoken 8 \
+              --out "$OUT/sta_stage1.json" ;;
+    bench2) step bench_stage2 60 "${STA[@]}" --sides 28 --dim 128 --heads 2 --stoken 4 \
+              --out "$OUT/sta_stage2.json" ;;
+    *) echo "unknown step $s (tier sanitize bench1 bench2)" >&2; exit 2 ;;
+  esac
+done
