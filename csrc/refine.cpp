@@ -1,7 +1,7 @@
 // The refine of the STA module (stvit_kernels.RefineAttention): multi-head self-attention over the
 // N = H * W tokens of s [B, C, H, W] with the official parameters (qkv: a 1x1 conv to 3C whose
 // output channels are [heads, (q, k, v), head_dim]; proj: a 1x1 conv). Three operators, all
-// compositions of ATen ops, so one C++ body serves every device:
+// compositions of ATen ops, so one C++ body serves both devices:
 //
 //   refine_attention(s, ...) -> out
 //       the inference / large-N path: the 1x1 convolutions as matrix products on the token-major
@@ -14,10 +14,10 @@
 //       the training path: the same function with the attention core written out (scores,
 //       softmax, weighted sum, in float32 for half inputs), its intermediates returned for the
 //       backward, and the backward by hand (the textbook formulas of linear, softmax and matmul).
-//       Registered CompositeExplicitAutograd (no autograd of their own, any device, meta tensors
-//       included): the one autograd node of stvit_kernels._library.Refine calls them, where the
-//       composite above would put ~20 nodes on autograd's graph. Autocast is off inside (the caller
-//       casts the inputs), so the attention core stays in the accumulation type.
+//       Registered for CPU and CUDA with no autograd of their own (fake implementations in
+//       stvit_kernels/_library.py): the one autograd node of stvit_kernels._library.Refine calls
+//       them, where the composite above would put ~20 nodes on autograd's graph. Autocast is off
+//       inside (the caller casts the inputs), so the attention core stays in the accumulation type.
 //
 // Saved for the backward: qkvh [3, B * heads, N, d] (q, k, v head-major, accumulation type),
 // attn [B * heads, N, N] (the softmax, accumulation type), o [B * N, C] (the attention output
@@ -181,7 +181,16 @@ TORCH_LIBRARY_IMPL(stvit, CompositeImplicitAutograd, m) {
   m.impl("refine_attention", &stvit::refine_attention);
 }
 
-TORCH_LIBRARY_IMPL(stvit, CompositeExplicitAutograd, m) {
+// The same body for every device (the fake implementations, for meta tensors and torch.compile,
+// are in stvit_kernels/_library.py, like the other operators').
+TORCH_LIBRARY_IMPL(stvit, CPU, m) {
   m.impl("refine_attention_forward", &stvit::refine_attention_forward);
   m.impl("refine_attention_backward", &stvit::refine_attention_backward);
 }
+
+#ifdef STVIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(stvit, CUDA, m) {
+  m.impl("refine_attention_forward", &stvit::refine_attention_forward);
+  m.impl("refine_attention_backward", &stvit::refine_attention_backward);
+}
+#endif

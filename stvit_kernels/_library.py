@@ -358,15 +358,35 @@ def _fake_associate_backward(g, A, den, h, w):
     return g.new_empty((g.shape[0], g.shape[1], A.shape[2], A.shape[3]))
 
 
+def _token_major_map(like, B, C, H, W):
+    """A [B, C, H, W] tensor laid out token-major (the strides of channels_last), as the refine
+    operators return their maps."""
+    return like.new_empty((B, H, W, C)).permute(0, 3, 1, 2)
+
+
+def _fake_refine_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale):
+    _check_fake(s, qkv_weight, proj_weight)
+    B, C, H, W = s.shape
+    N, acc = H * W, accumulation_dtype(s.dtype)
+    qkvh = s.new_empty((3, B * heads, N, C // heads), dtype=acc)
+    attn = s.new_empty((B * heads, N, N), dtype=acc)
+    return _token_major_map(s, B, C, H, W), qkvh, attn, s.new_empty((B * N, C))
+
+
+def _fake_refine_backward(grad, s, qkvh, attn, o, qkv_weight, proj_weight, heads, scale):
+    _check_fake(grad, s, o, qkv_weight, proj_weight)
+    return (_token_major_map(s, *s.shape), qkv_weight.new_empty(qkv_weight.shape),
+            qkv_weight.new_empty((qkv_weight.shape[0],)), proj_weight.new_empty(proj_weight.shape),
+            proj_weight.new_empty((proj_weight.shape[0],)))
+
+
 def _fake_sta_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads,
                       attn_scale):
     _check_fake(x, qkv_weight, proj_weight)
-    B, C, H, W = x.shape
-    N, acc = (H // h) * (W // w), accumulation_dtype(x.dtype)
     s, A, den = _fake_associate(x, None, h, w, scale, n_iter)
-    qkvh = x.new_empty((3, B * heads, N, C // heads), dtype=acc)
-    attn = x.new_empty((B * heads, N, N), dtype=acc)
-    return x.new_empty(x.shape), A, den, s, qkvh, attn, x.new_empty((B * N, C))
+    _, qkvh, attn, o = _fake_refine_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads,
+                                            attn_scale)
+    return x.new_empty(x.shape), A, den, s, qkvh, attn, o
 
 
 def _fake_sta_backward(grad, A, den, s, qkvh, attn, o, qkv_weight, proj_weight, h, w, heads,
@@ -387,10 +407,13 @@ FAKES = {
     "associate_backward": _fake_associate_backward,
 }
 
-#: The compiled family's module step (csrc/ops.cpp), with no Triton counterpart.
+#: The compiled family's module step (csrc/ops.cpp) and the refine (csrc/refine.cpp), with no
+#: Triton counterpart.
 FAKES_COMPILED = {
     "sta_forward": _fake_sta_forward,
     "sta_backward": _fake_sta_backward,
+    "refine_attention_forward": _fake_refine_forward,
+    "refine_attention_backward": _fake_refine_backward,
 }
 
 #: Schemas of the Triton operators (the C++ ones of the same names are declared with the same text

@@ -39,7 +39,10 @@ def _graph(fn):
             continue
         seen.add(f)
         names.add(type(f).__name__)
-        todo += [n for n, _ in f.next_functions]
+        try:
+            todo += [n for n, _ in f.next_functions]
+        except RuntimeError:  # torch 2.11: not readable on a custom Function's node
+            pass
     return names
 
 
