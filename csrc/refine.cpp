@@ -4,14 +4,15 @@
 // compositions of ATen ops, so one C++ body serves both devices:
 //
 //   refine_attention(s, ...) -> out
-//       the inference / large-N path: the 1x1 convolutions as matrix products on the token-major
+//       the path beyond REFINE_FUSED_MAX_TOKENS tokens or with attention dropout: the 1x1 convolutions as matrix products on the token-major
 //       view [B, N, C] (q, k, v come out as views with unit stride on head_dim and aligned rows,
 //       which the fused kernels of scaled_dot_product_attention take for any N) and SDPA.
 //       Registered CompositeImplicitAutograd: autograd, autocast and torch.compile see the ATen
 //       ops (one call from Python instead of a dozen).
-//   refine_attention_forward(s, ...) -> (out, qkv, attn, o)
-//   refine_attention_backward(grad, s, qkv, attn, o, ...) -> (ds, dqkv_w, dqkv_b, dproj_w, dproj_b)
-//       the training path: the same function with the attention core written out (scores,
+//   refine_attention_forward(s, ...) -> (out, qkvh, attn, o)
+//   refine_attention_backward(grad, s, qkvh, attn, o, ...) -> (ds, dqkv_w, dqkv_b, dproj_w, dproj_b)
+//       the path up to REFINE_FUSED_MAX_TOKENS tokens (stvit_kernels/module.py), with or without
+//       a gradient: the same function with the attention core written out (scores,
 //       softmax, weighted sum, in float32 for half inputs), its intermediates returned for the
 //       backward, and the backward by hand (the textbook formulas of linear, softmax and matmul).
 //       Registered for CPU and CUDA with no autograd of their own (fake implementations in

@@ -391,10 +391,11 @@ def _fake_sta_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, sca
 
 def _fake_sta_backward(grad, A, den, s, qkvh, attn, o, qkv_weight, proj_weight, h, w, heads,
                        attn_scale):
-    _check_fake(grad, A, den, s, o, qkv_weight, proj_weight)
-    return (grad.new_empty(grad.shape), qkv_weight.new_empty(qkv_weight.shape),
-            qkv_weight.new_empty((qkv_weight.shape[0],)), proj_weight.new_empty(proj_weight.shape),
-            proj_weight.new_empty((proj_weight.shape[0],)))
+    _check_fake(grad, A, den, s)
+    # the refine's backward runs on the gradient of its output, shaped like s
+    _, *param_grads = _fake_refine_backward(s, s, qkvh, attn, o, qkv_weight, proj_weight, heads,
+                                            attn_scale)
+    return (grad.new_empty(grad.shape), *param_grads)
 
 
 FAKES = {

@@ -78,7 +78,7 @@ class RefineAttention(nn.Module):
         params = self.weights()
         if not _BUILT:
             out = self._forward_python(x, p)
-        elif p == 0.0 and x.shape[2] * x.shape[3] <= REFINE_FUSED_MAX_TOKENS:
+        elif self.written_out(x.shape[2] * x.shape[3]):
             # written out (csrc/refine.cpp), the inputs cast as autocast would
             x, *params = autocast_inputs(x, *params)
             if needs_grad(x, *params):
@@ -88,6 +88,11 @@ class RefineAttention(nn.Module):
         else:  # the same ops as _forward_python (SDPA), composed in C++: one call
             out = _REFINE_OP(x, *params, self.num_heads, self.scale, p)
         return self.proj_drop(out) if self.training and self.proj_drop.p > 0 else out
+
+    def written_out(self, tokens: int) -> bool:
+        """Whether a forward over ``tokens`` tokens runs written out (csrc/refine.cpp) rather than
+        as SDPA: at most :data:`REFINE_FUSED_MAX_TOKENS` tokens and no attention dropout."""
+        return tokens <= REFINE_FUSED_MAX_TOKENS and not (self.training and self.attn_drop_p > 0)
 
     def weights(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
         """``(qkv.weight, qkv.bias, proj.weight, proj.bias)``, the biases None when absent."""
@@ -219,8 +224,8 @@ class SuperTokenAttention(nn.Module):
             return None
         r = self._modules["stoken_refine"]
         h, w = self.stoken_size
-        if ((self.training and (r.attn_drop_p > 0 or r.proj_drop.p > 0))
-                or (x.shape[2] // h) * (x.shape[3] // w) > REFINE_FUSED_MAX_TOKENS):
+        if (not r.written_out((x.shape[2] // h) * (x.shape[3] // w))
+                or (self.training and r.proj_drop.p > 0)):
             return None
         if autocast:
             params = autocast_inputs(*params)
