@@ -5,7 +5,7 @@
 // raises through TORCH_CHECK. `associate` and `associate_backward` are the STA module's
 // association stage and its gradient as one call each (a loop over the kernels, in C++);
 // `sta_forward` and `sta_backward` the whole module with its refine attention written out
-// (refine.cpp), one call each way.
+// (refine.cpp), one call each way; `sta_inference` sta_forward's output alone.
 #include <pybind11/pybind11.h>
 
 #include <optional>
@@ -251,6 +251,17 @@ Tensor7 sta_forward(const at::Tensor& x, const at::Tensor& qkv_weight,
   return {y, A, den, s, qkvh, attn, o};
 }
 
+// sta_forward's y alone, for a call that needs no gradient: one output to hand back to Python
+// instead of seven.
+template <typename K>
+at::Tensor sta_inference(const at::Tensor& x, const at::Tensor& qkv_weight,
+                         const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
+                         const std::optional<at::Tensor>& proj_bias, int64_t h, int64_t w,
+                         double scale, int64_t n_iter, int64_t heads, double attn_scale) {
+  return std::get<0>(sta_forward<K>(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale,
+                                    n_iter, heads, attn_scale));
+}
+
 // The gradient of sta_forward's y into x and the refine's four parameters, the module's
 // semantics (A and den constants): upsampling -> (ds: aggregate(g, A).num), the refine by hand,
 // the association (associate_backward).
@@ -283,6 +294,9 @@ TORCH_LIBRARY(stvit, m) {
   m.def("sta_forward(Tensor x, Tensor qkv_weight, Tensor? qkv_bias, Tensor proj_weight, "
         "Tensor? proj_bias, int h, int w, float scale, int n_iter, int heads, float attn_scale) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("sta_inference(Tensor x, Tensor qkv_weight, Tensor? qkv_bias, Tensor proj_weight, "
+        "Tensor? proj_bias, int h, int w, float scale, int n_iter, int heads, float attn_scale) "
+        "-> Tensor");
   m.def("sta_backward(Tensor grad, Tensor A, Tensor den, Tensor s, Tensor qkvh, Tensor attn, "
         "Tensor o, Tensor qkv_weight, Tensor proj_weight, int h, int w, int heads, "
         "float attn_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -298,6 +312,7 @@ TORCH_LIBRARY_IMPL(stvit, CPU, m) {
   m.impl("associate", &stvit::associate<K>);
   m.impl("associate_backward", &stvit::associate_backward<K>);
   m.impl("sta_forward", &stvit::sta_forward<K>);
+  m.impl("sta_inference", &stvit::sta_inference<K>);
   m.impl("sta_backward", &stvit::sta_backward<K>);
 }
 
@@ -312,6 +327,7 @@ TORCH_LIBRARY_IMPL(stvit, CUDA, m) {
   m.impl("associate", &stvit::associate<K>);
   m.impl("associate_backward", &stvit::associate_backward<K>);
   m.impl("sta_forward", &stvit::sta_forward<K>);
+  m.impl("sta_inference", &stvit::sta_inference<K>);
   m.impl("sta_backward", &stvit::sta_backward<K>);
 }
 #endif

@@ -86,18 +86,30 @@ at::Tensor refine_attention(const at::Tensor& s, const at::Tensor& qkv_weight,
   return map_of(proj, g);
 }
 
-// [B, N, heads, d] token-major (any strides) -> a contiguous [B * heads, N, d] copy in `dtype`
-at::Tensor head_major(const at::Tensor& t, const RefineShape& g, at::ScalarType dtype) {
-  return at::empty({g.B, g.heads, g.N, g.d}, t.options().dtype(dtype))
-      .copy_(t.view({g.B, g.N, g.heads, g.d}).transpose(1, 2))
-      .view({g.B * g.heads, g.N, g.d});
+// `t` (any strides) as a tensor of `shape` in `dtype`: a view of it where its strides allow one
+// and no cast is needed (a single head in float32 / float64: q, k, v and the attention output are
+// then views of the matrix products' results), else one copy.
+at::Tensor relayout(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype) return t.reshape(shape);
+  return at::empty(t.sizes(), t.options().dtype(dtype)).copy_(t).view(shape);
 }
 
-// [B * heads, N, d] head-major -> a contiguous token-major [B * N, C] copy in `dtype`
+// [B, N, heads, d] token-major -> [B * heads, N, d] head-major in `dtype`
+at::Tensor head_major(const at::Tensor& t, const RefineShape& g, at::ScalarType dtype) {
+  return relayout(t.view({g.B, g.N, g.heads, g.d}).transpose(1, 2), {g.B * g.heads, g.N, g.d},
+                  dtype);
+}
+
+// [B * heads, N, d] head-major -> token-major [B * N, C] in `dtype`
 at::Tensor token_major(const at::Tensor& t, const RefineShape& g, at::ScalarType dtype) {
-  return at::empty({g.B, g.N, g.heads, g.d}, t.options().dtype(dtype))
-      .copy_(t.view({g.B, g.heads, g.N, g.d}).transpose(1, 2))
-      .view({g.B * g.N, g.C});
+  return relayout(t.view({g.B, g.heads, g.N, g.d}).transpose(1, 2), {g.B * g.N, g.C}, dtype);
+}
+
+// x [M, K] @ weight [N, K]^T (+ bias): at::linear's 2-D case, without its dispatch layers
+at::Tensor linear2d(const at::Tensor& x, const at::Tensor& weight,
+                    const std::optional<at::Tensor>& bias) {
+  if (bias.has_value() && bias->defined()) return at::addmm(*bias, x, weight.t());
+  return at::mm(x, weight.t());
 }
 
 // A fresh [B * heads, N, N or d] result of alpha * a @ b (baddbmm ignores `self` when beta = 0).
@@ -117,15 +129,15 @@ Tensor4 refine_attention_forward(const at::Tensor& s, const at::Tensor& qkv_weig
   RawGuard raw;
   const RefineShape g = refine_shape("refine_attention_forward", s, heads);
   const at::ScalarType dt = s.scalar_type(), acc = acc_of(dt);
-  const at::Tensor qkv = at::linear(tokens_of(s, g), qkv_weight.reshape({3 * g.C, g.C}), qkv_bias);
-  // one copy: [B, N, heads, 3, d] -> [3, B, heads, N, d]
-  const at::Tensor qkvh = at::empty({3, g.B, g.heads, g.N, g.d}, s.options().dtype(acc))
-                              .copy_(qkv.view({g.B, g.N, g.heads, 3, g.d}).permute({3, 0, 2, 1, 4}))
-                              .view({3, g.B * g.heads, g.N, g.d});
+  const at::Tensor qkv = linear2d(tokens_of(s, g).reshape({g.B * g.N, g.C}),
+                                  qkv_weight.reshape({3 * g.C, g.C}), qkv_bias);
+  // [B, N, heads, 3, d] -> [3, B * heads, N, d]: one copy, or a view (one head, no cast)
+  const at::Tensor qkvh = relayout(qkv.view({g.B, g.N, g.heads, 3, g.d}).permute({3, 0, 2, 1, 4}),
+                                   {3, g.B * g.heads, g.N, g.d}, acc);
   const at::Tensor q = qkvh[0], k = qkvh[1], v = qkvh[2];
   const at::Tensor attn = at::_softmax(scaled_bmm(q, k.transpose(1, 2), scale), -1, false);
   const at::Tensor o = token_major(at::bmm(attn, v), g, dt);
-  const at::Tensor out = at::linear(o, proj_weight.reshape({g.C, g.C}), proj_bias);
+  const at::Tensor out = linear2d(o, proj_weight.reshape({g.C, g.C}), proj_bias);
   return {map_of(out.view({g.B, g.N, g.C}), g), qkvh, attn, o};
 }
 
@@ -154,9 +166,8 @@ Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s,
   at::baddbmm_out(dq, dq, dscores, k, 0.0, scale);
   at::baddbmm_out(dk, dk, dscores.transpose(1, 2), q, 0.0, scale);
   // back to the qkv channel order [heads, (q, k, v), head_dim], token-major: [B * N, 3C]
-  const at::Tensor dqkv = at::empty({g.B, g.N, g.heads, 3, g.d}, s.options())
-                              .copy_(dqkvh.view({3, g.B, g.heads, g.N, g.d}).permute({1, 3, 2, 0, 4}))
-                              .view({BN, 3 * g.C});
+  const at::Tensor dqkv = relayout(dqkvh.view({3, g.B, g.heads, g.N, g.d}).permute({1, 3, 2, 0, 4}),
+                                   {BN, 3 * g.C}, dt);
   // qkv: qkv = tokens @ Wqkv^T + bqkv
   const at::Tensor dqkv_w = at::mm(dqkv.t(), tokens_of(s, g).reshape({BN, g.C}));
   const at::Tensor dqkv_b = dqkv.sum(0);

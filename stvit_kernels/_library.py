@@ -364,13 +364,25 @@ def _token_major_map(like, B, C, H, W):
     return like.new_empty((B, H, W, C)).permute(0, 3, 1, 2)
 
 
+def _relayout(t, shape, dtype):
+    """csrc/refine.cpp's ``relayout``: ``t`` reshaped (a view where its strides allow) when no cast
+    is needed, else a fresh contiguous tensor."""
+    if t.dtype == dtype:
+        return t.reshape(shape)
+    return t.new_empty(shape, dtype=dtype)
+
+
 def _fake_refine_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale):
     _check_fake(s, qkv_weight, proj_weight)
     B, C, H, W = s.shape
-    N, acc = H * W, accumulation_dtype(s.dtype)
-    qkvh = s.new_empty((3, B * heads, N, C // heads), dtype=acc)
+    N, d, acc = H * W, C // heads, accumulation_dtype(s.dtype)
+    # the layouts of refine.cpp's relayout: views of the matrix products' results without a cast
+    qkvh = _relayout(s.new_empty((B, N, 3 * C)).view(B, N, heads, 3, d).permute(3, 0, 2, 1, 4),
+                     (3, B * heads, N, d), acc)
     attn = s.new_empty((B * heads, N, N), dtype=acc)
-    return _token_major_map(s, B, C, H, W), qkvh, attn, s.new_empty((B * N, C))
+    o = _relayout(s.new_empty((B * heads, N, d), dtype=acc).view(B, heads, N, d).transpose(1, 2),
+                  (B * N, C), s.dtype)
+    return _token_major_map(s, B, C, H, W), qkvh, attn, o
 
 
 def _fake_refine_backward(grad, s, qkvh, attn, o, qkv_weight, proj_weight, heads, scale):
@@ -387,6 +399,12 @@ def _fake_sta_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, sca
     _, qkvh, attn, o = _fake_refine_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads,
                                             attn_scale)
     return x.new_empty(x.shape), A, den, s, qkvh, attn, o
+
+
+def _fake_sta_inference(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads,
+                        attn_scale):
+    return _fake_sta_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter,
+                             heads, attn_scale)[0]
 
 
 def _fake_sta_backward(grad, A, den, s, qkvh, attn, o, qkv_weight, proj_weight, h, w, heads,
@@ -412,6 +430,7 @@ FAKES = {
 #: Triton counterpart.
 FAKES_COMPILED = {
     "sta_forward": _fake_sta_forward,
+    "sta_inference": _fake_sta_inference,
     "sta_backward": _fake_sta_backward,
     "refine_attention_forward": _fake_refine_forward,
     "refine_attention_backward": _fake_refine_backward,

@@ -18,8 +18,13 @@ from .backends import resolve
 _BUILT = _ext.load_error() is None
 _REFINE_OP = torch.ops.stvit.refine_attention.default if _BUILT else None
 _REFINE_FORWARD = torch.ops.stvit.refine_attention_forward.default if _BUILT else None
-#: The whole module in one C++ call (csrc/ops.cpp), for the compiled kernel family.
-_STA_FORWARD = torch.ops.stvit.sta_forward.default if _BUILT else None
+#: The whole module in one C++ call without a gradient (csrc/ops.cpp), for the compiled kernel
+#: family (with one, SuperTokenStep calls stvit::sta_forward).
+_STA_INFERENCE = torch.ops.stvit.sta_inference.default if _BUILT else None
+
+#: Whether autocast is on for any device: one C call, before the per-device question (which
+#: builds a torch.device) is asked.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 #: Up to this many tokens (and without attention dropout) the refine runs written out: one C++
 #: call forward and, when a gradient is needed, one autograd node
@@ -181,7 +186,7 @@ class SuperTokenAttention(nn.Module):
                              f"[B, {self.dim}, H, W], got x.shape={shape}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got x.dtype={x.dtype}")
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = _any_autocast() and torch.is_autocast_enabled(x.device.type)
         refine = self._modules["stoken_refine"] if self.refine else None
         weights = refine.weights() if self.refine and self.refine_attention else None
         if refine is not None and not autocast:
@@ -213,8 +218,9 @@ class SuperTokenAttention(nn.Module):
         return y
 
     def _one_step(self, be, x: torch.Tensor, autocast: bool, params) -> Optional[torch.Tensor]:
-        """The module on padded ``x`` as one C++ call, ``stvit::sta_forward``
-        (:class:`SuperTokenStep`, one autograd node, when a gradient is needed), where that call
+        """The module on padded ``x`` as one C++ call, ``stvit::sta_inference`` (or
+        ``stvit::sta_forward`` in :class:`SuperTokenStep`, one autograd node, when a gradient is
+        needed), where that call
         applies: a backend with ``one_step`` (the compiled kernels), the attention refine (its
         ``weights()``: ``params``) with at most :data:`REFINE_FUSED_MAX_TOKENS` super tokens and
         no dropout in training, and under autocast parameters that cast to ``x``'s dtype. None
@@ -234,7 +240,7 @@ class SuperTokenAttention(nn.Module):
         args = (h, w, self.scale, self.n_iter, r.num_heads, r.scale)
         if needs_grad(x, *params):
             return SuperTokenStep.apply(x, *params, *args)
-        return _STA_FORWARD(x, *params, *args)[0]
+        return _STA_INFERENCE(x, *params, *args)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in OFFICIAL_CONSTANT_KEYS:

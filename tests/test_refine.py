@@ -181,9 +181,11 @@ def test_which_path_runs(monkeypatch):
 
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_step_and_refine_ops(device, dtype):
-    torch.manual_seed(seed_for("opcheck-step", dtype))
-    B, C, heads, h, w = 2, 6, 2, 2, 3
+@pytest.mark.parametrize("B,heads", [(2, 2), (2, 1), (1, 2)], ids=["B2-h2", "B2-h1", "B1-h2"])
+def test_opcheck_step_and_refine_ops(device, dtype, B, heads):
+    """Also the fakes' strides: one head (or B=1) saves q, k, v as views, not a copy."""
+    torch.manual_seed(seed_for("opcheck-step", dtype, B, heads))
+    C, h, w = 6, 2, 3
     m = sk.SuperTokenAttention(C, (h, w), num_heads=heads, qkv_bias=True).to(device, dtype)
     r = m.stoken_refine
     x = torch.randn(B, C, 4, 9, device=device, dtype=dtype)
@@ -194,6 +196,7 @@ def test_opcheck_step_and_refine_ops(device, dtype):
     samples = [
         (ops.sta_forward.default, (x, *W, h, w, m.scale, 2, heads, r.scale)),
         (ops.sta_forward.default, (x, W[0], None, W[2], None, h, w, m.scale, 1, heads, r.scale)),
+        (ops.sta_inference.default, (x, *W, h, w, m.scale, 2, heads, r.scale)),
         (ops.sta_backward.default, (g, A, den, s, qkvh, attn, o, W[0], W[2], h, w, heads, r.scale)),
         (ops.refine_attention_forward.default, (s, *W, heads, r.scale)),
         (ops.refine_attention_backward.default,
@@ -222,3 +225,36 @@ def test_half_inputs_keep_the_attention_core_in_float32():
         ours = m16(x16.detach()).double()
         sdpa = m16._forward_python(x16.detach(), 0.0).double()
     assert (ours - truth).abs().max() <= 2 * (sdpa - truth).abs().max() + 1e-3
+
+
+def _copies(fn) -> int:
+    """aten::copy_ calls (the relayouts and casts) that ``fn`` makes, by the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::copy_")
+
+
+@pytest.mark.parametrize("heads,dtype,fwd_copies,bwd_copies", [
+    pytest.param(1, torch.float32, 1, 0, id="1head-f32"),
+    pytest.param(1, torch.float64, 1, 0, id="1head-f64"),
+    pytest.param(2, torch.float32, 2, 0, id="2heads-f32"),
+    pytest.param(1, torch.bfloat16, 3, 2, id="1head-bf16"),
+])
+def test_refine_copies_only_where_the_layout_needs_one(heads, dtype, fwd_copies, bwd_copies):
+    """B=1 (the token-major input is a view then). Without a cast, q, k, v are views of the qkv
+    product, and with one head the attention output is the bmm's own. The forward's one copy is
+    then the proj bias that addmm broadcasts into its output. Several heads also copy the
+    head-interleaved attention output. A cast (half inputs, float32 core) copies q, k, v and the
+    output one way and the two gradients the other way."""
+    torch.manual_seed(seed_for("refine-copies", heads, dtype))
+    C = 16
+    m = sk.RefineAttention(C, num_heads=heads).to(dtype)  # no qkv bias, as the official default
+    W = (m.qkv.weight.detach(), None, m.proj.weight.detach(), m.proj.bias.detach())
+    s = torch.randn(1, C, 3, 3, dtype=dtype)
+    ops = torch.ops.stvit
+    out, qkvh, attn, o = ops.refine_attention_forward(s, *W, heads, m.scale)
+    g = torch.randn_like(out)
+    assert _copies(lambda: ops.refine_attention_forward(s, *W, heads, m.scale)) == fwd_copies
+    assert _copies(lambda: ops.refine_attention_backward(
+        g, s, qkvh, attn, o, W[0], W[2], heads, m.scale)) == bwd_copies

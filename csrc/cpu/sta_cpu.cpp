@@ -116,8 +116,8 @@ int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_item));
 }
 
-// The workspace of the aggregation partials: `elems` elements of the accumulation type of
-// `like`. Kept by the calling thread between calls (up to kMaxCachedWorkspace bytes): freshly
+// The workspace of the aggregation partials: at least `elems` elements of the accumulation type
+// of `like`. Kept by the calling thread between calls (up to kMaxCachedWorkspace bytes): freshly
 // mapped memory costs a page fault per 4 KiB page, as much as the work itself here. Safe because
 // one thread runs one op at a time, and the op's worker threads are done with it when it returns.
 constexpr int64_t kMaxCachedWorkspace = int64_t(64) << 20;
@@ -130,9 +130,10 @@ at::Tensor partials_workspace(int64_t elems, const at::Tensor& like) {
   thread_local at::Tensor cache[2];  // float, double
   at::Tensor& ws = cache[acc == at::kDouble ? 1 : 0];
   if (!ws.defined() || ws.numel() < elems) ws = at::empty({elems}, options);
-  at::Tensor view = ws.narrow(0, 0, elems);
-  if (cpu::poison()) view.fill_(std::numeric_limits<double>::quiet_NaN());
-  return view;
+  // the whole cached buffer (at least `elems`; callers use its first elements through the data
+  // pointer): a narrowed view would cost as much as a small op
+  if (cpu::poison()) ws.narrow(0, 0, elems).fill_(std::numeric_limits<double>::quiet_NaN());
+  return ws;
 }
 
 // Per-cell partials -> (num, den), or (num / (den + 1e-12), den) with `normalise`; shared by
