@@ -70,6 +70,63 @@ __device__ __forceinline__ void store_vec(T* ptr, const Vec<T, N>& val) {
   *reinterpret_cast<Vec<T, N>*>(ptr) = val;
 }
 
+// Copies of 4 or 8 bytes from global to shared memory that do not wait for the data (cp.async on
+// sm_80+: no register holds them, so a thread has all of its pixel's channels in flight at once);
+// async_wait_all() waits for this thread's copies. The emulator (STVIT_EMULATED_ASYNC) defers
+// the copies to that wait, so reading the destination earlier shows as NaN there.
+#if defined(STVIT_EMULATED_ASYNC)
+template <int BYTES>
+__device__ __forceinline__ void async_copy(void* dst, const void* src) {
+  STVIT_EMULATED_ASYNC(dst, src, BYTES);
+}
+__device__ __forceinline__ void async_wait_all() { STVIT_EMULATED_ASYNC_WAIT(); }
+#else
+template <int BYTES>
+__device__ __forceinline__ void async_copy(void* dst, const void* src) {
+  static_assert(BYTES == 4 || BYTES == 8, "cp.async.ca copies 4, 8 or 16 bytes");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(d), "l"(src), "n"(BYTES)
+               : "memory");
+#else
+  if constexpr (BYTES == 4) {
+    *static_cast<uint32_t*>(dst) = *static_cast<const uint32_t*>(src);
+  } else {
+    *static_cast<uint64_t*>(dst) = *static_cast<const uint64_t*>(src);
+  }
+#endif
+}
+__device__ __forceinline__ void async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+#endif
+
+// The C channels of one pixel of x (stride HW between channels) into the shared row dst, with
+// every load in flight before any is waited for: cp.async for 4- and 8-byte types (the thread
+// waits with async_wait_all() before it reads dst), groups of 32 register loads for 16-bit ones
+// (cp.async copies at least 4 bytes; dst is complete on return).
+template <typename scalar_t>
+__device__ __forceinline__ void fetch_pixel(scalar_t* __restrict__ dst,
+                                            const scalar_t* __restrict__ src, int C, int64_t HW) {
+  if constexpr (sizeof(scalar_t) >= 4) {
+#pragma unroll 8
+    for (int c = 0; c < C; ++c) async_copy<sizeof(scalar_t)>(dst + c, src + c * HW);
+  } else {
+    constexpr int U = 32;
+    for (int c0 = 0; c0 < C; c0 += U) {
+      scalar_t v[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) v[u] = c0 + u < C ? src[(c0 + u) * HW] : scalar_t(0.0f);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (c0 + u < C) dst[c0 + u] = v[u];
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Parameters (one struct for every pixel-side kernel; unused pointers are null)
 
@@ -114,27 +171,41 @@ __device__ __forceinline__ TileInfo tile_of(const P& p) {
 
 // Stage channels [c0, c0 + CK) of the 3 x (NC+2) super tokens around the tile into
 // s_sh[(row * (NC+2) + e) * SK + cc], zero outside the grid and for channels >= C.
-// Consecutive threads take consecutive extended columns: runs of contiguous reads of s.
+// Consecutive threads take consecutive extended columns: runs of contiguous reads of s. A thread
+// issues kStageLoads loads before it stores any: one trip to memory instead of one per element.
+constexpr int kStageLoads = 8;
+
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void stage_stokens(acc_t* __restrict__ s_sh,
                                               const scalar_t* __restrict__ s_b, int c0,
                                               const CellParams<scalar_t>& p, const TileInfo& t) {
   const int NCE = p.NC + 2;
   const int n = 3 * NCE * p.CK;
+  const int BS = blockDim.x;
   const int64_t plane = static_cast<int64_t>(p.hh) * p.ww;
-  for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
-    const int e = idx % NCE;
-    const int rest = idx / NCE;
-    const int row = rest % 3;
-    const int cc = rest / 3;
-    const int u = t.ci + row - 1;
-    const int v = t.cj0 - 1 + e;
-    const int c = c0 + cc;
-    acc_t val = acc_t(0);
-    if (u >= 0 && u < p.hh && v >= 0 && v < p.ww && c < p.C) {
-      val = static_cast<acc_t>(s_b[c * plane + static_cast<int64_t>(u) * p.ww + v]);
+  for (int base = threadIdx.x; base < n; base += kStageLoads * BS) {
+    acc_t val[kStageLoads];
+    int dst[kStageLoads];
+#pragma unroll
+    for (int u = 0; u < kStageLoads; ++u) {
+      const int idx = base + u * BS;
+      const int e = idx % NCE;
+      const int rest = idx / NCE;
+      const int row = rest % 3;
+      const int cc = rest / 3;
+      const int uu = t.ci + row - 1;
+      const int v = t.cj0 - 1 + e;
+      const int c = c0 + cc;
+      val[u] = acc_t(0);
+      dst[u] = (row * NCE + e) * p.SK + cc;
+      if (idx < n && uu >= 0 && uu < p.hh && v >= 0 && v < p.ww && c < p.C) {
+        val[u] = static_cast<acc_t>(s_b[c * plane + static_cast<int64_t>(uu) * p.ww + v]);
+      }
     }
-    s_sh[(row * NCE + e) * p.SK + cc] = val;
+#pragma unroll
+    for (int u = 0; u < kStageLoads; ++u) {
+      if (base + u * BS < n) s_sh[dst[u]] = val[u];
+    }
   }
 }
 
@@ -191,6 +262,17 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
       pix = static_cast<int64_t>(t.ci * p.h + r) * p.W + t.cj0 * p.w + col;
     }
 
+    // ---- the batch's x on chip (aggregating kernels with the x cache): all of the pixel's
+    // channels in flight at once, overlapping the loads of s or A below; channel C of the row is
+    // the constant 1 (-> den), the padding up to XC is 0
+    if constexpr (kAgg && CACHE_X) {
+      if (active) {
+        scalar_t* row = x_sh + q * p.XC;
+        fetch_pixel(row, x_b + pix, p.C, HW);
+        for (int c = p.C; c < p.XC; ++c) row[c] = static_cast<scalar_t>(c == p.C ? 1.0f : 0.0f);
+      }
+    }
+
     // ---- phase 1: the association of the batch's pixels (computed, or read)
     if constexpr (kLogits) {
       const scalar_t* s_b = p.s + t.b * p.C * static_cast<int64_t>(p.hh) * p.ww;
@@ -208,14 +290,19 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
         if (active) {
           const int nv = imin(p.CK, p.C - c0);
           const scalar_t* xp = x_b + c0 * HW + pix;
+          if constexpr (kAgg && CACHE_X) async_wait_all();  // this thread's own row of x_sh
 #pragma unroll 2
           for (int cc = 0; cc < nv; cc += V) {
             Vec<scalar_t, V> xr;
+            if constexpr (kAgg && CACHE_X) {
+              // channels >= C of the row are 1 or 0, against super-token channels that are 0
+              xr = load_vec<scalar_t, V>(x_sh + q * p.XC + c0 + cc);
+            } else {
 #pragma unroll
-            for (int v = 0; v < V; ++v) {
-              xr.v[v] = (cc + v < nv) ? xp[(cc + v) * HW] : static_cast<scalar_t>(0.0f);
+              for (int v = 0; v < V; ++v) {
+                xr.v[v] = (cc + v < nv) ? xp[(cc + v) * HW] : static_cast<scalar_t>(0.0f);
+              }
             }
-            if constexpr (kAgg && CACHE_X) store_vec(x_sh + q * p.XC + c0 + cc, xr);
 #pragma unroll
             for (int k = 0; k < 9; ++k) {
               const Vec<acc_t, V> sv =
@@ -262,29 +349,12 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
         const scalar_t* Ap = p.A_in + t.b * 9 * HW + pix;
 #pragma unroll
         for (int k = 0; k < 9; ++k) A_sh[k * BS + q] = Ap[k * HW];
-        if constexpr (CACHE_X) {
-          const scalar_t* xp = x_b + pix;
-#pragma unroll 2
-          for (int c = 0; c < p.C; c += V) {
-            Vec<scalar_t, V> xr;
-#pragma unroll
-            for (int v = 0; v < V; ++v) {
-              xr.v[v] = (c + v < p.C) ? xp[(c + v) * HW] : static_cast<scalar_t>(0.0f);
-            }
-            store_vec(x_sh + q * p.XC + c, xr);
-          }
-        }
       }
     }
 
     // ---- phase 2: partial sums of the batch's pixels into the tile's 3 x (NC+2) slots
     if constexpr (kAgg) {
-      if (CACHE_X && active) {
-        // channel C of x is the constant 1 (-> den); the padding up to XC is 0
-        for (int c = p.C; c < p.XC; ++c) {
-          x_sh[q * p.XC + c] = static_cast<scalar_t>(c == p.C ? 1.0f : 0.0f);
-        }
-      }
+      if constexpr (CACHE_X) async_wait_all();
       __syncthreads();  // A_sh (and x_sh) of the batch are complete
 
       const int NVC = p.CW / V;                       // channel vectors per slot
@@ -502,6 +572,11 @@ struct PlanLimits {
   int max_threads = kMaxThreads;
   size_t smem_soft = 48 * 1024;  // what a block gets without opting in
   size_t smem_max = 48 * 1024;   // the device's opt-in limit (sharedMemPerBlockOptin)
+  // what an aggregating block may take so that 4 of them share an SM (sharedMemPerMultiprocessor
+  // / 4 less the 1 KB the driver keeps per block: 55 KB on sm_90, 40 KB on sm_80); when it is
+  // above smem_soft, the x cache and every channel of the staged super tokens fit in one block
+  // for C = 64 at 8x8 cells and C = 128 at 4x4 cells (the STViT stages 1 and 2)
+  size_t smem_block = 48 * 1024;
   int max_chunk = 1 << 30;       // cap on CK (tests force small chunks with it)
   bool cache_x = true;           // keep x on chip when it fits (tests turn it off)
   int tile_pixels = 1024;        // pixels per tile aimed at when aggregating (see plan_cells)
@@ -575,9 +650,11 @@ inline Plan plan_cells(int kind, int C, int h, int w, int ww, int acc_size, int 
     attempt(top, false, imax(L.smem_soft, L.smem_max), pl);
     return pl;
   }
-  // keep x on chip: the largest block that fits without opting in, else opt in with a small one
+  // keep x on chip: the largest block that fits in smem_block (opting in above 48 KB), else opt
+  // in with a small one
+  const size_t block_limit = imax(L.smem_soft, imin(L.smem_block, L.smem_max));
   for (int cand = top; L.cache_x && cand >= 32; cand /= 2) {
-    if (attempt(cand, true, L.smem_soft, pl)) return pl;
+    if (attempt(cand, true, block_limit, pl)) return pl;
   }
   for (int cand = imin(top, 128); L.cache_x && cand >= 32; cand /= 2) {
     if (attempt(cand, true, L.smem_max, pl)) return pl;

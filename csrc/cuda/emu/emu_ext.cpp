@@ -35,11 +35,12 @@ struct EmuRuntime {
   }
 };
 
-EmuRuntime make_rt(int max_threads, int64_t smem_soft, int64_t smem_max, int max_chunk, bool cache_x, int tile_pixels, int order_mode, int64_t seed) {
+EmuRuntime make_rt(int max_threads, int64_t smem_soft, int64_t smem_max, int64_t smem_block, int max_chunk, bool cache_x, int tile_pixels, int order_mode, int64_t seed) {
   EmuRuntime rt;
   rt.lim.max_threads = max_threads;
   rt.lim.smem_soft = smem_soft;
   rt.lim.smem_max = smem_max;
+  rt.lim.smem_block = smem_block;
   rt.lim.max_chunk = max_chunk;
   rt.lim.cache_x = cache_x;
   rt.lim.tile_pixels = tile_pixels;
@@ -49,9 +50,9 @@ EmuRuntime make_rt(int max_threads, int64_t smem_soft, int64_t smem_max, int max
 }
 }  // namespace
 
-// cfg = (max_threads, smem_soft, smem_max, max_chunk, order_mode, seed)
-#define CFG int max_threads, int64_t smem_soft, int64_t smem_max, int max_chunk, bool cache_x, int tile_pixels, int order_mode, int64_t seed
-#define RT auto rt = make_rt(max_threads, smem_soft, smem_max, max_chunk, cache_x, tile_pixels, order_mode, seed)
+// cfg = (max_threads, smem_soft, smem_max, smem_block, max_chunk, cache_x, tile_pixels, order_mode, seed)
+#define CFG int max_threads, int64_t smem_soft, int64_t smem_max, int64_t smem_block, int max_chunk, bool cache_x, int tile_pixels, int order_mode, int64_t seed
+#define RT auto rt = make_rt(max_threads, smem_soft, smem_max, smem_block, max_chunk, cache_x, tile_pixels, order_mode, seed)
 
 at::Tensor affinity(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale, bool softmax, CFG) {
   RT; return stvit::cuda::affinity_impl(rt, x, s, h, w, scale, softmax);
@@ -65,9 +66,10 @@ at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale, bool normalise, CFG) {
   RT; return stvit::cuda::affinity_aggregate_impl(rt, x, s, h, w, scale, normalise);
 }
-// the plan the production limits (48 KB soft, given opt-in) pick, for the report
-std::vector<int64_t> plan(int kind, int64_t C, int64_t h, int64_t w, int64_t ww, int acc, int sc, int64_t smem_max) {
-  stvit::cuda::PlanLimits L; L.smem_max = smem_max;
+// the plan that limits like a device's (48 KB soft, opt-in up to smem_max, smem_block a block)
+// pick, for reports
+std::vector<int64_t> plan(int kind, int64_t C, int64_t h, int64_t w, int64_t ww, int acc, int sc, int64_t smem_max, int64_t smem_block) {
+  stvit::cuda::PlanLimits L; L.smem_max = smem_max; L.smem_block = smem_block;
   auto p = stvit::cuda::plan_cells(kind, C, h, w, ww, acc, sc, L);
   return {p.BS, p.NC, p.NT, p.CK, p.SK, p.XC, p.CW, p.cache_x, (int64_t)p.smem};
 }

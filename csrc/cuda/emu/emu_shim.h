@@ -67,6 +67,20 @@ inline dim3 g_gridDim;
 
 inline unsigned char* smem() { return t_block->smem.data(); }
 
+// cp.async: a thread's copies stay pending until its async_wait_all(); a barrier does not
+// complete them (as on the GPU), so reading the destination before the wait reads the poison.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  int bytes;
+};
+inline thread_local std::vector<PendingCopy> t_pending;
+inline void async_copy(void* dst, const void* src, int bytes) { t_pending.push_back({dst, src, bytes}); }
+inline void async_wait() {
+  for (const PendingCopy& c : t_pending) std::memcpy(c.dst, c.src, c.bytes);
+  t_pending.clear();
+}
+
 inline void syncthreads() {
   Block* b = t_block;
   const int tid = t_threadIdx.x;
@@ -104,6 +118,8 @@ void run_block(void (*kernel)(Params), int64_t bid, int threads, size_t smem_byt
       }
       kernel(p);
       std::unique_lock<std::mutex> lk(b.m);
+      if (!t_pending.empty() && b.error.empty()) b.error = "cp.async copies never waited for";
+      t_pending.clear();
       b.state[i] = 2;
       b.advance();
     });
@@ -125,4 +141,6 @@ void run_block(void (*kernel)(Params), int64_t bid, int threads, size_t smem_byt
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define STVIT_DYNAMIC_SMEM(name) unsigned char* name = emu::smem()
+#define STVIT_EMULATED_ASYNC(dst, src, bytes) emu::async_copy(dst, src, bytes)
+#define STVIT_EMULATED_ASYNC_WAIT() emu::async_wait()
 inline void __syncthreads() { emu::syncthreads(); }
