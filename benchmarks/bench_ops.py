@@ -132,6 +132,8 @@ PROXY_BATCH, PROXY_THREADS, PROXY_MIN_RUN_TIME = 1, 1, 1.0
 PROXY_PROVIDERS = ("cpu", "official", "reference")
 #: Today's proxy figures (``--record-baseline``), the yardstick of the proxy target.
 PROXY_BASELINE = os.path.join(common.RESULTS_DIR, "cpu_proxy_baseline.json")
+#: The proxy measured head-on against the baseline tree (``proxy_ab.py``).
+PROXY_AB = os.path.join(common.RESULTS_DIR, "cpu_proxy_ab.json")
 #: The proxy target: the module's forward time at most this fraction of the baseline's.
 PROXY_TARGET_FRACTION = 0.25
 
@@ -752,7 +754,30 @@ def proxy_targets(rows: List[Dict], baseline: Optional[Dict], dt: str = "float32
                        None if base_c is None or base_o is None else PROXY_TARGET_FRACTION, v,
                        dict(now_cpu_ms=now_c, now_official_ms=now_o, baseline_cpu_ms=base_c,
                             baseline_official_ms=base_o, baseline_commit=commit), unit="x", direction="<="))
+    out.append(proxy_ab_target(commit, what, name))
     return out
+
+
+def proxy_ab_target(commit: Optional[str], what: str, name: str, path: str = PROXY_AB) -> Dict:
+    """The proxy forward head-on: this tree's time over the baseline tree's, the two run in turns
+    in the same minutes (``proxy_ab.py``; read from its JSON, not from this run)."""
+    label = (f"{name} fwd, cpu backend, head-on: time / the baseline tree's in the same run "
+             f"(benchmarks/proxy_ab.py -> {os.path.relpath(path, common.REPO_ROOT)}; {what})")
+    try:
+        with open(path) as f:
+            ab = json.load(f)
+    except (OSError, ValueError):
+        return _target(label, PROXY_TARGET_FRACTION, None, {}, unit="x", direction="<=",
+                       note="no proxy_ab.py result")
+    trees = ab["meta"].get("trees", {})
+    if commit is None or trees.get("a", {}).get("commit") != commit:
+        return _target(label, PROXY_TARGET_FRACTION, None, dict(trees=trees), unit="x", direction="<=",
+                       note=f"proxy_ab.py's tree A is not the baseline commit {commit}")
+    r = ab["results"]["fwd"]
+    return _target(label, PROXY_TARGET_FRACTION, r["ratio"],
+                   dict(quartiles=[r["ratio_q1"], r["ratio_q3"]], turns=r["turns"],
+                        baseline_ms=r["a_ms"], ms=r["b_ms"], trees=trees, date=ab["meta"].get("date"),
+                        command=ab["meta"].get("command")), unit="x", direction="<=")
 
 
 def evaluate_targets(rows: List[Dict], device, dtype, fused_names: Sequence[str],

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# One short device call (about 7 minutes): the GPU tier, compute-sanitizer, and the STA per-call
-# figures (wall, host, CUDA-graph GPU time, kernels) at the B=64 STViT-S stage shapes, every step
-# time-boxed, its log and JSON under OUTDIR, one line per step in OUTDIR/summary.txt.
+# One short device call (about 8 minutes): the GPU tier, compute-sanitizer, the STA per-call
+# figures (wall, host, CUDA-graph GPU time, kernels) at the B=64 STViT-S stage shapes, and Nsight
+# Compute's DRAM figures per kernel (benchmarks/ncu_kernels.py), every step time-boxed, its log and
+# JSON under OUTDIR, one line per step in OUTDIR/summary.txt.
 #
 #   bash ../shared/gpu/stage.sh                                   # here: build for the GPU machine
 #   run(carry=[".gpu"], timeout_s=540,
 #       command="cd .gpu/tree && PYTHONPATH=$PWD bash benchmarks/gpu_check.sh $OUT")
 #
-# GPU_PY: the GPU machine's python (default python3). STEPS: a subset, e.g. STEPS="bench1 bench2".
+# GPU_PY: the GPU machine's python (default python3). STEPS: a subset, e.g. STEPS="bench1 ncu".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
 PY=${GPU_PY:-python3}
-STEPS=${STEPS:-"tier sanitize bench1 bench2"}
+STEPS=${STEPS:-"tier sanitize bench1 bench2 ncu"}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
@@ -30,6 +31,8 @@ step() {  # step NAME SECONDS COMMAND...
 STA=("$PY" benchmarks/bench_ops.py --device cuda --ops sta --providers official cuda triton
      --batch 64 --modes fwd fwd+bwd --no-targets)
 
+NCU_METRICS=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed
+
 for s in $STEPS; do
   case "$s" in
     tier) step test_gpu 240 bash tests/gpu.sh tier ;;
@@ -38,6 +41,10 @@ for s in $STEPS; do
               --out "$OUT/sta_stage1.json" ;;
     bench2) step bench_stage2 60 "${STA[@]}" --sides 28 --dim 128 --heads 2 --stoken 4 \
               --out "$OUT/sta_stage2.json" ;;
-    *) echo "unknown step $s (tier sanitize bench1 bench2)" >&2; exit 2 ;;
+    ncu) step ncu 150 ncu --profile-from-start off --nvtx --csv --metrics "$NCU_METRICS" \
+           "$PY" benchmarks/ncu_kernels.py run
+         step ncu_report 20 "$PY" benchmarks/ncu_kernels.py report "$OUT/ncu.log" \
+           --out "$OUT/ncu_kernels.json" ;;
+    *) echo "unknown step $s (tier sanitize bench1 bench2 ncu)" >&2; exit 2 ;;
   esac
 done

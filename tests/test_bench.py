@@ -285,6 +285,52 @@ def test_proxy_targets_against_a_baseline():
     assert t[2]["threshold"] is None and t[2]["value"] is None
 
 
+def test_proxy_head_on_target(tmp_path):
+    """The head-on proxy figure (proxy_ab.py's JSON) counts only against the baseline commit."""
+    bench_ops = _load("bench_ops")
+    path = tmp_path / "ab.json"
+    t = bench_ops.proxy_ab_target("abc", "w", "n", path=str(path))
+    assert t["value"] is None and "no proxy_ab.py result" in t["note"]
+    ab = dict(meta=dict(trees=dict(a=dict(commit="abc"), b=dict(commit="def"))),
+              results={"fwd": dict(ratio=0.24, ratio_q1=0.2, ratio_q3=0.3, turns=9, a_ms=1.0, b_ms=0.24)})
+    path.write_text(json.dumps(ab))
+    t = bench_ops.proxy_ab_target("abc", "w", "n", path=str(path))
+    assert t["value"] == 0.24 and t["threshold"] == 0.25 and t["met"] is True
+    t = bench_ops.proxy_ab_target("other", "w", "n", path=str(path))
+    assert t["value"] is None and "not the baseline commit" in t["note"]
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
+def test_proxy_ab_script(tmp_path):
+    """proxy_ab.py against the same tree: both children import that tree, the ratio is near 1."""
+    proxy_ab = _load("proxy_ab")
+    root = os.path.dirname(BENCH_DIR)
+    res = proxy_ab.measure(root, root, turns=2)
+    assert set(res) == {"fwd", "fwd+bwd"}
+    assert all(r["a_ms"] > 0 and r["b_ms"] > 0 and 0.2 < r["ratio"] < 5 for r in res.values())
+
+
+def test_ncu_report_parses_ncu_csv(tmp_path):
+    """ncu_kernels.py report: per launch, time, DRAM bytes and share of the copy bandwidth."""
+    ncu = _load("ncu_kernels")
+    head = ('"ID","Process ID","Process Name","Host Name","thread Domain:Push/Pop_Range","Kernel Name",'
+            '"Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name",'
+            '"Metric Unit","Metric Value"')
+    row = '"0","1","python","h","stage1-float32","cell_kernel<float, 2, true>","1","7","(128, 1, 1)",' \
+          '"(448, 1, 1)","0","9.0","Command line profiler metrics","{}","{}","{}"'
+    lines = ["==PROF== Connected", head] + [row.format(*m) for m in (
+        ("dram__bytes_read.sum", "Mbyte", "30.00"), ("dram__bytes_write.sum", "Mbyte", "10.00"),
+        ("gpu__time_duration.sum", "usecond", "20.00"),
+        ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "%", "42.5"))]
+    csv_path, out = tmp_path / "ncu.csv", tmp_path / "ncu.json"
+    csv_path.write_text("\n".join(lines) + "\n")
+    ncu.report(str(csv_path), 4000.0, str(out))
+    (r,) = json.loads(out.read_text())["launches"]
+    assert r["case"] == "stage1-float32" and r["us"] == pytest.approx(20.0)
+    assert r["dram_mb"] == pytest.approx(40.0) and r["dram_gbs"] == pytest.approx(2000.0)
+    assert r["share_of_copy"] == pytest.approx(0.5) and r["dram_pct_of_peak"] == pytest.approx(42.5)
+
+
 def test_committed_proxy_baseline():
     """The baseline of the proxy target is committed with the commit of the library it measured."""
     bench_ops = _load("bench_ops")
