@@ -754,15 +754,19 @@ def proxy_targets(rows: List[Dict], baseline: Optional[Dict], dt: str = "float32
                        None if base_c is None or base_o is None else PROXY_TARGET_FRACTION, v,
                        dict(now_cpu_ms=now_c, now_official_ms=now_o, baseline_cpu_ms=base_c,
                             baseline_official_ms=base_o, baseline_commit=commit), unit="x", direction="<="))
-    out.append(proxy_ab_target(commit, what, name))
+    out.append(proxy_ab_target(commit, what, name, measured=now_c is not None))
     return out
 
 
-def proxy_ab_target(commit: Optional[str], what: str, name: str, path: str = PROXY_AB) -> Dict:
+def proxy_ab_target(commit: Optional[str], what: str, name: str, path: str = PROXY_AB,
+                    measured: bool = True) -> Dict:
     """The proxy forward head-on: this tree's time over the baseline tree's, the two run in turns
-    in the same minutes (``proxy_ab.py``; read from its JSON, not from this run)."""
+    in the same minutes (``proxy_ab.py``; read from its JSON, not from this run). Listed with a
+    value only in runs that measure the proxy (``measured``)."""
     label = (f"{name} fwd, cpu backend, head-on: time / the baseline tree's in the same run "
              f"(benchmarks/proxy_ab.py -> {os.path.relpath(path, common.REPO_ROOT)}; {what})")
+    if not measured:
+        return _target(label, PROXY_TARGET_FRACTION, None, {}, unit="x", direction="<=")
     try:
         with open(path) as f:
             ab = json.load(f)

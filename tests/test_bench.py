@@ -298,6 +298,8 @@ def test_proxy_head_on_target(tmp_path):
     assert t["value"] == 0.24 and t["threshold"] == 0.25 and t["met"] is True
     t = bench_ops.proxy_ab_target("other", "w", "n", path=str(path))
     assert t["value"] is None and "not the baseline commit" in t["note"]
+    t = bench_ops.proxy_ab_target("abc", "w", "n", path=str(path), measured=False)
+    assert t["value"] is None and t["met"] is None   # a run without the proxy lists no figure
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
