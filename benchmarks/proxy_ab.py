@@ -1,6 +1,6 @@
 """The CPU host-overhead proxy (issue 11) against another tree of the library, in the same run:
-``SuperTokenAttention`` at B=1, C=64, 16x16 tokens, 8x8 super tokens, 1 head, ``cpu`` backend,
-one thread, forward (no grad) and forward + backward.
+``SuperTokenAttention`` at the shape of ``bench_ops.PROXY`` (B=1, C=64, 16x16 tokens, 8x8 super
+tokens, 1 head, qkv bias), ``cpu`` backend, one thread, forward (no grad) and forward + backward.
 
 Each tree runs in a child process of its own (its ``stvit_kernels`` first on ``PYTHONPATH``). The
 children take turns, a short burst each, alternating which goes first. The figure is the median
@@ -23,6 +23,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import bench_ops  # noqa: E402
 import common  # noqa: E402
 import torch  # noqa: E402
 
@@ -32,15 +33,15 @@ torch.set_num_threads(1)
 import stvit_kernels
 from stvit_kernels import SuperTokenAttention
 torch.manual_seed(0)
-m = SuperTokenAttention(64, 8, n_iter=1, num_heads=1, backend="cpu").eval()
-x = torch.randn(1, 64, 16, 16)
+m = SuperTokenAttention({dim}, {stoken}, num_heads={heads}, qkv_bias=True, backend="cpu").eval()
+x = torch.randn({batch}, {dim}, {side}, {side})
 xg = x.clone().requires_grad_()
 def fwd():
     with torch.no_grad():
         m(x)
 def fwd_bwd():
     m(xg).sum().backward()
-calls = {"fwd": fwd, "fwd+bwd": fwd_bwd}
+calls = {{"fwd": fwd, "fwd+bwd": fwd_bwd}}
 for f in calls.values():
     for _ in range(100):
         f()
@@ -60,7 +61,8 @@ BURST = {"fwd": 400, "fwd+bwd": 150}
 
 def _child(tree: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, "-c", CHILD], env=env, stdin=subprocess.PIPE,
+    child = CHILD.format(batch=bench_ops.PROXY_BATCH, **bench_ops.PROXY)
+    p = subprocess.Popen([sys.executable, "-c", child], env=env, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True, cwd="/")
     ready = p.stdout.readline().split()
     if not ready or ready[0] != "ready":
@@ -119,7 +121,8 @@ def main() -> None:
               f"(quartiles {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}, {r['turns']} turns)")
     if args.out:
         meta = common.metadata(torch.device("cpu"))
-        meta.update(threads=1, trees={k: _tree(t) for k, t in (("a", args.a), ("b", args.b))})
+        meta.update(threads=1, shape=dict(batch=bench_ops.PROXY_BATCH, **bench_ops.PROXY),
+                    trees={k: _tree(t) for k, t in (("a", args.a), ("b", args.b))})
         with open(args.out, "w") as f:
             json.dump(dict(kind="proxy_ab", meta=meta, results=res), f, indent=1)
 

@@ -220,12 +220,11 @@ class SuperTokenAttention(nn.Module):
     def _one_step(self, be, x: torch.Tensor, autocast: bool, params) -> Optional[torch.Tensor]:
         """The module on padded ``x`` as one C++ call, ``stvit::sta_inference`` (or
         ``stvit::sta_forward`` in :class:`SuperTokenStep`, one autograd node, when a gradient is
-        needed), where that call
-        applies: a backend with ``one_step`` (the compiled kernels), the attention refine (its
-        ``weights()``: ``params``) with at most :data:`REFINE_FUSED_MAX_TOKENS` super tokens and
-        no dropout in training, and under autocast parameters that cast to ``x``'s dtype. None
-        otherwise (the per-piece path). The refine module's own forward (and its hooks) is not
-        called on this path."""
+        needed), where that call applies: a backend with ``one_step`` (the compiled kernels), the
+        attention refine (its ``weights()``: ``params``) with at most
+        :data:`REFINE_FUSED_MAX_TOKENS` super tokens and no dropout in training, and under
+        autocast parameters that cast to ``x``'s dtype. None otherwise (the per-piece path). The
+        refine module's own forward (and its hooks) is not called on this path."""
         if not be.one_step:
             return None
         r = self._modules["stoken_refine"]

@@ -18,11 +18,13 @@ namespace {
 // Launches on the current stream of the inputs' device; opts in to more than 48 KB of dynamic
 // shared memory when a plan asks for it (very wide channels).
 struct CudaRuntime {
+  int device;
   cudaStream_t stream;
   cuda::PlanLimits lim;
 
-  CudaRuntime() : stream(at::cuda::getCurrentCUDAStream()) {
-    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  CudaRuntime()
+      : device(c10::cuda::current_device()), stream(at::cuda::getCurrentCUDAStream(device)) {
+    const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
     lim.smem_max = static_cast<size_t>(prop->sharedMemPerBlockOptin);
     const size_t per_sm = static_cast<size_t>(prop->sharedMemPerMultiprocessor);
     lim.smem_block = per_sm >= 4 * 1024 ? per_sm / 4 - 1024 : per_sm;
@@ -32,11 +34,9 @@ struct CudaRuntime {
 
   // Lets `kernel` take up to the device's opt-in limit of dynamic shared memory, once per kernel
   // and device (a driver call: not on every launch).
-  static void opt_in(const void* kernel, size_t smem_max) {
+  static void opt_in(const void* kernel, int device, size_t smem_max) {
     static std::mutex m;
     static std::vector<std::pair<const void*, int>> done;
-    int device = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
     const std::lock_guard<std::mutex> lock(m);
     const std::pair<const void*, int> key{kernel, device};
     if (std::find(done.begin(), done.end(), key) != done.end()) return;
@@ -47,7 +47,7 @@ struct CudaRuntime {
 
   template <typename Params>
   void launch(void (*kernel)(Params), int64_t blocks, int threads, size_t smem, const Params& p) {
-    if (smem > 48 * 1024) opt_in(reinterpret_cast<const void*>(kernel), lim.smem_max);
+    if (smem > 48 * 1024) opt_in(reinterpret_cast<const void*>(kernel), device, lim.smem_max);
     kernel<<<static_cast<unsigned int>(blocks), threads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
