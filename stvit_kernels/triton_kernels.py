@@ -29,8 +29,11 @@ are padded to 16.
   ``[super tokens, 16, C]`` tile summed over its middle axis). No atomics: every sum has one order
   fixed by the compiled kernel (see Determinism below).
 * affinity_aggregate, grid ``(B*hh*ww,)``: the affinity program above, then, with A still in
-  registers, the aggregate partials of the same cell (x is read a second time, from L2), then the
-  same reduction. A cell bigger than one pixel block loops, accumulating its partials in its own
+  registers, the aggregate partials of the same cell, then the same reduction. When the channels
+  fit one chunk (``N_CC == 1``: C <= 128 at the STViT shapes), the x tile of the logits is reused
+  for the partials. Reading it a second time (from L2) kept its 64-bit addresses live across the
+  softmax: 176 registers per thread at stage 1 in float32 (Triton 3.6, sm_90), one program per SM;
+  44 with the reuse. Otherwise x is read again per chunk. A cell bigger than one pixel block loops, accumulating its partials in its own
   workspace rows (read-modify-write by the owning program only, after a barrier).
 * upsample, grid ``(B*hh*ww, pixel blocks, channel chunks)``:
   ``y [BLOCK_P, BLOCK_C] = A [BLOCK_P, 16] @ s_nbr [16, BLOCK_C]`` (A with invalid slots zeroed).
@@ -185,12 +188,14 @@ def _cell_logits(p_xb, p_sb,
                  N_CC: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """``[BLOCK_P, 16]`` in the accumulation dtype: the scaled logits of one pixel block against
     the cell's neighbours (exactly 0 for an invalid slot), or with ``SOFTMAX`` their softmax over
-    the slots 0..8 (slots 9..15 come out 0).
+    the slots 0..8 (slots 9..15 come out 0); and the last channel chunk of x it read
+    (``[BLOCK_P, BLOCK_C]``: all of x's channels when ``N_CC == 1``).
 
     ``p_xb + o_xpix`` are the pixels' channel-0 addresses, ``p_sb + o_snbr`` the neighbours'."""
     ACC = tl.float64 if p_xb.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros([BLOCK_P, 16], dtype=ACC)
-    for cc in range(N_CC):
+    b_x = tl.zeros([BLOCK_P, BLOCK_C], dtype=p_xb.dtype.element_ty)  # C == 0: no chunk
+    for cc in tl.static_range(N_CC):  # unrolled: the last chunk stays visible after the loop
         o_c = cc * BLOCK_C + tl.arange(0, BLOCK_C)
         m_c = o_c < C
         o_c64 = o_c.to(tl.int64)
@@ -207,7 +212,7 @@ def _cell_logits(p_xb, p_sb,
         z = tl.where((o_k < 9)[None, :], logits, float("-inf"))
         e = tl.exp(z - tl.max(z, axis=1)[:, None])
         logits = e / tl.sum(e, axis=1)[:, None]
-    return logits
+    return logits, b_x
 
 
 #: The interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest even): round by hand there.
@@ -248,10 +253,10 @@ def _affinity_kernel(
     """Grid (B*hh*ww, pixel blocks): A (or the logits) of one pixel block of one cell."""
     b, ci, cj, o_k, o_u, o_v, m_k = _cell_of(tl.program_id(0), hh, ww)
     o_i, o_j, m_p = _cell_pixels(ci, cj, tl.program_id(1), CELL_H, CELL_W, BLOCK_P)
-    b_a = _cell_logits(p_x + b * sxb, p_s + b * ssb,
-                       C, o_i * sxh + o_j * sxw, m_p, o_u * ssh + o_v * ssw, o_k, m_k,
-                       sxc, ssc, scale_hi, scale_lo,
-                       SOFTMAX, BLOCK_P, BLOCK_C, N_CC, DOT_UPCAST)
+    b_a, _ = _cell_logits(p_x + b * sxb, p_s + b * ssb,
+                          C, o_i * sxh + o_j * sxw, m_p, o_u * ssh + o_v * ssw, o_k, m_k,
+                          sxc, ssc, scale_hi, scale_lo,
+                          SOFTMAX, BLOCK_P, BLOCK_C, N_CC, DOT_UPCAST)
     p_out = p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None]
     tl.store(p_out, _rounded(b_a, p_a), mask=m_p[:, None] & (o_k < 9)[None, :])
 
@@ -327,10 +332,10 @@ def _affinity_aggregate_kernel(
     for pb in range(N_PB):
         o_i, o_j, m_p = _cell_pixels(ci, cj, pb, CELL_H, CELL_W, BLOCK_P)
         o_xpix = o_i * sxh + o_j * sxw
-        b_a = _cell_logits(p_xb, p_s + b * ssb,
-                           C, o_xpix, m_p, o_u * ssh + o_v * ssw, o_k, m_k,
-                           sxc, ssc, scale_hi, scale_lo,
-                           True, BLOCK_P, BLOCK_C, N_CC, DOT_UPCAST)
+        b_a, b_x_all = _cell_logits(p_xb, p_s + b * ssb,
+                                    C, o_xpix, m_p, o_u * ssh + o_v * ssw, o_k, m_k,
+                                    sxc, ssc, scale_hi, scale_lo,
+                                    True, BLOCK_P, BLOCK_C, N_CC, DOT_UPCAST)
         # A as stored (input dtype); pixels past the cell must not add to the sums
         b_a = _rounded(tl.where(m_p[:, None], b_a, 0.), p_a)
         p_out = p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None]
@@ -347,8 +352,11 @@ def _affinity_aggregate_kernel(
             o_c = cc * BLOCK_C + tl.arange(0, BLOCK_C)
             m_c = o_c < C
             o_c64 = o_c.to(tl.int64)
-            b_x = tl.load(p_xb + o_xpix[:, None] + o_c64[None, :] * sxc,
-                          mask=m_p[:, None] & m_c[None, :], other=0.)      # [BLOCK_P, BLOCK_C]
+            if N_CC == 1:
+                b_x = b_x_all  # one channel chunk: x is still in registers
+            else:
+                b_x = tl.load(p_xb + o_xpix[:, None] + o_c64[None, :] * sxc,
+                              mask=m_p[:, None] & m_c[None, :], other=0.)  # [BLOCK_P, BLOCK_C]
             if DOT_UPCAST:
                 b_x = b_x.to(tl.float32)
             part = tl.dot(b_at, b_x, input_precision="ieee")

@@ -54,20 +54,28 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "stvit_kernels" / "triton_kernels.py"
 ARCH = 90  # sm_90: H100 / H200, the GPUs this project runs on
 
-# tt.dot ops written in each kernel's source (with the helpers it calls: _cell_logits has one)
+# tt.dot ops written in each kernel's source (with the helpers it calls: _cell_logits has one per
+# channel chunk, its loop unrolled: +1 for each chunk after the first, see _dots_written)
 DOTS_WRITTEN = {
     "_affinity_kernel": 1, "_aggregate_kernel": 1, "_affinity_aggregate_kernel": 2,
     "_upsample_kernel": 1, "_reduce_kernel": 0,
 }
+UNROLLED_OVER_CHUNKS = ("_affinity_kernel", "_affinity_aggregate_kernel")
 
 
-def _case(dtype, C, h, w, grid=(2, 2), layout="contiguous", max_block_p=None, logits=False):
+def _dots_written(report: dict) -> int:
+    extra = max(report["N_CC"] - 1, 0) if report["kernel"] in UNROLLED_OVER_CHUNKS else 0
+    return DOTS_WRITTEN[report["kernel"]] + extra
+
+
+def _case(dtype, C, h, w, grid=(2, 2), layout="contiguous", max_block_p=None, logits=False,
+          stage=False):
     name = f"{dtype}-C{C}-s{h}x{w}"
     name += "" if grid == (2, 2) else f"-grid{grid[0]}x{grid[1]}"
     name += "" if layout == "contiguous" else f"-{layout}"
     name += "" if max_block_p is None else f"-maxP{max_block_p}"
     return dict(id=name, dtype=dtype, C=C, h=h, w=w, grid=grid, layout=layout,
-                max_block_p=max_block_p, logits=logits)
+                max_block_p=max_block_p, logits=logits, stage=stage)
 
 
 LONG = os.environ.get("STVIT_LONG_TESTS", "0") not in ("", "0")
@@ -81,6 +89,11 @@ if LONG:
 else:
     F32 = ([(C, 1, 2) for C in (1, 13, 64)] + [(C, 3, 5) for C in (3, 8, 16, 128)]
            + [(C, 4, 4) for C in (13, 16)] + [(C, 8, 8) for C in (1, 5, 13, 16, 64, 128)])
+# The STViT-S stage shapes as the model runs them (a 7x7 grid of super tokens: 56x56 tokens with
+# 8x8 cells, 28x28 with 4x4; the row stride W is then not a multiple of 16, another
+# specialisation than the 2x2 grids), in float32 and bfloat16: their resources are checked too.
+STAGES = [_case(dt, C, h, w, grid=(7, 7), stage=True)
+          for dt in ("float32", "bfloat16") for C, h, w in ((64, 8, 8), (128, 4, 4))]
 # Plus every dtype, a 1-cell grid, channels_last inputs (other stride specialisations), cells of
 # several pixel blocks, and the affinity without softmax (the logits) on a few of them.
 CASES = (
@@ -91,6 +104,7 @@ CASES = (
     + [_case("float32", 5, 8, 8, grid=(1, 1))]
     + [_case("float32", C, 8, 8, layout="channels_last") for C in (3, 64)]
     + [_case("float32", C, 8, 8, max_block_p=16) for C in (5, 16)]
+    + STAGES
 )
 
 
@@ -226,7 +240,25 @@ class _Compiler:
             src = ASTSource(fn, signature, constexprs, attrs)
             kernel = triton.compile(src, target=self.target, options=options.__dict__)
             self.done[key] = {k: kernel.asm[k] for k in ("ttir", "ttgir", "ptx")}
+            self.done[key].update(_resources(kernel.asm["cubin"]),
+                                  num_warps=kernel.metadata.num_warps)
         return self.done[key]
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers per thread and stack (spill) bytes of a compiled kernel, from ``cuobjdump
+    --dump-resource-usage`` (which ships with Triton, as ptxas does)."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output:\n{out}")
+    return dict(regs=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(3)))
 
 
 def _record_launches(tk, case):
@@ -289,7 +321,8 @@ def _worker(out_path, case_ids):
         acc = "f64" if case["dtype"] == "float64" else "f32"
         reports = []
         for fn, kwargs in _record_launches(tk, case):
-            reports.append(dict(compile_(fn, kwargs), kernel=fn.__name__, acc=acc))
+            reports.append(dict(compile_(fn, kwargs), kernel=fn.__name__, acc=acc,
+                                BLOCK_C=kwargs.get("BLOCK_C"), N_CC=kwargs.get("N_CC")))
         result["cases"][cid] = reports
     Path(out_path).write_text(json.dumps(result))
 
@@ -344,8 +377,45 @@ def test_no_tf32_and_dots_only_where_planned(compiled, case):
     assert {r["kernel"] for r in reports} == set(DOTS_WRITTEN), "a kernel was not launched"
     problems = []
     for r in reports:
-        problems += [f"{r['kernel']}: {p}" for p in violations(r, DOTS_WRITTEN[r["kernel"]])]
+        problems += [f"{r['kernel']}: {p}" for p in violations(r, _dots_written(r))]
     assert not problems, f"triton {compiled['triton']}, sm_{ARCH}:\n" + "\n".join(problems)
+
+
+#: registers of one SM (sm_90, as on every GPU since sm_50), and the programs the stage kernels
+#: must fit on one SM by their registers
+SM_REGISTERS = 65536
+MIN_PROGRAMS_PER_SM = 4
+
+
+def _programs_per_sm(regs: int, num_warps: int) -> int:
+    """Programs of ``num_warps`` warps that fit one SM by registers (allocated per warp in units
+    of 256)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return SM_REGISTERS // (per_warp * num_warps)
+
+
+@pytest.mark.parametrize("case", STAGES, ids=[c["id"] for c in STAGES])
+def test_stage_kernels_fit_several_programs_per_sm_without_spills(compiled, case):
+    """At the STViT stage shapes every kernel fits >= 4 programs per SM by its registers and
+    spills nothing. The fused affinity + aggregate kernel keeps its x tile (one channel chunk) for
+    the partial sums: reading it again instead kept its 64-bit addresses live across the softmax,
+    176 registers per thread in float32 at stage 1 (Triton 3.6): one program of 8 warps per SM."""
+    problems = []
+    for r in compiled["cases"][case["id"]]:
+        n = _programs_per_sm(r["regs"], r["num_warps"])
+        if n < MIN_PROGRAMS_PER_SM or r["stack"] or r["local"]:
+            problems.append(f"{r['kernel']}: {r['regs']} registers x {r['num_warps']} warps "
+                            f"({n} programs per SM), stack {r['stack']} B, local {r['local']} B")
+        if r["kernel"] == "_affinity_aggregate_kernel":
+            assert r["N_CC"] == 1, "the stage shapes should fit one channel chunk"
+    assert not problems, f"triton {compiled['triton']}, sm_{ARCH}:\n" + "\n".join(problems)
+
+
+def test_programs_per_sm_arithmetic():
+    assert _programs_per_sm(44, 8) == 5     # 48 registers per thread allocated: 12288 per program
+    assert _programs_per_sm(176, 8) == 1
+    assert _programs_per_sm(64, 8) == 4
+    assert _programs_per_sm(65, 8) == 3     # 72 allocated
 
 
 def test_check_flags_the_old_broadcast_pattern(compiled):
