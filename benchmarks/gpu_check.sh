@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One short device call (about 8 minutes): the GPU tier, compute-sanitizer, the STA per-call
 # figures (wall, host, CUDA-graph GPU time, kernels) at the B=64 STViT-S stage shapes, and Nsight
-# Compute's DRAM figures per kernel (benchmarks/ncu_kernels.py), every step time-boxed, its log and
-# JSON under OUTDIR, one line per step in OUTDIR/summary.txt.
+# Compute's DRAM figures per kernel of the cuda, then the triton backend (benchmarks/ncu_kernels.py;
+# Triton last: what does not fit in the call's time is the least needed), every step time-boxed,
+# its log and JSON under OUTDIR, one line per step in OUTDIR/summary.txt.
 #
 #   bash ../shared/gpu/stage.sh                                   # here: build for the GPU machine
 #   run(carry=[".gpu"], timeout_s=540,
@@ -13,7 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
 PY=${GPU_PY:-python3}
-STEPS=${STEPS:-"tier sanitize bench1 bench2 ncu"}
+STEPS=${STEPS:-"tier sanitize bench1 bench2 ncu ncu_triton"}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
@@ -41,10 +42,12 @@ for s in $STEPS; do
               --out "$OUT/sta_stage1.json" ;;
     bench2) step bench_stage2 60 "${STA[@]}" --sides 28 --dim 128 --heads 2 --stoken 4 \
               --out "$OUT/sta_stage2.json" ;;
-    ncu) step ncu 150 ncu --profile-from-start off --nvtx --csv --metrics "$NCU_METRICS" \
-           "$PY" benchmarks/ncu_kernels.py run
-         step ncu_report 20 "$PY" benchmarks/ncu_kernels.py report "$OUT/ncu.log" \
-           --out "$OUT/ncu_kernels.json" ;;
-    *) echo "unknown step $s (tier sanitize bench1 bench2 ncu)" >&2; exit 2 ;;
+    ncu|ncu_triton)
+         be=cuda; [ "$s" = ncu_triton ] && be=triton
+         step "$s" 150 ncu --profile-from-start off --nvtx --csv --metrics "$NCU_METRICS" \
+           "$PY" benchmarks/ncu_kernels.py run "$be"
+         step "${s}_report" 20 "$PY" benchmarks/ncu_kernels.py report "$OUT/$s.log" \
+           --out "$OUT/${s}_kernels.json" ;;
+    *) echo "unknown step $s (tier sanitize bench1 bench2 ncu ncu_triton)" >&2; exit 2 ;;
   esac
 done

@@ -1,6 +1,6 @@
 """Nsight Compute evidence for the STA kernels (issue 12): achieved DRAM traffic and throughput of
-every kernel of one ``cuda`` module step (forward + backward) at the STViT-S stage shapes, B=64,
-float32 and bfloat16 autocast.
+every kernel of one module step (forward + backward) on the ``cuda`` and ``triton`` backends at
+the STViT-S stage shapes, B=64, float32 and bfloat16 autocast.
 
 Two halves, one file:
 
@@ -14,10 +14,10 @@ Two halves, one file:
     ncu --profile-from-start off --nvtx --csv \\
         --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,\\
 dram__throughput.avg.pct_of_peak_sustained_elapsed \\
-        python benchmarks/ncu_kernels.py run > ncu.csv
+        python benchmarks/ncu_kernels.py run [cuda] [triton] > ncu.csv
     python benchmarks/ncu_kernels.py report ncu.csv --out ncu_kernels.json
 
-(``benchmarks/gpu_check.sh`` step ``ncu`` runs both.)
+(``benchmarks/gpu_check.sh`` steps ``ncu`` and ``ncu_triton`` run both, one backend each.)
 """
 from __future__ import annotations
 
@@ -35,17 +35,18 @@ sys.path.insert(0, ROOT)
 #: (name, C, side, stoken, heads): the STViT-S stages 1 and 2, B=64
 CASES = (("stage1", 64, 56, 8, 1), ("stage2", 128, 28, 4, 2))
 DTYPES = ("float32", "bfloat16")
+BACKENDS = ("cuda", "triton")
 BATCH = 64
 
 
-def run() -> None:
+def run(backends=BACKENDS) -> None:
     import torch
     from stvit_kernels import SuperTokenAttention
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    for name, C, side, stoken, heads in CASES:
-        m = SuperTokenAttention(C, stoken, n_iter=1, num_heads=heads, backend="cuda").cuda()
+    for (name, C, side, stoken, heads), backend in ((c, b) for c in CASES for b in backends):
+        m = SuperTokenAttention(C, stoken, n_iter=1, num_heads=heads, backend=backend).cuda()
         x = torch.randn(BATCH, C, side, side, device="cuda", requires_grad=True)
         for dt in DTYPES:
             def step():
@@ -55,7 +56,7 @@ def run() -> None:
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
-            torch.cuda.nvtx.range_push(f"{name}-{dt}")
+            torch.cuda.nvtx.range_push(f"{name}-{backend}-{dt}")
             torch.cuda.profiler.start()
             step()
             torch.cuda.synchronize()
@@ -99,7 +100,8 @@ def report(path: str, copy_gbs: float, out: str | None) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("run", help="the profiled driver (run it under ncu)")
+    r = sub.add_parser("run", help="the profiled driver (run it under ncu)")
+    r.add_argument("backends", nargs="*", default=list(BACKENDS), choices=BACKENDS)
     r = sub.add_parser("report", help="summarise ncu's CSV")
     r.add_argument("csv")
     r.add_argument("--copy-gbs", type=float, default=4250.0,
@@ -107,7 +109,7 @@ def main() -> None:
     r.add_argument("--out", default=None)
     a = p.parse_args()
     if a.cmd == "run":
-        run()
+        run(tuple(a.backends))
     else:
         report(a.csv, a.copy_gbs, a.out)
 
