@@ -33,10 +33,15 @@ are padded to 16.
   fit one chunk (``N_CC == 1``: C <= 128 at the STViT shapes), the x tile of the logits is reused
   for the partials. Reading it a second time (from L2) kept its 64-bit addresses live across the
   softmax: 176 registers per thread at stage 1 in float32 (Triton 3.6, sm_90), one program per SM;
-  44 with the reuse. Otherwise x is read again per chunk. A cell bigger than one pixel block loops, accumulating its partials in its own
-  workspace rows (read-modify-write by the owning program only, after a barrier).
+  44 with the reuse. Otherwise x is read again per chunk. A cell bigger than one pixel block
+  loops, accumulating its partials in its own workspace rows (read-modify-write by the owning
+  program only, after a barrier).
 * upsample, grid ``(B*hh*ww, pixel blocks, channel chunks)``:
   ``y [BLOCK_P, BLOCK_C] = A [BLOCK_P, 16] @ s_nbr [16, BLOCK_C]`` (A with invalid slots zeroed).
+
+Row segments of a cell are read and written with vector accesses where the row stride allows
+(:func:`_row_vec`, ``ROW_VEC``): at stage 1 in float32, x is 4 ``ld.global.v4`` per thread in the
+fused kernel instead of 16 scalar loads.
 
 Precision. Every one of these matrix products is an explicit ``tl.dot(..., input_precision="ieee")``,
 for every dtype and size: a cell of fewer than 16 pixels or fewer than 16 channels is padded to 16
@@ -114,6 +119,19 @@ def _split(scale: float) -> Tuple[float, float]:
     float32, and float64 logits need the scale to ~1e-16."""
     hi = float(torch.tensor(scale, dtype=torch.float32))
     return hi, float(torch.tensor(scale - hi, dtype=torch.float32))
+
+
+def _row_vec(*tensors: torch.Tensor) -> int:
+    """The largest power of two, at most 8, that divides the row stride (dim 2) of every tensor: a
+    fact the compiler is told (``tl.multiple_of``), so that it can load and store a cell's row
+    segments with 64- and 128-bit accesses. Triton specialises an integer argument only for
+    divisibility by 16, which a row of 56 (stage 1) or 28 (stage 2) tokens is not; the pointers,
+    batch and channel strides carry their own specialisation, and where those are not aligned the
+    accesses stay scalar."""
+    vec = 8
+    while vec > 1 and any(t.stride(2) % vec for t in tensors):
+        vec //= 2
+    return vec
 
 
 def _pow2(n: int) -> int:
@@ -247,17 +265,19 @@ def _affinity_kernel(
     # scalars
     scale_hi, scale_lo,
     # meta
-    CELL_H: tl.constexpr, CELL_W: tl.constexpr, SOFTMAX: tl.constexpr,
+    CELL_H: tl.constexpr, CELL_W: tl.constexpr, ROW_VEC: tl.constexpr, SOFTMAX: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, N_CC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Grid (B*hh*ww, pixel blocks): A (or the logits) of one pixel block of one cell."""
     b, ci, cj, o_k, o_u, o_v, m_k = _cell_of(tl.program_id(0), hh, ww)
     o_i, o_j, m_p = _cell_pixels(ci, cj, tl.program_id(1), CELL_H, CELL_W, BLOCK_P)
+    o_xpix = tl.multiple_of(o_i * sxh, ROW_VEC) + o_j * sxw
+    o_apix = tl.multiple_of(o_i * sah, ROW_VEC) + o_j * saw
     b_a, _ = _cell_logits(p_x + b * sxb, p_s + b * ssb,
-                          C, o_i * sxh + o_j * sxw, m_p, o_u * ssh + o_v * ssw, o_k, m_k,
+                          C, o_xpix, m_p, o_u * ssh + o_v * ssw, o_k, m_k,
                           sxc, ssc, scale_hi, scale_lo,
                           SOFTMAX, BLOCK_P, BLOCK_C, N_CC, DOT_UPCAST)
-    p_out = p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None]
+    p_out = p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + o_apix[:, None]
     tl.store(p_out, _rounded(b_a, p_a), mask=m_p[:, None] & (o_k < 9)[None, :])
 
 
@@ -271,7 +291,7 @@ def _aggregate_kernel(
     sxb, sxc, sxh, sxw,
     sab, sak, sah, saw,
     # meta
-    CELL_H: tl.constexpr, CELL_W: tl.constexpr, N_PB: tl.constexpr,
+    CELL_H: tl.constexpr, CELL_W: tl.constexpr, ROW_VEC: tl.constexpr, N_PB: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Grid (B*hh*ww, channel chunks): the cell's 9 partial sums ``A^T x`` of one channel chunk,
@@ -288,9 +308,11 @@ def _aggregate_kernel(
     acc_den = tl.zeros([16], dtype=ACC)
     for pb in range(N_PB):
         o_i, o_j, m_p = _cell_pixels(ci, cj, pb, CELL_H, CELL_W, BLOCK_P)
-        b_a = tl.load(p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None],
+        o_xpix = tl.multiple_of(o_i * sxh, ROW_VEC) + o_j * sxw
+        o_apix = tl.multiple_of(o_i * sah, ROW_VEC) + o_j * saw
+        b_a = tl.load(p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + o_apix[:, None],
                       mask=m_p[:, None] & m_k[None, :], other=0.)          # [BLOCK_P, 16]
-        b_x = tl.load(p_x + b * sxb + (o_i * sxh + o_j * sxw)[:, None] + o_c64[None, :] * sxc,
+        b_x = tl.load(p_x + b * sxb + o_xpix[:, None] + o_c64[None, :] * sxc,
                       mask=m_p[:, None] & m_c[None, :], other=0.)          # [BLOCK_P, BLOCK_C]
         acc_den += tl.sum(b_a.to(ACC), axis=0)
         if DOT_UPCAST:
@@ -317,7 +339,7 @@ def _affinity_aggregate_kernel(
     # scalars
     scale_hi, scale_lo,
     # meta
-    CELL_H: tl.constexpr, CELL_W: tl.constexpr, N_PB: tl.constexpr,
+    CELL_H: tl.constexpr, CELL_W: tl.constexpr, ROW_VEC: tl.constexpr, N_PB: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, N_CC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Grid (B*hh*ww,): A of the cell (stored), then, with A still in registers, the partial sums
@@ -331,14 +353,15 @@ def _affinity_aggregate_kernel(
 
     for pb in range(N_PB):
         o_i, o_j, m_p = _cell_pixels(ci, cj, pb, CELL_H, CELL_W, BLOCK_P)
-        o_xpix = o_i * sxh + o_j * sxw
+        o_xpix = tl.multiple_of(o_i * sxh, ROW_VEC) + o_j * sxw
         b_a, b_x_all = _cell_logits(p_xb, p_s + b * ssb,
                                     C, o_xpix, m_p, o_u * ssh + o_v * ssw, o_k, m_k,
                                     sxc, ssc, scale_hi, scale_lo,
                                     True, BLOCK_P, BLOCK_C, N_CC, DOT_UPCAST)
         # A as stored (input dtype); pixels past the cell must not add to the sums
         b_a = _rounded(tl.where(m_p[:, None], b_a, 0.), p_a)
-        p_out = p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None]
+        o_apix = tl.multiple_of(o_i * sah, ROW_VEC) + o_j * saw
+        p_out = p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + o_apix[:, None]
         tl.store(p_out, b_a, mask=m_p[:, None] & m_row[None, :])
 
         den = tl.sum(b_a.to(ACC), axis=0)
@@ -426,7 +449,7 @@ def _upsample_kernel(
     sab, sak, sah, saw,
     syb, syc, syh, syw,
     # meta
-    CELL_H: tl.constexpr, CELL_W: tl.constexpr,
+    CELL_H: tl.constexpr, CELL_W: tl.constexpr, ROW_VEC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Grid (B*hh*ww, pixel blocks, channel chunks): ``y [BLOCK_P, BLOCK_C] = A [BLOCK_P, 16] @
@@ -437,7 +460,9 @@ def _upsample_kernel(
     m_c = o_c < C
     o_c64 = o_c.to(tl.int64)
 
-    b_a = tl.load(p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + (o_i * sah + o_j * saw)[:, None],
+    o_apix = tl.multiple_of(o_i * sah, ROW_VEC) + o_j * saw
+    o_ypix = tl.multiple_of(o_i * syh, ROW_VEC) + o_j * syw
+    b_a = tl.load(p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + o_apix[:, None],
                   mask=m_p[:, None] & m_k[None, :], other=0.)              # [BLOCK_P, 16]
     b_s = tl.load(p_s + b * ssb + (o_u * ssh + o_v * ssw)[:, None] + o_c64[None, :] * ssc,
                   mask=m_k[:, None] & m_c[None, :], other=0.)              # [16, BLOCK_C]
@@ -446,7 +471,7 @@ def _upsample_kernel(
         b_s = b_s.to(tl.float32)
     b_y = tl.dot(b_a, b_s, input_precision="ieee")
 
-    p_out = p_y + b * syb + o_c64[None, :] * syc + (o_i * syh + o_j * syw)[:, None]
+    p_out = p_y + b * syb + o_c64[None, :] * syc + o_ypix[:, None]
     tl.store(p_out, _rounded(b_y, p_y), mask=m_p[:, None] & m_c[None, :])
 
 
@@ -500,7 +525,7 @@ def affinity(x: torch.Tensor, s: torch.Tensor, h: int, w: int, scale: float,
         ssb=s.stride(0), ssc=s.stride(1), ssh=s.stride(2), ssw=s.stride(3),
         sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
         scale_hi=scale_hi, scale_lo=scale_lo,
-        CELL_H=h, CELL_W=w, SOFTMAX=bool(softmax),
+        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(x, A), SOFTMAX=bool(softmax),
         BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, N_CC=plan.N_CC,
         DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
     )
@@ -529,7 +554,7 @@ def aggregate(x: torch.Tensor, A: torch.Tensor, h: int, w: int):
         C=C, hh=hh, ww=ww,
         sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
         sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
-        CELL_H=h, CELL_W=w, N_PB=plan.N_PB,
+        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(x, A), N_PB=plan.N_PB,
         BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C,
         DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
     )
@@ -555,7 +580,7 @@ def upsample(s: torch.Tensor, A: torch.Tensor, h: int, w: int) -> torch.Tensor:
         ssb=s.stride(0), ssc=s.stride(1), ssh=s.stride(2), ssw=s.stride(3),
         sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
         syb=y.stride(0), syc=y.stride(1), syh=y.stride(2), syw=y.stride(3),
-        CELL_H=h, CELL_W=w, BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C,
+        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(A, y), BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C,
         DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
     )
     return y
@@ -586,7 +611,7 @@ def affinity_aggregate(x: torch.Tensor, s: torch.Tensor, h: int, w: int, scale: 
         ssb=s.stride(0), ssc=s.stride(1), ssh=s.stride(2), ssw=s.stride(3),
         sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
         scale_hi=scale_hi, scale_lo=scale_lo,
-        CELL_H=h, CELL_W=w, N_PB=plan.N_PB,
+        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(x, A), N_PB=plan.N_PB,
         BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, N_CC=plan.N_CC,
         DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
     )

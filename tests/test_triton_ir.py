@@ -394,10 +394,15 @@ def _programs_per_sm(regs: int, num_warps: int) -> int:
     return SM_REGISTERS // (per_warp * num_warps)
 
 
+#: the kind of global access of each kernel's pixel tiles, vectorised at the stage shapes
+VECTOR_ACCESS = {"_affinity_kernel": "ld", "_aggregate_kernel": "ld",
+                 "_affinity_aggregate_kernel": "ld", "_upsample_kernel": "st"}
+
+
 @pytest.mark.parametrize("case", STAGES, ids=[c["id"] for c in STAGES])
 def test_stage_kernels_fit_several_programs_per_sm_without_spills(compiled, case):
-    """At the STViT stage shapes every kernel fits >= 4 programs per SM by its registers and
-    spills nothing. The fused affinity + aggregate kernel keeps its x tile (one channel chunk) for
+    """At the STViT stage shapes every kernel fits >= 4 programs per SM by its registers, spills
+    nothing, and moves a cell's row segments with vector accesses. The fused affinity + aggregate kernel keeps its x tile (one channel chunk) for
     the partial sums: reading it again instead kept its 64-bit addresses live across the softmax,
     176 registers per thread in float32 at stage 1 (Triton 3.6): one program of 8 warps per SM."""
     problems = []
@@ -408,7 +413,24 @@ def test_stage_kernels_fit_several_programs_per_sm_without_spills(compiled, case
                             f"({n} programs per SM), stack {r['stack']} B, local {r['local']} B")
         if r["kernel"] == "_affinity_aggregate_kernel":
             assert r["N_CC"] == 1, "the stage shapes should fit one channel chunk"
+        # the pixel tiles (x, A in; y out of the upsampling): all scalar before ROW_VEC
+        access = VECTOR_ACCESS.get(r["kernel"])
+        if access and not re.search(rf"{access}\.global\.v[24]\.", r["ptx"]):
+            problems.append(f"{r['kernel']}: no vector {access}.global (ROW_VEC, _row_vec)")
     assert not problems, f"triton {compiled['triton']}, sm_{ARCH}:\n" + "\n".join(problems)
+
+
+def test_row_vec_divides_every_row_stride():
+    tk = _load_kernels()
+    t = lambda *shape: torch.empty(shape)  # noqa: E731
+    assert tk._row_vec(t(2, 64, 56, 56), t(2, 9, 56, 56)) == 8
+    assert tk._row_vec(t(2, 128, 28, 28)) == 4
+    assert tk._row_vec(t(2, 3, 30, 30), t(2, 9, 30, 30)) == 2
+    assert tk._row_vec(t(2, 3, 15, 15)) == 1
+    assert tk._row_vec(t(2, 64, 56, 56), t(2, 9, 56, 15)) == 1  # the least of the tensors
+    cl = t(2, 3, 8, 8).to(memory_format=torch.channels_last)     # row stride W * C = 24
+    assert tk._row_vec(cl) == 8
+    assert tk._row_vec(t(2, 64, 56, 56)[:, :, :, 1:]) == 8       # a view: its strides count
 
 
 def test_programs_per_sm_arithmetic():
