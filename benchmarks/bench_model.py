@@ -15,9 +15,14 @@ pool (never zeros), labels random. Timing as in ``bench_ops.py`` (GPU: ``do_benc
 models timed in interleaved rounds); images/s = batch / median time. On a GPU also the peak extra
 memory of one step (``torch.cuda.max_memory_allocated``).
 
-Target (GPU, computed): STViT-S inference, float32, eager, fused >= 1.5x the reference-backend
-model; the other settings' ratios, and every setting's fused / official ratio (the headline), are
-listed for information.
+A fourth provider, ``no-sta``, is the model with every super token attention replaced by its
+input (:class:`WithoutSTA`): the time of the rest of the step. From it, per setting, the share
+of the step the STA takes (``1 - t(no-sta) / t``, for the official model and for ours) and the
+Amdahl bound ``t(official) / t(no-sta)``, the most any STA can gain over the official model.
+
+Targets (GPU, computed): STViT-S inference, float32, eager, fused >= 1.5x the reference-backend
+model; STViT-S training step, bf16 autocast, eager, fused >= 1.2x the official model (its row
+carries the Amdahl bound). The other settings' ratios are listed for information.
 
     python benchmarks/bench_model.py --quick        # CPU: STViT-S, batch 2, fp32, infer + train, eager
     python benchmarks/bench_model.py --device cuda  # STViT-S/B/L, batch 64, 224², fp32 + autocast,
@@ -44,18 +49,31 @@ import stvit  # noqa: E402
 import stvit_kernels as sk  # noqa: E402
 
 MODELS = {"small": stvit.stvit_small, "base": stvit.stvit_base, "large": stvit.stvit_large}
-#: The providers the fused backends are measured against.
-BASELINES = ("official", "reference")
+#: The model without its super token attention: every SuperTokenAttention (all four stages; at 1x1
+#: super tokens, stages 3 and 4, it is global attention) returns its input. The rest of the step
+#: (stem, convolutions, norms, MLPs, head, loss, optimizer) is the same in every provider, so its
+#: time bounds what any STA can gain (Amdahl): see sta_shares.
+NO_STA = "no-sta"
+#: The providers the fused backends are measured against (no-sta is a yardstick, not a rival).
+BASELINES = ("official", "reference", NO_STA)
+
+
+class WithoutSTA(torch.nn.Module):
+    """Stands in for one SuperTokenAttention: its input, unchanged (no parameters, no work)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 def set_backend(model: torch.nn.Module, backend: str) -> None:
     """Point every super token attention of the model at one backend; ``official`` replaces each
-    by the official algorithm with the same weights."""
-    if backend == "official":
+    by the official algorithm with the same weights, ``no-sta`` by :class:`WithoutSTA`."""
+    if backend in ("official", NO_STA):
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, sk.SuperTokenAttention):
-                    setattr(parent, name, OfficialStokenAttention.from_module(child))
+                    setattr(parent, name, OfficialStokenAttention.from_module(child)
+                            if backend == "official" else WithoutSTA())
         return
     for m in model.modules():
         if isinstance(m, sk.SuperTokenAttention):
@@ -164,10 +182,30 @@ def run_group(base_model, name, providers, mode, precision, compiled, args, devi
     return list(rows.values())
 
 
+#: (setting, baseline) -> threshold of the fused / baseline images/s on a GPU: the issues'
+#: targets (STViT-S inference float32 eager >= 1.5x the reference backend; bf16 training step
+#: >= 1.2x the official model, or the Amdahl bound of sta_shares showing why not)
+GPU_TARGETS = {(("small", "infer", "float32", False), "reference"): 1.5,
+               (("small", "train", "autocast", False), "official"): 1.2}
+
+
+def sta_shares(sel: List[Dict]) -> Dict:
+    """For one setting's rows (status ok): the share of the step that the super token attention
+    takes, ``1 - t(no-sta) / t(provider)``, per provider, and the Amdahl bound ``t(official) /
+    t(no-sta)``: the most any STA implementation can gain over the official model there."""
+    t = {r["provider"]: r["ms"] for r in sel}
+    if NO_STA not in t:
+        return {}
+    out = dict(share={p: 1 - t[NO_STA] / ms for p, ms in t.items() if p != NO_STA})
+    if "official" in t:
+        out["amdahl_bound_vs_official"] = t["official"] / t[NO_STA]
+    return out
+
+
 def speedups(rows: List[Dict], device) -> List[Dict]:
-    """Fused / official and fused / reference images-per-second ratios for every measured setting;
-    the issue's target (GPU: STViT-S inference float32 eager >= 1.5x reference) carries a
-    threshold, the rest (the official ratio included) are for information."""
+    """Fused / official and fused / reference images-per-second ratios for every measured setting,
+    with the STA's share of the step and the Amdahl bound where no-sta ran (sta_shares); the
+    issues' targets (GPU_TARGETS) carry a threshold, the rest are for information."""
     out = []
     ok = [r for r in rows if r.get("status") == "ok"]
     for key in dict.fromkeys((r["model"], r["mode"], r["precision"], r["compile"]) for r in rows):
@@ -179,15 +217,17 @@ def speedups(rows: List[Dict], device) -> List[Dict]:
             if base == "official" and not any(r["provider"] == base for r in rows):
                 continue   # not a provider of this run
             value = (max(r["images_per_s"] for r in fus) / ref[0]["images_per_s"]) if ref and fus else None
-            is_target = base == "reference" and device.type == "cuda" and key == ("small", "infer", "float32", False)
-            threshold = 1.5 if is_target else None
+            threshold = GPU_TARGETS.get((key, base)) if device.type == "cuda" else None
+            details = {base: ref[0]["images_per_s"] if ref else None,
+                       "fused": {r["provider"]: r["images_per_s"] for r in fus}}
+            if base == "official":
+                details.update(sta_shares(sel))
             out.append(dict(
                 name=(f"{device.type}: STViT-{model[0].upper()} {mode}, {precision}, "
                       f"{'compiled' if compiled else 'eager'}: fused / {base} images/s"),
                 threshold=threshold, value=value, unit="x",
                 met=None if value is None or threshold is None else bool(value >= threshold),
-                details={base: ref[0]["images_per_s"] if ref else None,
-                         "fused": {r["provider"]: r["images_per_s"] for r in fus}},
+                details=details,
                 note=None if value is not None else "not measured (a setting failed or was skipped)"))
     return out
 
@@ -205,8 +245,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=["off", "on", "both"], default=None,
                    help="default: both (--quick: off; compiling the model takes minutes on 2 cores)")
     p.add_argument("--providers", nargs="+", default=None,
-                   help="official, reference and backends to compare (default: official, reference "
-                        "and the best fused backend)")
+                   help="official, reference, no-sta and backends to compare (default: official, "
+                        "reference, the best fused backend and no-sta)")
     p.add_argument("--min-run-time", type=float, default=1.0, help="CPU: seconds per measurement")
     p.add_argument("--rep-ms", type=int, default=1000, help="GPU: do_bench repetition time")
     p.add_argument("--threads", type=int, default=None)
@@ -234,7 +274,7 @@ def main(argv=None) -> Dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     fused = common.fused_backends(device, torch.float32)
-    providers = args.providers or (["official", "reference"] + fused[:1])
+    providers = args.providers or (["official", "reference"] + fused[:1] + [NO_STA])
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     meta = common.metadata(device, argv)
     print(f"device: {meta['device']}; providers: {providers}", file=sys.stderr)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short device call (about 8 minutes): the GPU tier, compute-sanitizer, the STA per-call
+# One or two short device calls (about 8 minutes each): the GPU tier, compute-sanitizer, the STA per-call
 # figures (wall, host, CUDA-graph GPU time, kernels) at the B=64 STViT-S stage shapes, and Nsight
 # Compute's DRAM figures per kernel of the cuda, then the triton backend (benchmarks/ncu_kernels.py;
 # Triton last: what does not fit in the call's time is the least needed), every step time-boxed,
@@ -9,12 +9,16 @@
 #   run(carry=[".gpu"], timeout_s=540,
 #       command="cd .gpu/tree && PYTHONPATH=$PWD bash benchmarks/gpu_check.sh $OUT")
 #
+# Steps, in order of need: tier, sanitize, bench1, bench2 (issues 10, 11), ncu (issue 12), model
+# (STViT-S img/s, fp32 + bf16, inference + training, eager, with the STA's share of the step),
+# ncu_triton, bench_ro (stage 1 under torch.compile mode="reduce-overhead", official and cuda).
+# All of them take more than one call's 540 s when the tier runs long: pick with STEPS.
 # GPU_PY: the GPU machine's python (default python3). STEPS: a subset, e.g. STEPS="bench1 ncu".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
 PY=${GPU_PY:-python3}
-STEPS=${STEPS:-"tier sanitize bench1 bench2 ncu ncu_triton"}
+STEPS=${STEPS:-"tier sanitize bench1 bench2 ncu model ncu_triton bench_ro"}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
@@ -48,6 +52,13 @@ for s in $STEPS; do
            "$PY" benchmarks/ncu_kernels.py run "$be"
          step "${s}_report" 20 "$PY" benchmarks/ncu_kernels.py report "$OUT/$s.log" \
            --out "$OUT/${s}_kernels.json" ;;
-    *) echo "unknown step $s (tier sanitize bench1 bench2 ncu ncu_triton)" >&2; exit 2 ;;
+    model) step model_small 150 "$PY" benchmarks/bench_model.py --device cuda --models small \
+             --compile off --rep-ms 300 --out "$OUT/model_small.json" ;;
+    bench_ro) step bench_reduce_overhead 150 "$PY" benchmarks/bench_ops.py --device cuda --ops sta \
+                --providers official+compile cuda+compile --batch 64 --modes fwd fwd+bwd \
+                --no-targets --compile-mode reduce-overhead --sides 56 --dim 64 --heads 1 \
+                --stoken 8 --out "$OUT/sta_stage1_reduce_overhead.json" ;;
+    *) echo "unknown step $s (tier sanitize bench1 bench2 ncu model ncu_triton bench_ro)" >&2
+       exit 2 ;;
   esac
 done

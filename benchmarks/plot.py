@@ -371,11 +371,15 @@ def markdown_model(data: Dict) -> str:
               "(`benchmarks/official.py`)." if "official" in provs else ""), ""]
     out += _warning(data)
     bases = [p for p in ("official", "reference") if p in provs]
-    fus = [p for p in provs if p not in ("official", "reference") and not p.startswith("reference")]
+    fus = [p for p in provs if p not in ("official", "reference", "no-sta") and not p.startswith("reference")]
     ratios = [b for b in bases if fus]
+    # with no-sta (the model without STA): the STA's share of the step, and the Amdahl bound
+    amdahl = "no-sta" in provs and "official" in provs
+    extra = ["STA share: official / fused", "bound (official / no-sta)"] if amdahl else []
     out.append(_md_row(["model", "mode", "precision", "torch.compile", "batch"] + provs
-                       + [f"fused / {b}" for b in ratios]))
-    out.append(_md_row([":--", ":--", ":--", ":--", "---:"] + ["---:"] * (len(provs) + len(ratios))))
+                       + [f"fused / {b}" for b in ratios] + extra))
+    out.append(_md_row([":--", ":--", ":--", ":--", "---:"]
+                       + ["---:"] * (len(provs) + len(ratios) + len(extra))))
     for key in dict.fromkeys((r["model"], r["mode"], r["precision"], r["compile"]) for r in rows):
         sel = {r["provider"]: r for r in rows if (r["model"], r["mode"], r["precision"], r["compile"]) == key}
         line = [key[0], key[1], key[2], "yes" if key[3] else "no", next(iter(sel.values()))["batch"]]
@@ -388,6 +392,15 @@ def markdown_model(data: Dict) -> str:
             a = sel.get(base)
             line.append(f"{max(x['images_per_s'] for x in b) / a['images_per_s']:.2f}x"
                         if a and a.get("status") == "ok" and b else "–")
+        if amdahl:
+            ms = {p: r["ms"] for p, r in sel.items() if r.get("status") == "ok"}
+            best = min((ms[p] for p in fus if p in ms), default=None)
+            if "no-sta" in ms and "official" in ms and best is not None:
+                t0 = ms["no-sta"]
+                line += [f"{100 * (1 - t0 / ms['official']):.0f}% / {100 * (1 - t0 / best):.0f}%",
+                         f"{ms['official'] / t0:.2f}x"]
+            else:
+                line += ["–", "–"]
         out.append(_md_row(line))
     out.append("")
     if data.get("targets"):

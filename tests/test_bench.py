@@ -444,16 +444,23 @@ def test_bench_model_script(tmp_path, monkeypatch):
                       "--min-run-time", "0.002", "--out", str(out)])
     data = json.loads(out.read_text())
     rows = data["results"]
-    assert {(r["mode"], r["provider"]) for r in rows} == {(m, p) for m in ("infer", "train")
-                                                          for p in ["official", "reference"] + BACKENDS[1:2]}
+    assert {(r["mode"], r["provider"]) for r in rows} == {
+        (m, p) for m in ("infer", "train") for p in ["official", "reference"] + BACKENDS[1:2] + ["no-sta"]}
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in rows), rows
     # per mode: fused / official and fused / reference, both for information on a CPU
     assert len(data["targets"]) == 4 and all(t["threshold"] is None for t in data["targets"])
-    assert sum("fused / official" in t["name"] for t in data["targets"]) == 2
+    official = [t for t in data["targets"] if "fused / official" in t["name"]]
+    assert len(official) == 2
+    for t in official:  # the STA's share of the step and the Amdahl bound, from no-sta
+        ms = {r["provider"]: r["ms"] for r in rows if r["mode"] in t["name"]}
+        share = t["details"]["share"]
+        assert share["official"] == pytest.approx(1 - ms["no-sta"] / ms["official"])
+        assert set(share) == set(ms) - {"no-sta"}
+        assert t["details"]["amdahl_bound_vs_official"] == pytest.approx(ms["official"] / ms["no-sta"])
     md = plot.markdown(str(out))
-    assert "| model | mode | precision |" in md
+    assert "| model | mode | precision |" in md and "| bound (official / no-sta) |" in md
     if BACKENDS[1:]:
-        assert "fused / official | fused / reference |" in md
+        assert "fused / official | fused / reference | STA share: official / fused |" in md
 
 
 def test_official_model_has_the_weights():
@@ -474,6 +481,29 @@ def test_official_model_has_the_weights():
     assert not any(isinstance(m, sk.SuperTokenAttention) for m in model.modules())
     assert sum(type(m).__name__ == "OfficialStokenAttention" for m in model.modules()) == 4
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_no_sta_model_leaves_out_every_super_token_attention():
+    """bench_model's ``no-sta`` provider: every super token attention returns its input, the rest
+    of the model (and its parameters outside the STA) is unchanged."""
+    import stvit
+
+    bench_model = _load("bench_model")
+    torch.manual_seed(0)
+    model = stvit.STViT(embed_dim=[16, 32, 32, 32], depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 2],
+                        stoken_size=[8, 4, 1, 1], projection=64, num_classes=10).eval()
+    n_sta = sum(isinstance(m, sk.SuperTokenAttention) for m in model.modules())
+    sta_params = sum(p.numel() for m in model.modules() if isinstance(m, sk.SuperTokenAttention)
+                     for p in m.parameters())
+    n_params = sum(p.numel() for p in model.parameters())
+    bench_model.set_backend(model, "no-sta")
+    assert not any(isinstance(m, sk.SuperTokenAttention) for m in model.modules())
+    assert sum(isinstance(m, bench_model.WithoutSTA) for m in model.modules()) == n_sta == 4
+    assert sum(p.numel() for p in model.parameters()) == n_params - sta_params
+    x = torch.randn(2, 32, 8, 8)
+    assert bench_model.WithoutSTA()(x) is x
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
 
 
 def test_gpu_per_call_guards_each_part(monkeypatch):
