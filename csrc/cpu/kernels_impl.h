@@ -158,6 +158,44 @@ STVIT_INLINE vdouble exp_nonpositive(vdouble x) {
   return x;
 }
 
+// The slots of a cell that lie inside the grid, by the cell's edges: `edges` bit 0 is set for a
+// cell of the top grid row (its slots 0-2 point above the grid), bit 1 the bottom row (slots 6-8),
+// bit 2 the left column (slots 0, 3, 6), bit 3 the right column (slots 2, 5, 8).
+constexpr bool slot_in_grid(int edges, int k) {
+  const int i = k / 3, j = k % 3;
+  return !((i == 0 && (edges & 1)) || (i == 2 && (edges & 2)) || (j == 0 && (edges & 4)) ||
+           (j == 2 && (edges & 8)));
+}
+
+template <int kEdges, int K, typename F>
+STVIT_INLINE void if_in_grid(F& f) {
+  if constexpr (slot_in_grid(kEdges, K)) f(std::integral_constant<int, K>{});
+}
+
+template <int kEdges, typename F, int... K>
+STVIT_INLINE void for_slots_impl(F& f, std::integer_sequence<int, K...>) {
+  (if_in_grid<kEdges, K>(f), ...);
+}
+
+// f(std::integral_constant<int, K>{}) for each slot K = 0..8 inside the grid, in order: the
+// slots outside it (whose partial sums no super token takes, whose weights the upsampling
+// ignores and whose logits are exactly 0) cost nothing. A cell of a 2x2 grid has 4 of 9.
+template <int kEdges, typename F>
+STVIT_INLINE void for_slots(F&& f) {
+  for_slots_impl<kEdges>(f, std::make_integer_sequence<int, 9>{});
+}
+
+template <typename F, int... E>
+STVIT_INLINE void with_edges_impl(int edges, F& f, std::integer_sequence<int, E...>) {
+  (void)((edges == E ? (f(std::integral_constant<int, E>{}), true) : false) || ...);
+}
+
+// f(std::integral_constant<int, edges>{}): a cell's loop compiled for its edges (16 variants).
+template <typename F>
+STVIT_INLINE void with_edges(int edges, F&& f) {
+  with_edges_impl(edges, f, std::make_integer_sequence<int, 16>{});
+}
+
 // A zero-filled, 64-byte aligned buffer of n elements.
 template <typename T>
 class Scratch {
@@ -236,6 +274,11 @@ struct BandTiles {
   bool valid(int64_t u, int64_t v, int k) const {
     const int64_t nu = u + k / 3 - 1, nv = v + k % 3 - 1;
     return nu >= 0 && nu < g.hh && nv >= 0 && nv < g.ww;
+  }
+
+  // The edges of cell (u, v), as slot_in_grid takes them.
+  int edges(int64_t u, int64_t v) const {
+    return int(u == 0) | int(u == g.hh - 1) << 1 | int(v == 0) << 2 | int(v == g.ww - 1) << 3;
   }
 
   int64_t planes_ahead() const {
@@ -355,25 +398,25 @@ struct BandTiles {
 
   // a[k][p] = scale * sum_c s_k[c] * x[c][p] for cell v, exactly 0 for an invalid slot.
   void logits(int64_t u, int64_t v, const acc_t* x, acc_t* a, acc_t scale) const {
-    const acc_t* s0 = st.get() + v;  // slot 3 * i + j of channel c: s0[c * schan + i * srow + j]
-    const acc_t* s1 = s0 + srow;
-    const acc_t* s2 = s1 + srow;
-    for (int64_t p0 = 0; p0 < npad; p0 += N) {
-      V acc[9];
-      for (int k = 0; k < 9; ++k) acc[k] = V{};
-      for (int64_t ch = 0; ch < g.C; ++ch) {
-        const V xv = vload(x + ch * npad + p0);
-        const int64_t o = ch * schan;
-        for (int j = 0; j < 3; ++j) {
-          acc[j] += xv * s0[o + j];
-          acc[3 + j] += xv * s1[o + j];
-          acc[6 + j] += xv * s2[o + j];
-        }
-      }
-      for (int k = 0; k < 9; ++k) vstore(a + k * npad + p0, acc[k] * scale);
-    }
+    with_edges(edges(u, v), [&](auto e) { logits_in<decltype(e)::value>(v, x, a, scale); });
     for (int k = 0; k < 9; ++k) {
       if (!valid(u, v, k)) std::memset(a + k * npad, 0, sizeof(acc_t) * npad);
+    }
+  }
+
+  // logits for the slots inside the grid of a cell with these edges
+  template <int kEdges>
+  void logits_in(int64_t v, const acc_t* x, acc_t* a, acc_t scale) const {
+    const acc_t* s0 = st.get() + v;  // slot 3 * i + j of channel c: s0[c * schan + i * srow + j]
+    for (int64_t p0 = 0; p0 < npad; p0 += N) {
+      V acc[9];
+      for_slots<kEdges>([&](auto k) { acc[k] = V{}; });
+      for (int64_t ch = 0; ch < g.C; ++ch) {
+        const V xv = vload(x + ch * npad + p0);
+        const acc_t* sc = s0 + ch * schan;
+        for_slots<kEdges>([&](auto k) { acc[k] += xv * sc[(k / 3) * srow + k % 3]; });
+      }
+      for_slots<kEdges>([&](auto k) { vstore(a + k * npad + p0, acc[k] * scale); });
     }
   }
 
@@ -401,60 +444,65 @@ struct BandTiles {
     }
   }
 
-  // acc[k] = sum over the pixel chunks of a[k][chunk] * x[chunk] (x: one channel of the tile).
+  // acc[k] = sum over the pixel chunks of a[k][chunk] * x[chunk] (x: one channel of the tile),
+  // for the slots inside the grid.
+  template <int kEdges>
   STVIT_INLINE void dot9(const acc_t* x, const acc_t* a, V* acc) const {
-    for (int k = 0; k < 9; ++k) acc[k] = V{};
+    for_slots<kEdges>([&](auto k) { acc[k] = V{}; });
     for (int64_t p0 = 0; p0 < npad; p0 += N) {
       const V xv = vload(x + p0);
-      for (int k = 0; k < 9; ++k) acc[k] += vload(a + k * npad + p0) * xv;
+      for_slots<kEdges>([&](auto k) { acc[k] += vload(a + k * npad + p0) * xv; });
     }
   }
 
-  // pnum[k][c] = sum_p a[k][p] * x[c][p], pden[k] = sum_p a[k][p] (all 9 slots). Channels go in
-  // blocks of N whose per-lane sums are reduced together (transpose_sum).
-  void partials(const acc_t* x, const acc_t* a, acc_t* pnum, acc_t* pden) const {
+  // pnum[k][c] = sum_p a[k][p] * x[c][p], pden[k] = sum_p a[k][p], for the slots of cell (u, v)
+  // inside the grid (the others are left as they are: no super token takes them). Channels go
+  // in blocks of N whose per-lane sums are reduced together (transpose_sum).
+  void partials(int64_t u, int64_t v, const acc_t* x, const acc_t* a, acc_t* pnum,
+                acc_t* pden) const {
+    with_edges(edges(u, v), [&](auto e) { partials_in<decltype(e)::value>(x, a, pnum, pden); });
+  }
+
+  template <int kEdges>
+  void partials_in(const acc_t* x, const acc_t* a, acc_t* pnum, acc_t* pden) const {
     V block[9][N];
     V acc[9];
     int64_t ch0 = 0;
     for (; ch0 + N <= g.C; ch0 += N) {
       for (int i = 0; i < N; ++i) {
-        dot9(x + (ch0 + i) * npad, a, acc);
-        for (int k = 0; k < 9; ++k) block[k][i] = acc[k];
+        dot9<kEdges>(x + (ch0 + i) * npad, a, acc);
+        for_slots<kEdges>([&](auto k) { block[k][i] = acc[k]; });
       }
-      for (int k = 0; k < 9; ++k) vstore(pnum + k * g.C + ch0, transpose_sum(block[k]));
+      for_slots<kEdges>([&](auto k) { vstore(pnum + k * g.C + ch0, transpose_sum(block[k])); });
     }
     for (; ch0 < g.C; ++ch0) {
-      dot9(x + ch0 * npad, a, acc);
-      for (int k = 0; k < 9; ++k) pnum[k * g.C + ch0] = hsum<acc_t>(acc[k]);
+      dot9<kEdges>(x + ch0 * npad, a, acc);
+      for_slots<kEdges>([&](auto k) { pnum[k * g.C + ch0] = hsum<acc_t>(acc[k]); });
     }
-    for (int k = 0; k < 9; ++k) {
+    for_slots<kEdges>([&](auto k) {
       V sum = V{};
       for (int64_t p0 = 0; p0 < npad; p0 += N) sum += vload(a + k * npad + p0);
       pden[k] = hsum<acc_t>(sum);
-    }
+    });
   }
 
-  // y[c][p] = sum_k a[k][p] * s_k[c] for cell v (a: rows of invalid slots zeroed), handed to
-  // `put(c, p0, yv)` one vector of pixels p0 .. p0+N-1 at a time.
+  // y[c][p] = sum_k a[k][p] * s_k[c] over the slots of cell (u, v) inside the grid, in order k =
+  // 0..8, handed to `put(c, p0, yv)` one vector of pixels p0 .. p0+N-1 at a time.
   template <typename Put>
-  STVIT_INLINE void upsample(int64_t v, const acc_t* a, Put put) const {
+  STVIT_INLINE void upsample(int64_t u, int64_t v, const acc_t* a, Put put) const {
+    with_edges(edges(u, v), [&](auto e) { upsample_in<decltype(e)::value>(v, a, put); });
+  }
+
+  template <int kEdges, typename Put>
+  STVIT_INLINE void upsample_in(int64_t v, const acc_t* a, Put& put) const {
     const acc_t* s0 = st.get() + v;
-    const acc_t* s1 = s0 + srow;
-    const acc_t* s2 = s1 + srow;
     for (int64_t p0 = 0; p0 < npad; p0 += N) {
       V ak[9];
-      for (int k = 0; k < 9; ++k) ak[k] = vload(a + k * npad + p0);
+      for_slots<kEdges>([&](auto k) { ak[k] = vload(a + k * npad + p0); });
       for (int64_t ch = 0; ch < g.C; ++ch) {
-        const int64_t o = ch * schan;
-        V yv = ak[0] * s0[o];
-        yv += ak[1] * s0[o + 1];
-        yv += ak[2] * s0[o + 2];
-        yv += ak[3] * s1[o];
-        yv += ak[4] * s1[o + 1];
-        yv += ak[5] * s1[o + 2];
-        yv += ak[6] * s2[o];
-        yv += ak[7] * s2[o + 1];
-        yv += ak[8] * s2[o + 2];
+        const acc_t* sc = s0 + ch * schan;
+        V yv = V{};
+        for_slots<kEdges>([&](auto k) { yv += ak[k] * sc[(k / 3) * srow + k % 3]; });
         put(ch, p0, yv);
       }
     }
@@ -479,7 +527,7 @@ struct BandTiles {
       constexpr int kSeg = kW < N ? kW : N;  // elements per row segment of a vector
       for (int64_t v = 0; v < g.ww; ++v) {
         scalar_t* yv0 = y_img + band.row0 + v * kW;
-        upsample(v, affinity(v), [&](int64_t ch, int64_t p0, V yv) {
+        upsample(band.u, v, affinity(v), [&](int64_t ch, int64_t p0, V yv) {
           acc_t lanes[N];
           vstore(lanes, yv);
           for (int q = 0; q < N; q += kSeg) {
@@ -492,7 +540,7 @@ struct BandTiles {
     } else {
       for (int64_t v = 0; v < g.ww; ++v) {
         acc_t* yt = pixels(v);
-        upsample(v, affinity(v),
+        upsample(band.u, v, affinity(v),
                  [&](int64_t ch, int64_t p0, V yv) { vstore(yt + ch * npad + p0, yv); });
       }
       store(y_img, g.C, band, xt.get(), xstride);
@@ -527,7 +575,7 @@ void partial_bands(const Geometry& g, const scalar_t* x, const scalar_t* A,
     t.load_affinity(A + band.b * 9 * t.HW, band);
     for (int64_t v = 0; v < g.ww; ++v) {
       const int64_t cell = idx * g.ww + v;
-      t.partials(t.pixels(v), t.affinity(v), pnum + cell * 9 * g.C, pden + cell * 9);
+      t.partials(band.u, v, t.pixels(v), t.affinity(v), pnum + cell * 9 * g.C, pden + cell * 9);
     }
   }
 }
@@ -546,7 +594,7 @@ void affinity_partial_bands(const Geometry& g, const scalar_t* x, const scalar_t
       t.logits(band.u, v, t.pixels(v), t.affinity(v), scale);
       t.softmax(t.affinity(v));
       t.clear_pad(t.affinity(v));  // (the store below writes the real pixels only)
-      t.partials(t.pixels(v), t.affinity(v), pnum + cell * 9 * g.C, pden + cell * 9);
+      t.partials(band.u, v, t.pixels(v), t.affinity(v), pnum + cell * 9 * g.C, pden + cell * 9);
     }
     t.store(A + band.b * 9 * t.HW, 9, band, t.at.get(), t.astride);
   }
