@@ -117,6 +117,11 @@ struct CpuKernels {
     return affinity_aggregate_cpu(x, s, h, w, scale, normalise);
   }
   static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) { return pool_cpu(x, h, w); }
+  // affinity_aggregate(x, pool(x)), the pooling in the same pass over x
+  static Tensor3 pooled_affinity_aggregate(const at::Tensor& x, int64_t h, int64_t w,
+                                           double scale, bool normalise) {
+    return affinity_aggregate_cpu(x, at::Tensor(), h, w, scale, normalise);
+  }
 };
 
 #ifdef STVIT_WITH_CUDA
@@ -143,6 +148,10 @@ struct CudaKernels {
   // ATen's CUDA average pooling is already a single pass at memory speed
   static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) {
     return at::avg_pool2d(x, {h, w});
+  }
+  static Tensor3 pooled_affinity_aggregate(const at::Tensor& x, int64_t h, int64_t w,
+                                           double scale, bool normalise) {
+    return affinity_aggregate_cuda(x, pool(x, h, w), h, w, scale, normalise);
   }
 };
 #endif
@@ -200,11 +209,14 @@ Tensor3 associate(const at::Tensor& x, const std::optional<at::Tensor>& s, int64
   }
   typename K::Guard guard(x);
   const at::Tensor xc = x.contiguous();
-  at::Tensor st = s.has_value() ? s->contiguous() : K::pool(xc, h, w);
+  // without s: the first iteration starts from the cell means (pooled in the same pass, CPU)
+  Tensor3 r = s.has_value()
+                  ? K::affinity_aggregate(xc, s->contiguous(), h, w, scale, /*normalise=*/true)
+                  : K::pooled_affinity_aggregate(xc, h, w, scale, /*normalise=*/true);
   for (int64_t i = 1; i < n_iter; ++i) {
-    st = std::get<1>(K::affinity_aggregate(xc, st, h, w, scale, /*normalise=*/true));
+    r = K::affinity_aggregate(xc, std::get<1>(r), h, w, scale, /*normalise=*/true);
   }
-  auto [A, stokens, den] = K::affinity_aggregate(xc, st, h, w, scale, /*normalise=*/true);
+  auto [A, stokens, den] = r;
   return {stokens, A, den};
 }
 

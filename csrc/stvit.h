@@ -40,6 +40,7 @@ at::Tensor affinity_cpu(const at::Tensor& x, const at::Tensor& s, int64_t h, int
                         double scale, bool softmax);
 Tensor2 aggregate_cpu(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w);
 at::Tensor upsample_cpu(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w);
+// s undefined: the super tokens are pool_cpu(x, h, w), computed in the same pass over x.
 Tensor3 affinity_aggregate_cpu(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
                                double scale, bool normalise);
 at::Tensor pool_cpu(const at::Tensor& x, int64_t h, int64_t w);

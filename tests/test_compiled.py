@@ -141,6 +141,30 @@ def test_pool_matches_avg_pool2d(B, C, H, W, h, w, dtype, backend):
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("n_iter", [1, 2])
+@pytest.mark.parametrize("dtype", FULL + HALF, ids=str)
+@pytest.mark.parametrize("B,C,H,W,h,w", CPU_SHAPES)
+def test_associate_pools_in_its_first_pass_bitwise(B, C, H, W, h, w, dtype, n_iter, isa):
+    """stvit::associate without s computes the initial super tokens (the cell means) in the same
+    pass over x as the first association: the same function, bit for bit, as pool first and
+    associate from its s. On two threads too (each range of bands pools the rows it needs)."""
+    _require("cpu")
+    x = _inputs("pooled", B, C, H, W, h, w, torch.float64)["x"].to(dtype)
+    scale = C ** -0.5 if C else 1.0
+    threads = torch.get_num_threads()
+    try:
+        with cpu_isa(isa):
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                want = torch.ops.stvit.associate(x, torch.ops.stvit.pool(x, h, w), h, w, scale, n_iter)
+                got = torch.ops.stvit.associate(x, None, h, w, scale, n_iter)
+                for a, b in zip(got, want):
+                    assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("B,C,H,W,h,w", CPU_SHAPES)
 def test_cpu_half_primitives_match_float64_reference(B, C, H, W, h, w, dtype, isa):

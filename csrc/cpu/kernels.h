@@ -57,9 +57,14 @@ struct KernelSet {
   // the values for slots k that point outside the grid are never read.
   void (*partials)(const Geometry& g, const scalar_t* x, const scalar_t* A, acc_t* pnum,
                    acc_t* pden, int64_t begin, int64_t end);
-  // affinity (softmax) written to A, then its partials, from one load of x per band.
+  // affinity (softmax) written to A, then its partials, from one load of x per band. s null:
+  // the super tokens are the cell means of x (pool's), computed in the same pass: each band's
+  // means as its rows of x are read for the band above it, so x is read from memory once.
   void (*affinity_partials)(const Geometry& g, const scalar_t* x, const scalar_t* s, scalar_t* A,
                             acc_t scale, acc_t* pnum, acc_t* pden, int64_t begin, int64_t end);
+  // s [B, C, hh, ww]: the mean of each cell of x, for items [begin, end) of (b * C + c) * hh + u
+  // (one grid row of one plane).
+  void (*pool)(const Geometry& g, const scalar_t* x, scalar_t* s, int64_t begin, int64_t end);
   // num [B, C, hh, ww], den [B, 1, hh, ww] from the partials of the 3x3 cells around each
   // super token; with `normalise`, num / (den + 1e-12) (divided in acc_t) goes into num.
   void (*reduce)(const Geometry& g, const acc_t* pnum, const acc_t* pden, scalar_t* num,

@@ -1,9 +1,11 @@
 // The CPU kernels compiled for x86-64 CPUs with AVX2 and FMA, chosen at run time (see kernels.h).
 // Every header is included before the target switch (see kernels_impl.h).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <new>
+#include <optional>
 #include <type_traits>
 #include <utility>
 

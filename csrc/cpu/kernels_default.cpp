@@ -1,8 +1,10 @@
 // The CPU kernels compiled for the build's baseline instruction set (see kernels.h).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <new>
+#include <optional>
 #include <type_traits>
 #include <utility>
 

@@ -196,22 +196,69 @@ STVIT_INLINE void with_edges(int edges, F&& f) {
   with_edges_impl(edges, f, std::make_integer_sequence<int, 16>{});
 }
 
-// A zero-filled, 64-byte aligned buffer of n elements.
+// Per-thread stack of scratch memory: Scratch buffers live in scopes, so they are released in
+// the reverse order of their requests, and a kernel call takes its tiles off the top of the
+// thread's arena instead of the heap (a malloc and free of tens of KiB per call cost ~10 % of a
+// small call in glibc, most of it in malloc_consolidate). A request that does not fit goes to the
+// heap, and the next call's arena is big enough (up to kMaxBytes, beyond which the heap serves).
+class ScratchArena {
+ public:
+  static constexpr size_t kMaxBytes = size_t(16) << 20;
+
+  static ScratchArena& local() {
+    static thread_local ScratchArena arena;
+    return arena;
+  }
+
+  // 64-byte aligned, `bytes` long (a multiple of 64); null: take it from the heap.
+  void* push(size_t bytes) {
+    if (top_ + bytes <= size_) {
+      void* p = base_ + top_;
+      top_ += bytes;
+      return p;
+    }
+    want_ = std::min(kMaxBytes, std::max(want_, top_ + bytes));
+    return nullptr;
+  }
+  void pop(size_t bytes) {
+    top_ -= bytes;
+    if (top_ == 0 && want_ > size_) grow();
+  }
+  ~ScratchArena() { ::operator delete(base_, std::align_val_t(64)); }
+
+ private:
+  void grow() {
+    ::operator delete(base_, std::align_val_t(64));
+    base_ = static_cast<char*>(::operator new(want_, std::align_val_t(64)));
+    size_ = want_;
+  }
+  char* base_ = nullptr;
+  size_t size_ = 0, top_ = 0, want_ = 0;
+};
+
+// A zero-filled, 64-byte aligned buffer of n elements, from the thread's ScratchArena.
 template <typename T>
 class Scratch {
  public:
-  explicit Scratch(int64_t n) {
-    const size_t bytes = sizeof(T) * static_cast<size_t>(n > 0 ? n : 1);
-    p_ = static_cast<T*>(::operator new(bytes, std::align_val_t(64)));
-    std::memset(p_, 0, bytes);
+  explicit Scratch(int64_t n)
+      : bytes_((sizeof(T) * static_cast<size_t>(n > 0 ? n : 1) + 63) / 64 * 64) {
+    p_ = static_cast<T*>(ScratchArena::local().push(bytes_));
+    if (p_ == nullptr) p_ = static_cast<T*>(::operator new(bytes_, std::align_val_t(64)));
+    else in_arena_ = true;
+    std::memset(static_cast<void*>(p_), 0, bytes_);
   }
-  ~Scratch() { ::operator delete(p_, std::align_val_t(64)); }
+  ~Scratch() {
+    if (in_arena_) ScratchArena::local().pop(bytes_);
+    else ::operator delete(p_, std::align_val_t(64));
+  }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   T* get() const { return p_; }
 
  private:
+  size_t bytes_;
   T* p_;
+  bool in_arena_ = false;
 };
 
 // A band: the row of cells (b, u, 0 .. ww-1). Its pixels are, in every plane, the h image rows
@@ -380,18 +427,27 @@ struct BandTiles {
 
   // st from s_img, one image of super tokens [C, hh, ww].
   void load_stokens(const scalar_t* s_img, const Band& band) {
-    const int64_t cells = g.cells();
+    const scalar_t* rows[3];
+    for (int i = 0; i < 3; ++i) {
+      const int64_t nu = band.u + i - 1;
+      rows[i] = nu < 0 || nu >= g.hh ? nullptr : s_img + nu * g.ww;
+    }
+    load_stokens(rows, g.cells());
+  }
+
+  // st from the grid rows u-1, u, u+1 of the band: rows[i] is channel 0 of row u+i-1 (null
+  // outside the grid), channels `ch_stride` apart.
+  void load_stokens(const scalar_t* const* rows, int64_t ch_stride) {
     acc_t* dst = st.get();
     for (int64_t ch = 0; ch < g.C; ++ch) {
       for (int i = 0; i < 3; ++i) {
         acc_t* d = dst + ch * schan + i * srow;
-        const int64_t nu = band.u + i - 1;
-        if (nu < 0 || nu >= g.hh) {
+        if (rows[i] == nullptr) {
           for (int64_t j = 0; j < srow; ++j) d[j] = acc_t(0);
           continue;
         }
         d[0] = d[srow - 1] = acc_t(0);
-        convert_row(d + 1, s_img + ch * cells + nu * g.ww, g.ww);
+        convert_row(d + 1, rows[i] + ch * ch_stride, g.ww);
       }
     }
   }
@@ -407,16 +463,18 @@ struct BandTiles {
   // logits for the slots inside the grid of a cell with these edges
   template <int kEdges>
   void logits_in(int64_t v, const acc_t* x, acc_t* a, acc_t scale) const {
-    const acc_t* s0 = st.get() + v;  // slot 3 * i + j of channel c: s0[c * schan + i * srow + j]
-    for (int64_t p0 = 0; p0 < npad; p0 += N) {
+    // slot 3 * i + j of channel c: rows[i][c * schan + j]
+    const acc_t* rows[3] = {st.get() + v, st.get() + v + srow, st.get() + v + 2 * srow};
+    const int64_t C = g.C, cs = schan, n = npad;
+    for (int64_t p0 = 0; p0 < n; p0 += N) {
       V acc[9];
       for_slots<kEdges>([&](auto k) { acc[k] = V{}; });
-      for (int64_t ch = 0; ch < g.C; ++ch) {
-        const V xv = vload(x + ch * npad + p0);
-        const acc_t* sc = s0 + ch * schan;
-        for_slots<kEdges>([&](auto k) { acc[k] += xv * sc[(k / 3) * srow + k % 3]; });
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const V xv = vload(x + ch * n + p0);
+        const int64_t o = ch * cs;
+        for_slots<kEdges>([&](auto k) { acc[k] += xv * rows[k / 3][o + k % 3]; });
       }
-      for_slots<kEdges>([&](auto k) { vstore(a + k * npad + p0, acc[k] * scale); });
+      for_slots<kEdges>([&](auto k) { vstore(a + k * n + p0, acc[k] * scale); });
     }
   }
 
@@ -495,14 +553,15 @@ struct BandTiles {
 
   template <int kEdges, typename Put>
   STVIT_INLINE void upsample_in(int64_t v, const acc_t* a, Put& put) const {
-    const acc_t* s0 = st.get() + v;
-    for (int64_t p0 = 0; p0 < npad; p0 += N) {
+    const acc_t* rows[3] = {st.get() + v, st.get() + v + srow, st.get() + v + 2 * srow};
+    const int64_t C = g.C, cs = schan, n = npad;  // (the stores through put may alias members)
+    for (int64_t p0 = 0; p0 < n; p0 += N) {
       V ak[9];
-      for_slots<kEdges>([&](auto k) { ak[k] = vload(a + k * npad + p0); });
-      for (int64_t ch = 0; ch < g.C; ++ch) {
-        const acc_t* sc = s0 + ch * schan;
+      for_slots<kEdges>([&](auto k) { ak[k] = vload(a + k * n + p0); });
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const int64_t o = ch * cs;
         V yv = V{};
-        for_slots<kEdges>([&](auto k) { yv += ak[k] * sc[(k / 3) * srow + k % 3]; });
+        for_slots<kEdges>([&](auto k) { yv += ak[k] * rows[k / 3][o + k % 3]; });
         put(ch, p0, yv);
       }
     }
@@ -548,6 +607,77 @@ struct BandTiles {
   }
 };
 
+// out[v] = the mean of cell v of one grid row of one plane (src: the row's first image row, W
+// apart), for v < ww: its h image rows summed column-wise into cols (W elements), then each group
+// of w columns, in that order (pool and the pooled affinity_partials share it: the same values).
+template <typename scalar_t>
+STVIT_INLINE void pool_row(const Geometry& g, const scalar_t* __restrict src,
+                           scalar_t* __restrict out, acc_type<scalar_t>* __restrict cols) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t W = g.W, h = g.h, w = g.w, ww = g.ww;
+  const acc_t inv = acc_t(1) / static_cast<acc_t>(h * w);
+  for (int64_t j = 0; j < W; ++j) cols[j] = static_cast<acc_t>(src[j]);
+  for (int64_t r = 1; r < h; ++r) {
+    const scalar_t* row = src + r * W;
+    for (int64_t j = 0; j < W; ++j) cols[j] += static_cast<acc_t>(row[j]);
+  }
+  for (int64_t v = 0; v < ww; ++v) {
+    acc_t sum = acc_t(0);
+    for (int64_t j = 0; j < w; ++j) sum += cols[v * w + j];
+    out[v] = static_cast<scalar_t>(sum * inv);
+  }
+}
+
+template <typename scalar_t>
+void pool_bands(const Geometry& g, const scalar_t* x, scalar_t* s, int64_t begin, int64_t end) {
+  Scratch<acc_type<scalar_t>> cols(g.W);
+  for (int64_t idx = begin; idx < end; ++idx) {  // idx = plane * hh + u
+    pool_row(g, x + idx * g.h * g.W, s + idx * g.ww, cols.get());
+  }
+}
+
+// The cell means of the grid rows a band needs (u-1, u, u+1), pooled from x as the bands go by:
+// three rows of [C][ww] means, each kept until a band no longer needs it.
+template <typename scalar_t>
+class PooledRows {
+ public:
+  explicit PooledRows(const Geometry& g) : g_(g), rows_(3 * g.C * g.ww), cols_(g.W) {}
+
+  // rows[i] = the means of grid row u+i-1 of image b (null outside the grid), channels ww apart.
+  // A row's pooling reads a band of every plane, prefetched as the band loads prefetch (`t`).
+  void get(const BandTiles<scalar_t>& t, int64_t b, int64_t u, const scalar_t* x,
+           const scalar_t** rows) {
+    for (int i = 0; i < 3; ++i) {
+      const int64_t r = u + i - 1;
+      if (r < 0 || r >= g_.hh) {
+        rows[i] = nullptr;
+        continue;
+      }
+      const int slot = static_cast<int>(r % 3);
+      scalar_t* out = rows_.get() + slot * g_.C * g_.ww;
+      if (tag_b_[slot] != b || tag_r_[slot] != r) {
+        const scalar_t* img = x + b * g_.C * t.HW;
+        const Band band{b, r, r * g_.h * g_.W};
+        const int64_t ahead = t.planes_ahead();
+        for (int64_t ch = 0; ch < g_.C && ch < ahead; ++ch) t.prefetch_plane(img, ch, band);
+        for (int64_t ch = 0; ch < g_.C; ++ch) {
+          if (ch + ahead < g_.C) t.prefetch_plane(img, ch + ahead, band);
+          pool_row(g_, img + ch * t.HW + band.row0, out + ch * g_.ww, cols_.get());
+        }
+        tag_b_[slot] = b;
+        tag_r_[slot] = r;
+      }
+      rows[i] = out;
+    }
+  }
+
+ private:
+  const Geometry& g_;
+  Scratch<scalar_t> rows_;
+  Scratch<acc_type<scalar_t>> cols_;
+  int64_t tag_b_[3] = {-1, -1, -1}, tag_r_[3] = {-1, -1, -1};
+};
+
 template <typename scalar_t>
 void affinity_bands(const Geometry& g, const scalar_t* x, const scalar_t* s, scalar_t* A,
                     acc_type<scalar_t> scale, bool softmax, int64_t begin, int64_t end) {
@@ -585,10 +715,18 @@ void affinity_partial_bands(const Geometry& g, const scalar_t* x, const scalar_t
                             scalar_t* A, acc_type<scalar_t> scale, acc_type<scalar_t>* pnum,
                             acc_type<scalar_t>* pden, int64_t begin, int64_t end) {
   BandTiles<scalar_t> t(g, /*need_pixels=*/true, /*need_stokens=*/true);
+  std::optional<PooledRows<scalar_t>> pooled;
+  if (s == nullptr) pooled.emplace(g);
   for (int64_t idx = begin; idx < end; ++idx) {
     const Band band = t.locate(idx);
+    if (pooled) {  // (row u+1's pooling reads the next band's x: in the caches for its turn)
+      const scalar_t* rows[3];
+      pooled->get(t, band.b, band.u, x, rows);
+      t.load_stokens(rows, g.ww);
+    } else {
+      t.load_stokens(s + band.b * g.C * g.cells(), band);
+    }
     t.load(x + band.b * g.C * t.HW, g.C, band, t.xt.get(), t.xstride);
-    t.load_stokens(s + band.b * g.C * g.cells(), band);
     for (int64_t v = 0; v < g.ww; ++v) {  // each cell while its tile is in L1
       const int64_t cell = idx * g.ww + v;
       t.logits(band.u, v, t.pixels(v), t.affinity(v), scale);
@@ -669,8 +807,8 @@ template <typename scalar_t>
 const KernelSet<scalar_t>& STVIT_CPU_TABLE() {
   static const KernelSet<scalar_t> table{
       &STVIT_CPU_ISA::affinity_bands<scalar_t>, &STVIT_CPU_ISA::partial_bands<scalar_t>,
-      &STVIT_CPU_ISA::affinity_partial_bands<scalar_t>, &STVIT_CPU_ISA::reduce_stokens<scalar_t>,
-      &STVIT_CPU_ISA::upsample_bands<scalar_t>};
+      &STVIT_CPU_ISA::affinity_partial_bands<scalar_t>, &STVIT_CPU_ISA::pool_bands<scalar_t>,
+      &STVIT_CPU_ISA::reduce_stokens<scalar_t>, &STVIT_CPU_ISA::upsample_bands<scalar_t>};
   return table;
 }
 

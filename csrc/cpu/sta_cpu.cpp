@@ -219,7 +219,7 @@ Tensor3 affinity_aggregate_cpu(const at::Tensor& x, const at::Tensor& s, int64_t
     using acc_t = cpu::acc_type<scalar_t>;
     const auto& k = cpu::kernels<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* sp = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;  // null: pooled
     scalar_t* Ap = A.mutable_data_ptr<scalar_t>();
     nd = reduce_partials<scalar_t>(g, x, [&](acc_t* pn, acc_t* pd, int64_t begin, int64_t end) {
       k.affinity_partials(g, xp, sp, Ap, static_cast<acc_t>(scale), pn, pd, begin, end);
@@ -229,31 +229,15 @@ Tensor3 affinity_aggregate_cpu(const at::Tensor& x, const at::Tensor& s, int64_t
 }
 
 at::Tensor pool_cpu(const at::Tensor& x, int64_t h, int64_t w) {
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t hh = H / h, ww = W / w;
-  at::Tensor s = new_tensor({B, C, hh, ww}, x.options());
+  const cpu::Geometry g = geometry(x, x.size(1), h, w);
+  at::Tensor s = new_tensor({g.B, g.C, g.hh, g.ww}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pool_cpu", [&] {
-    using acc_t = cpu::acc_type<scalar_t>;
+    const auto& k = cpu::kernels<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* sp = s.mutable_data_ptr<scalar_t>();
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(h * w);
-    // one row of cells (plane, u) at a time: its h image rows summed column-wise (a contiguous,
-    // vectorisable pass over x), then each group of w columns
-    at::parallel_for(0, B * C * hh, grain(h * W), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> cols(W);
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const scalar_t* src = xp + idx * h * W;  // plane * H * W + u * h * W
-        for (int64_t j = 0; j < W; ++j) cols[j] = static_cast<acc_t>(src[j]);
-        for (int64_t r = 1; r < h; ++r) {
-          const scalar_t* row = src + r * W;
-          for (int64_t j = 0; j < W; ++j) cols[j] += static_cast<acc_t>(row[j]);
-        }
-        for (int64_t v = 0; v < ww; ++v) {
-          acc_t sum = acc_t(0);
-          for (int64_t j = 0; j < w; ++j) sum += cols[v * w + j];
-          sp[idx * ww + v] = static_cast<scalar_t>(sum * inv);
-        }
-      }
+    // one grid row of one plane at a time (kernels_impl.h pool_row)
+    at::parallel_for(0, g.B * g.C * g.hh, grain(h * g.W), [&](int64_t begin, int64_t end) {
+      k.pool(g, xp, sp, begin, end);
     });
   });
   return s;
