@@ -122,6 +122,20 @@ def test_cpu_primitives_match_reference(B, C, H, W, h, w, dtype, isa):
         _check_primitives("cpu", B, C, H, W, h, w, dtype)
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_tiles_beyond_the_scratch_arena(isa):
+    """A band of 64 cells x 130 channels x 64 pixels needs 2 MiB of tiles, more than a thread's
+    scratch arena keeps (1 MiB): those come from the heap, next to arena buffers, and the results
+    are the same."""
+    _require("cpu")
+    with cpu_isa(isa):
+        _check_primitives("cpu", 1, 130, 8, 512, 8, 8, torch.float32)
+        x = _inputs("arena", 1, 130, 8, 512, 8, 8, torch.float32)["x"]
+        want = torch.ops.stvit.associate(x, torch.ops.stvit.pool(x, 8, 8), 8, 8, 0.1, 1)
+        for a, b in zip(torch.ops.stvit.associate(x, None, 8, 8, 0.1, 1), want):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", FULL + HALF, ids=str)
 @pytest.mark.parametrize("B,C,H,W,h,w", CPU_SHAPES)

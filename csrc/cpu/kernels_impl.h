@@ -200,10 +200,12 @@ STVIT_INLINE void with_edges(int edges, F&& f) {
 // the reverse order of their requests, and a kernel call takes its tiles off the top of the
 // thread's arena instead of the heap (a malloc and free of tens of KiB per call cost ~10 % of a
 // small call in glibc, most of it in malloc_consolidate). A request that does not fit goes to the
-// heap, and the next call's arena is big enough (up to kMaxBytes, beyond which the heap serves).
+// heap, and the next call's arena is big enough, up to kMaxBytes: what a thread keeps is bounded
+// (1 MiB holds the tiles of STViT's stages at 224², 150 KB), and a call that needs more does
+// enough work for a malloc not to count.
 class ScratchArena {
  public:
-  static constexpr size_t kMaxBytes = size_t(16) << 20;
+  static constexpr size_t kMaxBytes = size_t(1) << 20;
 
   static ScratchArena& local() {
     static thread_local ScratchArena arena;
