@@ -319,16 +319,13 @@ struct BandTiles {
   acc_t* pixels(int64_t v) const { return xt.get() + v * xstride; }
   acc_t* affinity(int64_t v) const { return at.get() + v * astride; }
 
-  // Whether slot k of cell (u, v) is inside the grid.
-  bool valid(int64_t u, int64_t v, int k) const {
-    const int64_t nu = u + k / 3 - 1, nv = v + k % 3 - 1;
-    return nu >= 0 && nu < g.hh && nv >= 0 && nv < g.ww;
-  }
-
   // The edges of cell (u, v), as slot_in_grid takes them.
   int edges(int64_t u, int64_t v) const {
     return int(u == 0) | int(u == g.hh - 1) << 1 | int(v == 0) << 2 | int(v == g.ww - 1) << 3;
   }
+
+  // Whether slot k of cell (u, v) is inside the grid.
+  bool valid(int64_t u, int64_t v, int k) const { return slot_in_grid(edges(u, v), k); }
 
   int64_t planes_ahead() const {
     const int64_t bytes = g.h * g.W * static_cast<int64_t>(sizeof(scalar_t));
@@ -362,6 +359,19 @@ struct BandTiles {
   }
 #endif
 
+  // f(k) for the planes k < planes of the band in img; with `prefetch`, plane k + planes_ahead()
+  // is prefetched as plane k's turn comes (the first ones before).
+  template <typename F>
+  STVIT_INLINE void each_plane(const scalar_t* img, int64_t planes, const Band& band,
+                               bool prefetch, F&& f) const {
+    const int64_t ahead = prefetch ? planes_ahead() : 0;
+    for (int64_t k = 0; k < planes && k < ahead; ++k) prefetch_plane(img, k, band);
+    for (int64_t k = 0; k < planes; ++k) {
+      if (ahead > 0 && k + ahead < planes) prefetch_plane(img, k + ahead, band);
+      f(k);
+    }
+  }
+
   // Moves planes between an image ([planes, H, W], band rows only) and the cells' tiles (cells
   // `stride` apart); `to_tile` says which way. kW is the cell width when known at compile time
   // (the common ones, so that each row segment is a fixed-size copy), 0 otherwise.
@@ -370,10 +380,7 @@ struct BandTiles {
     const int64_t w = kW > 0 ? kW : g.w;
     // loads prefetch; stores do not (outputs are usually fresh memory, which a prefetch cannot
     // bring in before the first write maps the page)
-    const int64_t ahead = to_tile ? planes_ahead() : 0;
-    for (int64_t k = 0; k < planes && k < ahead; ++k) prefetch_plane(img, k, band);
-    for (int64_t k = 0; k < planes; ++k) {
-      if (to_tile && k + ahead < planes) prefetch_plane(img, k + ahead, band);
+    each_plane(img, planes, band, /*prefetch=*/to_tile, [&](int64_t k) {
       for (int64_t r = 0; r < g.h; ++r) {
         Img* row = img + k * HW + band.row0 + r * g.W;
         Tile* cell = tile + k * npad + r * w;
@@ -390,7 +397,7 @@ struct BandTiles {
           }
         }
       }
-    }
+    });
   }
 
   template <bool to_tile, typename Img, typename Tile>
@@ -416,15 +423,10 @@ struct BandTiles {
 #endif
   }
 
-  // The band's affinities, with the rows of invalid slots zeroed (the upsampling and the
-  // aggregation ignore those slots whatever A holds there).
+  // The band's affinities (the upsampling and the aggregation read only the slots inside the
+  // grid, whatever A holds in the others).
   void load_affinity(const scalar_t* A_img, const Band& band) {
     load(A_img, 9, band, at.get(), astride);
-    for (int64_t v = 0; v < g.ww; ++v) {
-      for (int k = 0; k < 9; ++k) {
-        if (!valid(band.u, v, k)) std::memset(affinity(v) + k * npad, 0, sizeof(acc_t) * np);
-      }
-    }
   }
 
   // st from s_img, one image of super tokens [C, hh, ww].
@@ -660,12 +662,9 @@ class PooledRows {
       if (tag_b_[slot] != b || tag_r_[slot] != r) {
         const scalar_t* img = x + b * g_.C * t.HW;
         const Band band{b, r, r * g_.h * g_.W};
-        const int64_t ahead = t.planes_ahead();
-        for (int64_t ch = 0; ch < g_.C && ch < ahead; ++ch) t.prefetch_plane(img, ch, band);
-        for (int64_t ch = 0; ch < g_.C; ++ch) {
-          if (ch + ahead < g_.C) t.prefetch_plane(img, ch + ahead, band);
+        t.each_plane(img, g_.C, band, /*prefetch=*/true, [&](int64_t ch) {
           pool_row(g_, img + ch * t.HW + band.row0, out + ch * g_.ww, cols_.get());
-        }
+        });
         tag_b_[slot] = b;
         tag_r_[slot] = r;
       }

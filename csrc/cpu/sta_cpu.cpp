@@ -4,7 +4,6 @@
 // Inputs arrive checked (shapes, dtypes, contiguity) by the host wrappers of ops.cpp.
 #include <algorithm>
 #include <atomic>
-#include <vector>
 #include <cstdlib>
 #include <limits>
 #include <string>
