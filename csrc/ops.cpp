@@ -258,7 +258,8 @@ Tensor7 sta_forward(const at::Tensor& x, const at::Tensor& qkv_weight,
   typename K::Guard guard(x);
   auto [s, A, den] = associate<K>(x, std::nullopt, h, w, scale, n_iter);
   auto [r, qkvh, attn, o] =
-      refine_attention_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, attn_scale);
+      refine_attention_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, attn_scale,
+                               /*contiguous_out=*/true);
   at::Tensor y = upsample<K>(r, A, h, w);
   return {y, A, den, s, qkvh, attn, o};
 }
@@ -360,6 +361,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &stvit::cpu::set_isa, pybind11::arg("name"),
         "Use the 'avx2' or 'default' CPU kernels, or 'auto' (the best this CPU runs); "
         "the environment variable STVIT_CPU_ISA sets the initial choice.");
+  m.def("_set_refine_cpu_limit", &stvit::set_refine_cpu_limit, pybind11::arg("limit"),
+        "Testing and benchmark aid: the most multiply-adds of a refine attention forward that the "
+        "CPU kernel takes (beyond: ATen's matrix products; 0: never the kernel); returns the "
+        "previous limit.");
   m.def("_set_poison", &stvit::cpu::set_poison, pybind11::arg("on"),
         "Testing aid: fill every output and workspace of the CPU kernels with NaN before they "
         "run.");

@@ -1,7 +1,8 @@
 // The refine of the STA module (stvit_kernels.RefineAttention): multi-head self-attention over the
 // N = H * W tokens of s [B, C, H, W] with the official parameters (qkv: a 1x1 conv to 3C whose
 // output channels are [heads, (q, k, v), head_dim]; proj: a 1x1 conv). Three operators, all
-// compositions of ATen ops, so one C++ body serves both devices:
+// compositions of ATen ops, so one C++ body serves both devices (except where the CPU kernel of
+// cpu/sta_cpu.cpp takes a small float / double forward, see refine.h):
 //
 //   refine_attention(s, ...) -> out
 //       the path beyond REFINE_FUSED_MAX_TOKENS tokens or with attention dropout: the 1x1 convolutions as matrix products on the token-major
@@ -28,6 +29,7 @@
 #include <tuple>
 
 #include <ATen/ATen.h>
+#include <ATen/TensorUtils.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -94,6 +96,17 @@ at::Tensor relayout(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType d
   return at::empty(t.sizes(), t.options().dtype(dtype)).copy_(t).view(shape);
 }
 
+// The layout relayout(t, shape, dtype) gives, without t's values: the same view of t where that is
+// a view, else a fresh contiguous tensor (for a kernel to fill).
+at::Tensor relayout_like(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype) {
+    if (const auto strides = at::detail::computeStride(t.sizes(), t.strides(), shape)) {
+      return t.as_strided(shape, *strides);
+    }
+  }
+  return at::empty(shape, t.options().dtype(dtype));
+}
+
 // [B, N, heads, d] token-major -> [B * heads, N, d] head-major in `dtype`
 at::Tensor head_major(const at::Tensor& t, const RefineShape& g, at::ScalarType dtype) {
   return relayout(t.view({g.B, g.N, g.heads, g.d}).transpose(1, 2), {g.B * g.heads, g.N, g.d},
@@ -120,15 +133,35 @@ at::Tensor scaled_bmm(const at::Tensor& a, const at::Tensor& b, double alpha) {
 }  // namespace
 
 // Returns (out [B, C, H, W], qkvh [3, B * heads, N, d] (q, k, v head-major, accumulation type),
-// attn [B * heads, N, N] (accumulation type), o [B * N, C] (input dtype)).
+// attn [B * heads, N, N] (accumulation type), o [B * N, C] (input dtype)); out is a view of a
+// token-major tensor, or with `contiguous_out` contiguous (the layout the upsampling reads).
 Tensor4 refine_attention_forward(const at::Tensor& s, const at::Tensor& qkv_weight,
                                  const std::optional<at::Tensor>& qkv_bias,
                                  const at::Tensor& proj_weight,
                                  const std::optional<at::Tensor>& proj_bias, int64_t heads,
-                                 double scale) {
+                                 double scale, bool contiguous_out) {
   RawGuard raw;
   const RefineShape g = refine_shape("refine_attention_forward", s, heads);
   const at::ScalarType dt = s.scalar_type(), acc = acc_of(dt);
+  if (refine_cpu_takes(s, qkv_weight, qkv_bias, proj_weight, proj_bias)) {
+    // the CPU kernel (cpu/sta_cpu.cpp), into the layouts of the ATen path below
+    const at::Tensor qkv = at::empty({g.B * g.N, 3 * g.C}, s.options());
+    const at::Tensor qkvh = relayout_like(
+        qkv.view({g.B, g.N, g.heads, 3, g.d}).permute({3, 0, 2, 1, 4}),
+        {3, g.B * g.heads, g.N, g.d}, acc);
+    const at::Tensor attn = at::empty({g.B * g.heads, g.N, g.N}, s.options());
+    const at::Tensor o = at::empty({g.B * g.N, g.C}, s.options());
+    if (contiguous_out) {
+      const at::Tensor out = at::empty(s.sizes(), s.options());
+      refine_forward_cpu(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale, qkvh,
+                         attn, o, out);
+      return {out, qkvh, attn, o};
+    }
+    const at::Tensor out = at::empty({g.B, g.N, g.C}, s.options());
+    refine_forward_cpu(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale, qkvh, attn,
+                       o, out);
+    return {map_of(out, g), qkvh, attn, o};
+  }
   const at::Tensor qkv = linear2d(tokens_of(s, g).reshape({g.B * g.N, g.C}),
                                   qkv_weight.reshape({3 * g.C, g.C}), qkv_bias);
   // [B, N, heads, 3, d] -> [3, B * heads, N, d]: one copy, or a view (one head, no cast)
@@ -137,9 +170,22 @@ Tensor4 refine_attention_forward(const at::Tensor& s, const at::Tensor& qkv_weig
   const at::Tensor q = qkvh[0], k = qkvh[1], v = qkvh[2];
   const at::Tensor attn = at::_softmax(scaled_bmm(q, k.transpose(1, 2), scale), -1, false);
   const at::Tensor o = token_major(at::bmm(attn, v), g, dt);
-  const at::Tensor out = linear2d(o, proj_weight.reshape({g.C, g.C}), proj_bias);
-  return {map_of(out.view({g.B, g.N, g.C}), g), qkvh, attn, o};
+  const at::Tensor out =
+      map_of(linear2d(o, proj_weight.reshape({g.C, g.C}), proj_bias).view({g.B, g.N, g.C}), g);
+  return {contiguous_out ? out.contiguous() : out, qkvh, attn, o};
 }
+
+namespace {
+// The operator: out token-major (the layout of its fake implementation).
+Tensor4 refine_attention_forward_op(const at::Tensor& s, const at::Tensor& qkv_weight,
+                                    const std::optional<at::Tensor>& qkv_bias,
+                                    const at::Tensor& proj_weight,
+                                    const std::optional<at::Tensor>& proj_bias, int64_t heads,
+                                    double scale) {
+  return refine_attention_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale,
+                                  /*contiguous_out=*/false);
+}
+}  // namespace
 
 // Gradients of refine_attention_forward's `out` into s and the four parameters (the bias
 // gradients are returned whether or not the module has biases: two small sums).
@@ -196,13 +242,13 @@ TORCH_LIBRARY_IMPL(stvit, CompositeImplicitAutograd, m) {
 // The same body for every device (the fake implementations, for meta tensors and torch.compile,
 // are in stvit_kernels/_library.py, like the other operators').
 TORCH_LIBRARY_IMPL(stvit, CPU, m) {
-  m.impl("refine_attention_forward", &stvit::refine_attention_forward);
+  m.impl("refine_attention_forward", &stvit::refine_attention_forward_op);
   m.impl("refine_attention_backward", &stvit::refine_attention_backward);
 }
 
 #ifdef STVIT_WITH_CUDA
 TORCH_LIBRARY_IMPL(stvit, CUDA, m) {
-  m.impl("refine_attention_forward", &stvit::refine_attention_forward);
+  m.impl("refine_attention_forward", &stvit::refine_attention_forward_op);
   m.impl("refine_attention_backward", &stvit::refine_attention_backward);
 }
 #endif

@@ -9,6 +9,8 @@ which path runs.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -227,34 +229,144 @@ def test_half_inputs_keep_the_attention_core_in_float32():
     assert (ours - truth).abs().max() <= 2 * (sdpa - truth).abs().max() + 1e-3
 
 
-def _copies(fn) -> int:
-    """aten::copy_ calls (the relayouts and casts) that ``fn`` makes, by the profiler."""
+def _aten_calls(fn, names) -> int:
+    """Calls of the ATen ops ``names`` that ``fn`` makes, by the profiler."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(e.count for e in prof.key_averages() if e.key == "aten::copy_")
+    return sum(e.count for e in prof.key_averages() if e.key in names)
 
 
+def _copies(fn) -> int:
+    """aten::copy_ calls (the relayouts and casts) that ``fn`` makes."""
+    return _aten_calls(fn, ("aten::copy_",))
+
+
+@contextlib.contextmanager
+def cpu_refine_limit(limit):
+    """Within: the CPU refine kernel takes calls of up to ``limit`` multiply-adds (0: none, ATen's
+    matrix products always; None: the default limit)."""
+    from stvit_kernels import _C
+    if limit is None:
+        yield
+        return
+    previous = _C._set_refine_cpu_limit(limit)
+    try:
+        yield
+    finally:
+        _C._set_refine_cpu_limit(previous)
+
+
+@contextlib.contextmanager
+def cpu_isa(name):
+    from stvit_kernels import _C
+    previous = _C.cpu_isa()
+    _C.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        _C.set_cpu_isa(previous)
+
+
+_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+# (B, C, heads, H, W, qkv_bias): one token; 4 (the proxy's grid, a 2x4 tile exactly); odd counts
+# (edge tiles, the softmax's scalar tail); head sizes of no whole vector (d = 3, 4, 10: the dot
+# products' tails, and none of the vector loop at all); 49 (STViT's grid at 224^2); 256 (the
+# written-out refine's most).
+KERNEL_CASES = [
+    pytest.param(1, 64, 1, 2, 2, True, id="B1-C64-h1-N4"),
+    pytest.param(1, 8, 1, 1, 1, True, id="B1-C8-h1-N1"),
+    pytest.param(3, 12, 3, 1, 5, False, id="B3-C12-h3-N5-d4-nobias"),
+    pytest.param(2, 20, 2, 3, 3, True, id="B2-C20-h2-N9-d10"),
+    pytest.param(2, 6, 2, 7, 1, True, id="B2-C6-h2-N7-d3"),
+    pytest.param(2, 64, 1, 7, 7, True, id="B2-C64-h1-N49"),
+    pytest.param(1, 40, 5, 7, 7, False, id="B1-C40-h5-N49-d8"),
+    pytest.param(1, 16, 2, 16, 16, True, id="B1-C16-h2-N256"),
+]
+
+
+@pytest.mark.parametrize("isa", ["auto", "default"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,C,heads,H,W,bias", KERNEL_CASES)
+def test_cpu_refine_kernel_matches_aten(B, C, heads, H, W, bias, dtype, isa, poison_outputs):
+    """The CPU refine kernel against the ATen matrix products it replaces: every output, in the
+    same layout, with no matrix product run; and bitwise the same on 1 and 2 threads (an item is
+    one thread's, in a fixed order). Outputs start as NaN (poison), so one left unwritten fails."""
+    torch.manual_seed(seed_for("refine-kernel", B, C, heads, H, W, bias, dtype))
+    s = torch.randn(B, C, H, W, dtype=dtype)
+    wq = torch.randn(3 * C, C, 1, 1, dtype=dtype) * C ** -0.5
+    wp = torch.randn(C, C, 1, 1, dtype=dtype) * C ** -0.5
+    bq, bp = (torch.randn(3 * C, dtype=dtype), torch.randn(C, dtype=dtype)) if bias else [None] * 2
+    args = (s, wq, bq, wp, bp, heads, (C // heads) ** -0.5)
+    op = torch.ops.stvit.refine_attention_forward
+    with cpu_refine_limit(0):
+        want = op(*args)
+        assert _aten_calls(lambda: op(*args), _MATMULS) > 0
+    threads = torch.get_num_threads()
+    with cpu_refine_limit(1 << 40), cpu_isa(isa):
+        assert _aten_calls(lambda: op(*args), _MATMULS) == 0
+        try:
+            torch.set_num_threads(1)
+            one = op(*args)
+            torch.set_num_threads(2)
+            two = op(*args)
+        finally:
+            torch.set_num_threads(threads)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for name, a, b, w in zip(("out", "qkvh", "attn", "o"), one, two, want):
+        assert a.stride() == w.stride(), name
+        torch.testing.assert_close(a, w, **tol, msg=lambda m: f"{name}: {m}")
+        assert torch.equal(a, b), name
+
+
+def test_cpu_refine_kernel_takes_small_full_precision_calls_only():
+    """Float and double within the limit; beyond it, the half types and non-contiguous inputs
+    go to ATen's matrix products."""
+    C = 8
+    op = torch.ops.stvit.refine_attention_forward
+
+    def matmuls(dtype, s=None):
+        s = torch.randn(2, C, 2, 2, dtype=dtype) if s is None else s
+        wq, wp = torch.randn(3 * C, C, 1, 1, dtype=dtype), torch.randn(C, C, 1, 1, dtype=dtype)
+        return _aten_calls(lambda: op(s, wq, None, wp, None, 2, 0.5), _MATMULS)
+
+    work = 2 * 4 * C * (4 * C + 2 * 4)  # B N C (4 C + 2 N)
+    assert matmuls(torch.float32) == matmuls(torch.float64) == 0
+    assert matmuls(torch.bfloat16) > 0 and matmuls(torch.float16) > 0
+    assert matmuls(torch.float32, torch.randn(2, 2, 2, C).permute(0, 3, 1, 2)) > 0
+    with cpu_refine_limit(work):
+        assert matmuls(torch.float32) == 0
+    with cpu_refine_limit(work - 1):
+        assert matmuls(torch.float32) > 0
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["aten", "cpu-kernel"])
 @pytest.mark.parametrize("heads,dtype,fwd_copies,bwd_copies", [
     pytest.param(1, torch.float32, 1, 0, id="1head-f32"),
     pytest.param(1, torch.float64, 1, 0, id="1head-f64"),
     pytest.param(2, torch.float32, 2, 0, id="2heads-f32"),
     pytest.param(1, torch.bfloat16, 3, 2, id="1head-bf16"),
 ])
-def test_refine_copies_only_where_the_layout_needs_one(heads, dtype, fwd_copies, bwd_copies):
+def test_refine_copies_only_where_the_layout_needs_one(heads, dtype, fwd_copies, bwd_copies,
+                                                       kernel):
     """B=1 (the token-major input is a view then). Without a cast, q, k, v are views of the qkv
     product, and with one head the attention output is the bmm's own. The forward's one copy is
     then the proj bias that addmm broadcasts into its output. Several heads also copy the
     head-interleaved attention output. A cast (half inputs, float32 core) copies q, k, v and the
-    output one way and the two gradients the other way."""
+    output one way and the two gradients the other way. The CPU kernel (float, double) writes
+    every output in place: no copy."""
     torch.manual_seed(seed_for("refine-copies", heads, dtype))
     C = 16
     m = sk.RefineAttention(C, num_heads=heads).to(dtype)  # no qkv bias, as the official default
     W = (m.qkv.weight.detach(), None, m.proj.weight.detach(), m.proj.bias.detach())
     s = torch.randn(1, C, 3, 3, dtype=dtype)
     ops = torch.ops.stvit
-    out, qkvh, attn, o = ops.refine_attention_forward(s, *W, heads, m.scale)
+    if kernel and dtype in (torch.float32, torch.float64):
+        fwd_copies = 0
+    with cpu_refine_limit(None if kernel else 0):
+        out, qkvh, attn, o = ops.refine_attention_forward(s, *W, heads, m.scale)
+        assert _copies(lambda: ops.refine_attention_forward(s, *W, heads, m.scale)) == fwd_copies
     g = torch.randn_like(out)
-    assert _copies(lambda: ops.refine_attention_forward(s, *W, heads, m.scale)) == fwd_copies
     assert _copies(lambda: ops.refine_attention_backward(
         g, s, qkvh, attn, o, W[0], W[2], heads, m.scale)) == bwd_copies

@@ -38,6 +38,15 @@ struct Geometry {
   int64_t cells() const { return hh * ww; }
 };
 
+// Sizes of one refine attention forward (csrc/refine.cpp): N super tokens of C channels per item,
+// heads of d = C / heads channels; q, k, v element (j, b * heads + h, n, i) of qkvh at
+// j * qkv_strides[0] + (b * heads + h) * qkv_strides[1] + n * qkv_strides[2] + i.
+struct RefineGeometry {
+  int64_t B, C, N, heads, d;
+  int64_t qkv_strides[3];
+  bool out_channel_major;  // out [B, C, N] (else token-major [B * N, C])
+};
+
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
 
@@ -72,6 +81,14 @@ struct KernelSet {
   // y [B, C, H, W] = sum over valid k of A[k] * s[:, nbr_k].
   void (*upsample)(const Geometry& g, const scalar_t* s, const scalar_t* A, scalar_t* y,
                    int64_t begin, int64_t end);
+  // The refine attention's forward for items [begin, end) of b (s [B, C, N]; biases may be null):
+  // q, k, v = the [heads, (q, k, v), d] channels of s's tokens @ wqkv^T + bqkv, into qkvh;
+  // attn [B * heads, N, N] = softmax(scale q k^T); o [B * N, C] = attn v (token-major, the heads
+  // side by side); out = o @ wproj^T + bproj, [B * N, C] or [B, C, N] (g.out_channel_major).
+  // Null for the half types (their refine is ATen's, in float).
+  void (*refine)(const RefineGeometry& g, const scalar_t* s, const scalar_t* wqkv,
+                 const scalar_t* bqkv, const scalar_t* wproj, const scalar_t* bproj, acc_t scale,
+                 acc_t* qkvh, acc_t* attn, scalar_t* o, scalar_t* out, int64_t begin, int64_t end);
 };
 
 // Baseline build (kernels_default.cpp) and AVX2 + FMA (kernels_avx2.cpp, x86-64 only).

@@ -799,6 +799,182 @@ void upsample_bands(const Geometry& g, const scalar_t* s, const scalar_t* A, sca
   }
 }
 
+// ---- The refine attention's forward (csrc/refine.cpp written out), for small problems ----------
+// Where the work is a few thousand multiply-adds per matrix product, ATen's matrix products cost
+// more in their set-up than in their arithmetic; these loops do the whole forward of an item in
+// one pass over L1-resident rows. Every operand row is contiguous along the reduction.
+
+// c[i * ldc + j] = alpha * <a_i, b_j> (+ row_bias[i]) (+ col_bias[j]) for i < m, j < n:
+// a_i = a + i * lda and b_j = b + j * ldb, k elements each (C = alpha A B^T + biases). Tiles of
+// kMR x kNR outputs, one accumulator vector each (kMR * kNR = the lanes of a vector), their lanes
+// summed together (transpose_sum): lane p * kNR + q is output (i0 + p, j0 + q), so a row of the
+// tile is kNR adjacent lanes, stored as one piece. An edge tile repeats the last row or column and
+// stores only its own outputs.
+template <typename T>
+void gemm_nt(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+             int64_t ldb, const T* row_bias, const T* col_bias, T* c, int64_t ldc) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::N, kNR = L / 2, kMR = L / kNR;
+  const int64_t kv = k / L * L;
+  for (int64_t j0 = 0; j0 < n; j0 += kNR) {
+    const T* br[kNR];
+    T lane_bias[L] = {};
+    for (int q = 0; q < kNR; ++q) {
+      const int64_t j = std::min<int64_t>(j0 + q, n - 1);
+      br[q] = b + j * ldb;
+      for (int p = 0; p < kMR; ++p) {
+        lane_bias[p * kNR + q] = col_bias != nullptr ? col_bias[j] : T(0);
+      }
+    }
+    const V vcol_bias = vload(lane_bias);
+    const bool full_cols = j0 + kNR <= n;
+    for (int64_t i0 = 0; i0 < m; i0 += kMR) {
+      const T* ar[kMR];
+      V vbias = vcol_bias;
+      for (int p = 0; p < kMR; ++p) {
+        const int64_t i = std::min<int64_t>(i0 + p, m - 1);
+        ar[p] = a + i * lda;
+        if (row_bias != nullptr)
+          for (int q = 0; q < kNR; ++q) vbias[p * kNR + q] += row_bias[i];
+      }
+      V acc[L] = {};
+      for (int64_t kk = 0; kk < kv; kk += L) {
+        V av[kMR];
+        for (int p = 0; p < kMR; ++p) av[p] = vload(ar[p] + kk);
+        for (int q = 0; q < kNR; ++q) {
+          const V bv = vload(br[q] + kk);
+          for (int p = 0; p < kMR; ++p) acc[p * kNR + q] += av[p] * bv;
+        }
+      }
+      T out[L];
+      vstore(out, transpose_sum(acc) * alpha + vbias);
+      if (kv == k && full_cols && i0 + kMR <= m) {
+        for (int p = 0; p < kMR; ++p) {
+          std::memcpy(c + (i0 + p) * ldc + j0, out + p * kNR, kNR * sizeof(T));
+        }
+        continue;
+      }
+      for (int p = 0; p < kMR && i0 + p < m; ++p) {
+        for (int q = 0; q < kNR && j0 + q < n; ++q) {
+          T v = 0;
+          for (int64_t kk = kv; kk < k; ++kk) v += ar[p][kk] * br[q][kk];
+          c[(i0 + p) * ldc + j0 + q] = out[p * kNR + q] + alpha * v;
+        }
+      }
+    }
+  }
+}
+
+// c[i * ldc + j] = sum over l < k of a[i * lda + l] * b[l * ldb + j], for i < m, j < n (C = A B,
+// the rows of B contiguous): tiles of kMR rows x kNV vectors of C in registers (an edge tile
+// repeats the last row and stores only its own), the columns beyond whole vectors one at a time.
+template <typename T>
+void gemm_nn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+             T* c, int64_t ldc) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::N, kMR = 2, kNV = 4;
+  for (int64_t i0 = 0; i0 < m; i0 += kMR) {
+    const T* ar[kMR];
+    for (int p = 0; p < kMR; ++p) ar[p] = a + std::min<int64_t>(i0 + p, m - 1) * lda;
+    const int rows = static_cast<int>(std::min<int64_t>(kMR, m - i0));
+    const int64_t nvec = n / L * L;  // columns in whole vectors
+    int64_t j0 = 0;
+    while (j0 < nvec) {
+      const int nv = static_cast<int>(std::min<int64_t>(kNV, (nvec - j0) / L));
+      V acc[kMR][kNV] = {};
+      if (nv == kNV) {
+        for (int64_t l = 0; l < k; ++l) {
+          const T* bl = b + l * ldb + j0;
+          for (int p = 0; p < kMR; ++p) {
+            const V al = vsplat(ar[p][l]);
+            for (int v = 0; v < kNV; ++v) acc[p][v] += al * vload(bl + v * L);
+          }
+        }
+      } else {
+        for (int64_t l = 0; l < k; ++l) {
+          const T* bl = b + l * ldb + j0;
+          for (int p = 0; p < kMR; ++p) {
+            const V al = vsplat(ar[p][l]);
+            for (int v = 0; v < nv; ++v) acc[p][v] += al * vload(bl + v * L);
+          }
+        }
+      }
+      for (int p = 0; p < rows; ++p)
+        for (int v = 0; v < nv; ++v) vstore(c + (i0 + p) * ldc + j0 + v * L, acc[p][v]);
+      j0 += nv * L;
+    }
+    for (; j0 < n; ++j0) {
+      for (int p = 0; p < rows; ++p) {
+        T acc = 0;
+        for (int64_t l = 0; l < k; ++l) acc += ar[p][l] * b[l * ldb + j0];
+        c[(i0 + p) * ldc + j0] = acc;
+      }
+    }
+  }
+}
+
+// r[j] = exp(r[j] - max r) / sum of those, for j < n.
+template <typename T>
+void softmax_row(T* r, int64_t n) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::N;
+  T mx = r[0];
+  for (int64_t j = 1; j < n; ++j) mx = std::max(mx, r[j]);
+  T sum = 0;
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    const V e = exp_nonpositive(vload(r + j) - mx);
+    vstore(r + j, e);
+    sum += hsum<T>(e);
+  }
+  for (; j < n; ++j) sum += (r[j] = std::exp(r[j] - mx));
+  const T inv = T(1) / sum;
+  for (j = 0; j < n; ++j) r[j] *= inv;
+}
+
+// KernelSet::refine for items [begin, end) of b (T: float or double, its own accumulation type).
+template <typename T>
+void refine_items(const RefineGeometry& g, const T* s, const T* wqkv, const T* bqkv,
+                  const T* wproj, const T* bproj, T scale, T* qkvh, T* attn, T* o, T* out,
+                  int64_t begin, int64_t end) {
+  const int64_t N = g.N, C = g.C, d = g.d;
+  const int64_t sj = g.qkv_strides[0], sbh = g.qkv_strides[1], sn = g.qkv_strides[2];
+  Scratch<T> tokens(N * C);  // the item's super tokens, token-major [N, C]
+  T* tok = tokens.get();
+  for (int64_t b = begin; b < end; ++b) {
+    const T* sb = s + b * C * N;
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = 0; t < N; ++t) tok[t * C + c] = sb[c * N + t];
+    T* ob = o + b * N * C;
+    for (int64_t h = 0; h < g.heads; ++h) {
+      T* q = qkvh + (b * g.heads + h) * sbh;
+      for (int64_t j = 0; j < 3; ++j) {  // qkv output channels [heads, (q, k, v), d]
+        const int64_t row = (h * 3 + j) * d;
+        gemm_nt<T>(N, d, C, T(1), tok, C, wqkv + row * C, C, nullptr,
+                   bqkv != nullptr ? bqkv + row : nullptr, q + j * sj, sn);
+      }
+      T* a = attn + (b * g.heads + h) * N * N;
+      gemm_nt<T>(N, N, d, scale, q, sn, q + sj, sn, nullptr, nullptr, a, N);
+      for (int64_t t = 0; t < N; ++t) softmax_row(a + t * N, N);
+      gemm_nn<T>(N, d, N, a, N, q + 2 * sj, sn, ob + h * d, C);
+    }
+    if (g.out_channel_major) {  // out[b] [C, N] = wproj o^T + bproj
+      gemm_nt<T>(C, N, C, T(1), wproj, C, ob, C, bproj, nullptr, out + b * C * N, N);
+    } else {
+      gemm_nt<T>(N, C, C, T(1), ob, C, wproj, C, nullptr, bproj, out + b * N * C, C);
+    }
+  }
+}
+
+// The refine only where the accumulation type is the input type (float, double).
+template <typename scalar_t>
+constexpr auto refine_entry() {
+  using acc_t = acc_type<scalar_t>;
+  using Fn = decltype(KernelSet<scalar_t>::refine);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) return Fn(&refine_items<scalar_t>);
+  else return Fn(nullptr);
+}
+
 #undef STVIT_INLINE
 #undef STVIT_HAVE_SHUFFLEVECTOR
 
@@ -809,7 +985,8 @@ const KernelSet<scalar_t>& STVIT_CPU_TABLE() {
   static const KernelSet<scalar_t> table{
       &STVIT_CPU_ISA::affinity_bands<scalar_t>, &STVIT_CPU_ISA::partial_bands<scalar_t>,
       &STVIT_CPU_ISA::affinity_partial_bands<scalar_t>, &STVIT_CPU_ISA::pool_bands<scalar_t>,
-      &STVIT_CPU_ISA::reduce_stokens<scalar_t>, &STVIT_CPU_ISA::upsample_bands<scalar_t>};
+      &STVIT_CPU_ISA::reduce_stokens<scalar_t>, &STVIT_CPU_ISA::upsample_bands<scalar_t>,
+      STVIT_CPU_ISA::refine_entry<scalar_t>()};
   return table;
 }
 

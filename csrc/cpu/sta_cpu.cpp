@@ -17,6 +17,7 @@
 #include <c10/util/Exception.h>
 
 #include "cpu/kernels.h"
+#include "refine.h"
 #include "stvit.h"
 
 namespace stvit {
@@ -240,6 +241,73 @@ at::Tensor pool_cpu(const at::Tensor& x, int64_t h, int64_t w) {
     });
   });
   return s;
+}
+
+// ---- The refine attention's forward (refine.h) -------------------------------------------------
+
+namespace {
+// Multiply-adds of one refine forward: the qkv and proj products (4 C^2 per token) and the two of
+// the attention (2 N C per token).
+int64_t refine_work(int64_t B, int64_t C, int64_t N) { return B * N * C * (4 * C + 2 * N); }
+
+std::atomic<int64_t> refine_limit{int64_t(1) << 21};
+
+bool plain_cpu(const at::Tensor& t, at::ScalarType dt) {
+  return t.is_cpu() && t.scalar_type() == dt && t.is_contiguous();
+}
+
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->const_data_ptr<T>() : nullptr;
+}
+}  // namespace
+
+int64_t refine_cpu_limit() { return refine_limit.load(std::memory_order_relaxed); }
+int64_t set_refine_cpu_limit(int64_t limit) { return refine_limit.exchange(limit); }
+
+bool refine_cpu_takes(const at::Tensor& s, const at::Tensor& qkv_weight,
+                      const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
+                      const std::optional<at::Tensor>& proj_bias) {
+  const at::ScalarType dt = s.scalar_type();
+  if (dt != at::kFloat && dt != at::kDouble) return false;
+  const auto bias_ok = [&](const std::optional<at::Tensor>& b) {
+    return !b.has_value() || !b->defined() || plain_cpu(*b, dt);
+  };
+  return plain_cpu(s, dt) && plain_cpu(qkv_weight, dt) && plain_cpu(proj_weight, dt) &&
+         bias_ok(qkv_bias) && bias_ok(proj_bias) &&
+         refine_work(s.size(0), s.size(1), s.size(2) * s.size(3)) <= refine_cpu_limit();
+}
+
+void refine_forward_cpu(const at::Tensor& s, const at::Tensor& qkv_weight,
+                        const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
+                        const std::optional<at::Tensor>& proj_bias, int64_t heads, double scale,
+                        const at::Tensor& qkvh, const at::Tensor& attn, const at::Tensor& o,
+                        const at::Tensor& out) {
+  const int64_t B = s.size(0), C = s.size(1), N = s.size(2) * s.size(3);
+  if (cpu::poison()) {
+    for (const at::Tensor* t : {&qkvh, &attn, &o, &out}) {
+      t->fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+  }
+  TORCH_CHECK(qkvh.stride(3) == 1, "stvit::refine_forward_cpu: q, k, v rows must be contiguous");
+  const cpu::RefineGeometry g{B, C, N, heads, C / heads,
+                              {qkvh.stride(0), qkvh.stride(1), qkvh.stride(2)},
+                              /*out_channel_major=*/out.dim() == 4};
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "refine_forward_cpu", [&] {
+    const auto& k = cpu::kernels<scalar_t>();
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* wq = qkv_weight.const_data_ptr<scalar_t>();
+    const scalar_t* bq = data_or_null<scalar_t>(qkv_bias);
+    const scalar_t* wp = proj_weight.const_data_ptr<scalar_t>();
+    const scalar_t* bp = data_or_null<scalar_t>(proj_bias);
+    scalar_t* qp = qkvh.mutable_data_ptr<scalar_t>();
+    scalar_t* ap = attn.mutable_data_ptr<scalar_t>();
+    scalar_t* op = o.mutable_data_ptr<scalar_t>();
+    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain(refine_work(1, C, N)), [&](int64_t begin, int64_t end) {
+      k.refine(g, sp, wq, bq, wp, bp, static_cast<scalar_t>(scale), qp, ap, op, yp, begin, end);
+    });
+  });
 }
 
 }  // namespace stvit
