@@ -1,8 +1,8 @@
 // The refine of the STA module (stvit_kernels.RefineAttention): multi-head self-attention over the
 // N = H * W tokens of s [B, C, H, W] with the official parameters (qkv: a 1x1 conv to 3C whose
 // output channels are [heads, (q, k, v), head_dim]; proj: a 1x1 conv). Three operators, all
-// compositions of ATen ops, so one C++ body serves both devices (except where the CPU kernel of
-// cpu/sta_cpu.cpp takes a small float / double forward, see refine.h):
+// compositions of ATen ops, so one C++ body serves both devices (except where the CPU kernels of
+// cpu/sta_cpu.cpp take a small float / double forward or backward, see refine.h):
 //
 //   refine_attention(s, ...) -> out
 //       the path beyond REFINE_FUSED_MAX_TOKENS tokens or with attention dropout: the 1x1 convolutions as matrix products on the token-major
@@ -197,6 +197,11 @@ Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s,
   const RefineShape g = refine_shape("refine_attention_backward", s, heads);
   const at::ScalarType dt = s.scalar_type(), acc = acc_of(dt);
   const int64_t BN = g.B * g.N;
+  if (refine_backward_cpu_takes(grad, s, qkvh, attn, o, qkv_weight, proj_weight)) {
+    auto [ds, dqkv_w, dqkv_b, dproj_w, dproj_b] =
+        refine_backward_cpu(grad, s, qkvh, attn, o, qkv_weight, proj_weight, heads, scale);
+    return {map_of(ds, g), dqkv_w, dqkv_b, dproj_w, dproj_b};
+  }
   // proj: out = o @ Wp^T + bp
   const at::Tensor gout = tokens_of(grad.to(dt), g).reshape({BN, g.C});
   const at::Tensor dproj_w = at::mm(gout.t(), o);

@@ -39,6 +39,16 @@ void refine_forward_cpu(const at::Tensor& s, const at::Tensor& qkv_weight,
                         const std::optional<at::Tensor>& proj_bias, int64_t heads, double scale,
                         const at::Tensor& qkvh, const at::Tensor& attn, const at::Tensor& o,
                         const at::Tensor& out);
+// Its backward on the CPU kernel (one thread), where the forward's kernel would take the call and
+// grad, attn and o are contiguous (qkvh's rows): (ds token-major [B, N, C], dqkv_weight,
+// dqkv_bias, dproj_weight, dproj_bias), ds still to be viewed as [B, C, H, W].
+bool refine_backward_cpu_takes(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& qkvh,
+                               const at::Tensor& attn, const at::Tensor& o,
+                               const at::Tensor& qkv_weight, const at::Tensor& proj_weight);
+Tensor5 refine_backward_cpu(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& qkvh,
+                            const at::Tensor& attn, const at::Tensor& o,
+                            const at::Tensor& qkv_weight, const at::Tensor& proj_weight,
+                            int64_t heads, double scale);
 // The limit (multiply-adds per call) and its setter (testing and benchmark aid; returns the
 // previous limit; 0: never the kernel).
 int64_t refine_cpu_limit();

@@ -11,7 +11,7 @@ import torch
 
 import stvit_kernels as sk
 
-from .utils import device_for, make_inputs, seed_for
+from .utils import device_for, make_inputs, rel_error, seed_for
 
 FUSED = [b for b in sk.available_backends() if b != "reference"]
 
@@ -26,10 +26,6 @@ def _device_types():
 
 def _backends_for(device_type):
     return [b for b in FUSED if device_for(b) == device_type]
-
-
-def _rel(a: torch.Tensor, truth: torch.Tensor) -> float:
-    return ((a.double() - truth).norm() / truth.norm().clamp_min(1e-300)).item()
 
 
 def _module_run(device, dtype, backend, x64, g64, params, autocast):
@@ -62,11 +58,11 @@ def test_module_autocast_accuracy(device, dtype):
     g64 = torch.randn(2, 32, 30, 21, dtype=torch.float64, device=device)
     y_true, gx_true = _module_run(device, dtype, "reference", x64, g64, params, autocast=False)
     y_ref, gx_ref = _module_run(device, dtype, "reference", x64, g64, params, autocast=True)
-    err_ref = _rel(y_ref, y_true), _rel(gx_ref, gx_true)
+    err_ref = rel_error(y_ref, y_true), rel_error(gx_ref, gx_true)
     assert err_ref[0] < 0.05 and err_ref[1] < 0.05, err_ref  # the reference itself is sane
     for backend in backends:
         y, gx = _module_run(device, dtype, backend, x64, g64, params, autocast=True)
-        err = _rel(y, y_true), _rel(gx, gx_true)
+        err = rel_error(y, y_true), rel_error(gx, gx_true)
         assert err[0] <= 2 * err_ref[0], (backend, err, err_ref)
         assert err[1] <= 3 * err_ref[1], (backend, err, err_ref)
 
@@ -102,9 +98,9 @@ def test_ops_autocast_accuracy(device, dtype):
         for backend in backends:
             outs, grads = run(backend, True)
             for o, o_ref, o_true in zip(outs, outs_ref, outs_true):
-                assert _rel(o, o_true) <= 2 * _rel(o_ref, o_true) + 1e-6, (name, backend)
+                assert rel_error(o, o_true) <= 2 * rel_error(o_ref, o_true) + 1e-6, (name, backend)
             for g, g_ref, g_true in zip(grads, grads_ref, grads_true):
-                assert _rel(g, g_true) <= 3 * _rel(g_ref, g_true) + 1e-6, (name, backend)
+                assert rel_error(g, g_true) <= 3 * rel_error(g_ref, g_true) + 1e-6, (name, backend)
 
 
 def test_autocast_mixed_input_dtypes():

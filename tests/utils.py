@@ -58,6 +58,12 @@ TOL = {
     torch.float16: dict(rtol=5e-3, atol=5e-3),
 }
 
+def rel_error(a: torch.Tensor, truth: torch.Tensor) -> float:
+    """The relative L2 error of ``a`` against a float64 ``truth``, over the whole tensor (the
+    accuracy rule's measure, see test_autocast.py)."""
+    return ((a.double() - truth).norm() / truth.norm().clamp_min(1e-300)).item()
+
+
 LONG = os.environ.get("STVIT_LONG_TESTS", "0") not in ("", "0")
 
 

@@ -89,6 +89,14 @@ struct KernelSet {
   void (*refine)(const RefineGeometry& g, const scalar_t* s, const scalar_t* wqkv,
                  const scalar_t* bqkv, const scalar_t* wproj, const scalar_t* bproj, acc_t scale,
                  acc_t* qkvh, acc_t* attn, scalar_t* o, scalar_t* out, int64_t begin, int64_t end);
+  // Its backward, all items in one thread (the parameters' gradients are sums over them): from
+  // grad [B, C, N] (out's gradient, channel-major) and refine's s, qkvh, attn, o, the gradients
+  // ds [B * N, C] (token-major), dwqkv [3C, C], dbqkv [3C], dwproj [C, C], dbproj [C]. Null for
+  // the half types.
+  void (*refine_backward)(const RefineGeometry& g, const scalar_t* grad, const scalar_t* s,
+                          const acc_t* qkvh, const acc_t* attn, const scalar_t* o,
+                          const scalar_t* wqkv, const scalar_t* wproj, acc_t scale, scalar_t* ds,
+                          scalar_t* dwqkv, scalar_t* dbqkv, scalar_t* dwproj, scalar_t* dbproj);
 };
 
 // Baseline build (kernels_default.cpp) and AVX2 + FMA (kernels_avx2.cpp, x86-64 only).

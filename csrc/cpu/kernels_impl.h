@@ -865,17 +865,22 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, 
   }
 }
 
-// c[i * ldc + j] = sum over l < k of a[i * lda + l] * b[l * ldb + j], for i < m, j < n (C = A B,
-// the rows of B contiguous): tiles of kMR rows x kNV vectors of C in registers (an edge tile
-// repeats the last row and stores only its own), the columns beyond whole vectors one at a time.
+// c[i * ldc + j] (+)= alpha * sum over l < k of a[i * sai + l * sal] * b[l * ldb + j], for i < m,
+// j < n (C = alpha A B, or C += alpha A B with `accumulate`; A of any strides, its elements
+// broadcast, the rows of B contiguous): tiles of kMR rows x kNV vectors of C in registers (an edge
+// tile repeats the last row and stores only its own), the columns beyond whole vectors one at a
+// time.
 template <typename T>
-void gemm_nn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-             T* c, int64_t ldc) {
+void gemm_nn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t sai, int64_t sal,
+             const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::N, kMR = 2, kNV = 4;
+  const auto put = [&](T* dst, V v) {
+    vstore(dst, accumulate ? vload(dst) + v * alpha : v * alpha);
+  };
   for (int64_t i0 = 0; i0 < m; i0 += kMR) {
     const T* ar[kMR];
-    for (int p = 0; p < kMR; ++p) ar[p] = a + std::min<int64_t>(i0 + p, m - 1) * lda;
+    for (int p = 0; p < kMR; ++p) ar[p] = a + std::min<int64_t>(i0 + p, m - 1) * sai;
     const int rows = static_cast<int>(std::min<int64_t>(kMR, m - i0));
     const int64_t nvec = n / L * L;  // columns in whole vectors
     int64_t j0 = 0;
@@ -886,7 +891,7 @@ void gemm_nn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* 
         for (int64_t l = 0; l < k; ++l) {
           const T* bl = b + l * ldb + j0;
           for (int p = 0; p < kMR; ++p) {
-            const V al = vsplat(ar[p][l]);
+            const V al = vsplat(ar[p][l * sal]);
             for (int v = 0; v < kNV; ++v) acc[p][v] += al * vload(bl + v * L);
           }
         }
@@ -894,23 +899,42 @@ void gemm_nn(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* 
         for (int64_t l = 0; l < k; ++l) {
           const T* bl = b + l * ldb + j0;
           for (int p = 0; p < kMR; ++p) {
-            const V al = vsplat(ar[p][l]);
+            const V al = vsplat(ar[p][l * sal]);
             for (int v = 0; v < nv; ++v) acc[p][v] += al * vload(bl + v * L);
           }
         }
       }
       for (int p = 0; p < rows; ++p)
-        for (int v = 0; v < nv; ++v) vstore(c + (i0 + p) * ldc + j0 + v * L, acc[p][v]);
+        for (int v = 0; v < nv; ++v) put(c + (i0 + p) * ldc + j0 + v * L, acc[p][v]);
       j0 += nv * L;
     }
     for (; j0 < n; ++j0) {
       for (int p = 0; p < rows; ++p) {
         T acc = 0;
-        for (int64_t l = 0; l < k; ++l) acc += ar[p][l] * b[l * ldb + j0];
-        c[(i0 + p) * ldc + j0] = acc;
+        for (int64_t l = 0; l < k; ++l) acc += ar[p][l * sal] * b[l * ldb + j0];
+        T& dst = c[(i0 + p) * ldc + j0];
+        dst = accumulate ? dst + alpha * acc : alpha * acc;
       }
     }
   }
+}
+
+// out[i] (+)= sum over j < n of a[i * lda + j], for i < m.
+template <typename T>
+void row_sums(int64_t m, int64_t n, const T* a, int64_t lda, bool accumulate, T* out) {
+  for (int64_t i = 0; i < m; ++i) {
+    T sum = 0;
+    for (int64_t j = 0; j < n; ++j) sum += a[i * lda + j];
+    out[i] = accumulate ? out[i] + sum : sum;
+  }
+}
+
+// out[j] (+)= sum over i < m of a[i * lda + j], for j < n.
+template <typename T>
+void col_sums(int64_t m, int64_t n, const T* a, int64_t lda, bool accumulate, T* out) {
+  if (!accumulate) std::fill(out, out + n, T(0));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) out[j] += a[i * lda + j];
 }
 
 // r[j] = exp(r[j] - max r) / sum of those, for j < n.
@@ -932,6 +956,13 @@ void softmax_row(T* r, int64_t n) {
   for (j = 0; j < n; ++j) r[j] *= inv;
 }
 
+// t[j * m + i] = a[i * n + j] for i < m, j < n (an item's super tokens [C, N] -> [N, C]).
+template <typename T>
+STVIT_INLINE void transpose(int64_t m, int64_t n, const T* a, T* t) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) t[j * m + i] = a[i * n + j];
+}
+
 // KernelSet::refine for items [begin, end) of b (T: float or double, its own accumulation type).
 template <typename T>
 void refine_items(const RefineGeometry& g, const T* s, const T* wqkv, const T* bqkv,
@@ -942,9 +973,7 @@ void refine_items(const RefineGeometry& g, const T* s, const T* wqkv, const T* b
   Scratch<T> tokens(N * C);  // the item's super tokens, token-major [N, C]
   T* tok = tokens.get();
   for (int64_t b = begin; b < end; ++b) {
-    const T* sb = s + b * C * N;
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t t = 0; t < N; ++t) tok[t * C + c] = sb[c * N + t];
+    transpose(C, N, s + b * C * N, tok);
     T* ob = o + b * N * C;
     for (int64_t h = 0; h < g.heads; ++h) {
       T* q = qkvh + (b * g.heads + h) * sbh;
@@ -956,7 +985,7 @@ void refine_items(const RefineGeometry& g, const T* s, const T* wqkv, const T* b
       T* a = attn + (b * g.heads + h) * N * N;
       gemm_nt<T>(N, N, d, scale, q, sn, q + sj, sn, nullptr, nullptr, a, N);
       for (int64_t t = 0; t < N; ++t) softmax_row(a + t * N, N);
-      gemm_nn<T>(N, d, N, a, N, q + 2 * sj, sn, ob + h * d, C);
+      gemm_nn<T>(N, d, N, T(1), a, N, 1, q + 2 * sj, sn, false, ob + h * d, C);
     }
     if (g.out_channel_major) {  // out[b] [C, N] = wproj o^T + bproj
       gemm_nt<T>(C, N, C, T(1), wproj, C, ob, C, bproj, nullptr, out + b * C * N, N);
@@ -966,12 +995,61 @@ void refine_items(const RefineGeometry& g, const T* s, const T* wqkv, const T* b
   }
 }
 
-// The refine only where the accumulation type is the input type (float, double).
+// KernelSet::refine_backward: the gradients of refine_items' out (grad [B, C, N]) in one thread,
+// item by item (the parameters' gradients are sums over the items, in item order). Per item:
+// proj (dWp += grad o, dbp += sums of grad, go = grad^T Wp), the attention core head by head
+// (dv = attn^T go, dS = attn (dP - rowsum(dP attn)) with dP = go v^T, dq = scale dS k,
+// dk = scale dS^T q; into dqkv [N, 3C], the qkv channel order), then qkv (dWqkv += dqkv^T tokens,
+// dbqkv += sums of dqkv, ds = dqkv Wqkv, token-major).
+template <typename T>
+void refine_backward_items(const RefineGeometry& g, const T* grad, const T* s, const T* qkvh,
+                           const T* attn, const T* o, const T* wqkv, const T* wproj, T scale,
+                           T* ds, T* dwqkv, T* dbqkv, T* dwproj, T* dbproj) {
+  const int64_t N = g.N, C = g.C, d = g.d, C3 = 3 * C;
+  const int64_t sj = g.qkv_strides[0], sbh = g.qkv_strides[1], sn = g.qkv_strides[2];
+  Scratch<T> tokens(N * C), go_rows(N * C), dp_rows(N * N), dqkv_rows(N * C3);
+  T *tok = tokens.get(), *go = go_rows.get(), *dp = dp_rows.get(), *dqkv = dqkv_rows.get();
+  for (int64_t b = 0; b < g.B; ++b) {
+    const bool more = b > 0;  // accumulate the parameters' gradients
+    const T* gb = grad + b * C * N;  // [C, N]: the proj output's gradient, channel-major
+    gemm_nn<T>(C, C, N, T(1), gb, N, 1, o + b * N * C, C, more, dwproj, C);
+    row_sums(C, N, gb, N, more, dbproj);
+    gemm_nn<T>(N, C, C, T(1), gb, 1, N, wproj, C, false, go, C);
+    for (int64_t h = 0; h < g.heads; ++h) {
+      const T* q = qkvh + (b * g.heads + h) * sbh;
+      const T* a = attn + (b * g.heads + h) * N * N;
+      T* dq = dqkv + h * 3 * d;
+      gemm_nn<T>(N, d, N, T(1), a, 1, N, go + h * d, C, false, dq + 2 * d, C3);
+      gemm_nt<T>(N, N, d, T(1), go + h * d, C, q + 2 * sj, sn, nullptr, nullptr, dp, N);
+      for (int64_t i = 0; i < N; ++i) {  // softmax backward, row by row
+        T dot = 0;
+        for (int64_t j = 0; j < N; ++j) dot += dp[i * N + j] * a[i * N + j];
+        for (int64_t j = 0; j < N; ++j) dp[i * N + j] = a[i * N + j] * (dp[i * N + j] - dot);
+      }
+      gemm_nn<T>(N, d, N, scale, dp, N, 1, q + sj, sn, false, dq, C3);
+      gemm_nn<T>(N, d, N, scale, dp, 1, N, q, sn, false, dq + d, C3);
+    }
+    transpose(C, N, s + b * C * N, tok);
+    gemm_nn<T>(C3, C, N, T(1), dqkv, 1, C3, tok, C, more, dwqkv, C);
+    col_sums(N, C3, dqkv, C3, more, dbqkv);
+    gemm_nn<T>(N, C, C3, T(1), dqkv, C3, 1, wqkv, C, false, ds + b * N * C, C);
+  }
+}
+
+// The refine kernels only where the accumulation type is the input type (float, double).
 template <typename scalar_t>
 constexpr auto refine_entry() {
   using acc_t = acc_type<scalar_t>;
   using Fn = decltype(KernelSet<scalar_t>::refine);
   if constexpr (std::is_same_v<scalar_t, acc_t>) return Fn(&refine_items<scalar_t>);
+  else return Fn(nullptr);
+}
+
+template <typename scalar_t>
+constexpr auto refine_backward_entry() {
+  using acc_t = acc_type<scalar_t>;
+  using Fn = decltype(KernelSet<scalar_t>::refine_backward);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) return Fn(&refine_backward_items<scalar_t>);
   else return Fn(nullptr);
 }
 
@@ -986,7 +1064,7 @@ const KernelSet<scalar_t>& STVIT_CPU_TABLE() {
       &STVIT_CPU_ISA::affinity_bands<scalar_t>, &STVIT_CPU_ISA::partial_bands<scalar_t>,
       &STVIT_CPU_ISA::affinity_partial_bands<scalar_t>, &STVIT_CPU_ISA::pool_bands<scalar_t>,
       &STVIT_CPU_ISA::reduce_stokens<scalar_t>, &STVIT_CPU_ISA::upsample_bands<scalar_t>,
-      STVIT_CPU_ISA::refine_entry<scalar_t>()};
+      STVIT_CPU_ISA::refine_entry<scalar_t>(), STVIT_CPU_ISA::refine_backward_entry<scalar_t>()};
   return table;
 }
 

@@ -243,17 +243,17 @@ at::Tensor pool_cpu(const at::Tensor& x, int64_t h, int64_t w) {
   return s;
 }
 
-// ---- The refine attention's forward (refine.h) -------------------------------------------------
+// ---- The refine attention's forward and backward (refine.h) ----------------------------------
 
 namespace {
 // Multiply-adds of one refine forward: the qkv and proj products (4 C^2 per token) and the two of
 // the attention (2 N C per token).
 int64_t refine_work(int64_t B, int64_t C, int64_t N) { return B * N * C * (4 * C + 2 * N); }
 
-// Where the kernel beats ATen's matrix products (their set-up, ~4 us per product, against MKL's
-// arithmetic): measured on an AVX-512 Xeon at one thread (C = 32..128, N = 4..49, B = 1..4), the
-// kernel takes 0.2-0.9x ATen's time up to 2^18 and 1.1-1.9x beyond 2^19 (MKL's AVX-512 products
-// against the kernel's AVX2).
+// Where the kernels beat ATen's matrix products (their set-up, ~4 us per product, against MKL's
+// arithmetic), forward and backward alike: measured on an AVX-512 Xeon at one thread (C = 32..128,
+// N = 4..49, B = 1..4), they take 0.2-0.9x ATen's time up to 2^18 and 1.1-2.1x beyond 2^19
+// (MKL's AVX-512 products against the kernels' AVX2).
 std::atomic<int64_t> refine_limit{int64_t(1) << 18};
 
 bool plain_cpu(const at::Tensor& t, at::ScalarType dt) {
@@ -277,8 +277,8 @@ bool refine_cpu_takes(const at::Tensor& s, const at::Tensor& qkv_weight,
   const auto bias_ok = [&](const std::optional<at::Tensor>& b) {
     return !b.has_value() || !b->defined() || plain_cpu(*b, dt);
   };
-  return plain_cpu(s, dt) && plain_cpu(qkv_weight, dt) && plain_cpu(proj_weight, dt) &&
-         bias_ok(qkv_bias) && bias_ok(proj_bias) &&
+  return s.numel() > 0 && plain_cpu(s, dt) && plain_cpu(qkv_weight, dt) &&
+         plain_cpu(proj_weight, dt) && bias_ok(qkv_bias) && bias_ok(proj_bias) &&
          refine_work(s.size(0), s.size(1), s.size(2) * s.size(3)) <= refine_cpu_limit();
 }
 
@@ -312,6 +312,41 @@ void refine_forward_cpu(const at::Tensor& s, const at::Tensor& qkv_weight,
       k.refine(g, sp, wq, bq, wp, bp, static_cast<scalar_t>(scale), qp, ap, op, yp, begin, end);
     });
   });
+}
+
+bool refine_backward_cpu_takes(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& qkvh,
+                               const at::Tensor& attn, const at::Tensor& o,
+                               const at::Tensor& qkv_weight, const at::Tensor& proj_weight) {
+  const at::ScalarType dt = s.scalar_type();
+  return refine_cpu_takes(s, qkv_weight, std::nullopt, proj_weight, std::nullopt) &&
+         plain_cpu(grad, dt) && plain_cpu(attn, dt) && plain_cpu(o, dt) && qkvh.is_cpu() &&
+         qkvh.scalar_type() == dt && qkvh.stride(3) == 1;
+}
+
+Tensor5 refine_backward_cpu(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& qkvh,
+                            const at::Tensor& attn, const at::Tensor& o,
+                            const at::Tensor& qkv_weight, const at::Tensor& proj_weight,
+                            int64_t heads, double scale) {
+  const int64_t B = s.size(0), C = s.size(1), N = s.size(2) * s.size(3);
+  const cpu::RefineGeometry g{B, C, N, heads, C / heads,
+                              {qkvh.stride(0), qkvh.stride(1), qkvh.stride(2)}, false};
+  const auto options = s.options();
+  const at::Tensor ds = new_tensor({B, N, C}, options);
+  const at::Tensor dwqkv = new_tensor(qkv_weight.sizes(), options);
+  const at::Tensor dbqkv = new_tensor({3 * C}, options);
+  const at::Tensor dwproj = new_tensor(proj_weight.sizes(), options);
+  const at::Tensor dbproj = new_tensor({C}, options);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "refine_backward_cpu", [&] {
+    cpu::kernels<scalar_t>().refine_backward(
+        g, grad.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+        qkvh.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(),
+        o.const_data_ptr<scalar_t>(), qkv_weight.const_data_ptr<scalar_t>(),
+        proj_weight.const_data_ptr<scalar_t>(), static_cast<scalar_t>(scale),
+        ds.mutable_data_ptr<scalar_t>(), dwqkv.mutable_data_ptr<scalar_t>(),
+        dbqkv.mutable_data_ptr<scalar_t>(), dwproj.mutable_data_ptr<scalar_t>(),
+        dbproj.mutable_data_ptr<scalar_t>());
+  });
+  return {ds, dwqkv, dbqkv, dwproj, dbproj};
 }
 
 }  // namespace stvit
