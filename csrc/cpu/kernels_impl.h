@@ -1036,21 +1036,17 @@ void refine_backward_items(const RefineGeometry& g, const T* grad, const T* s, c
   }
 }
 
-// The refine kernels only where the accumulation type is the input type (float, double).
+// The refine kernels (forward, backward) only where the accumulation type is the input type
+// (float, double); null for the half types.
 template <typename scalar_t>
-constexpr auto refine_entry() {
-  using acc_t = acc_type<scalar_t>;
-  using Fn = decltype(KernelSet<scalar_t>::refine);
-  if constexpr (std::is_same_v<scalar_t, acc_t>) return Fn(&refine_items<scalar_t>);
-  else return Fn(nullptr);
-}
-
-template <typename scalar_t>
-constexpr auto refine_backward_entry() {
-  using acc_t = acc_type<scalar_t>;
-  using Fn = decltype(KernelSet<scalar_t>::refine_backward);
-  if constexpr (std::is_same_v<scalar_t, acc_t>) return Fn(&refine_backward_items<scalar_t>);
-  else return Fn(nullptr);
+constexpr auto refine_entries() {
+  using F = decltype(KernelSet<scalar_t>::refine);
+  using G = decltype(KernelSet<scalar_t>::refine_backward);
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    return std::pair<F, G>(&refine_items<scalar_t>, &refine_backward_items<scalar_t>);
+  } else {
+    return std::pair<F, G>(nullptr, nullptr);
+  }
 }
 
 #undef STVIT_INLINE
@@ -1064,7 +1060,8 @@ const KernelSet<scalar_t>& STVIT_CPU_TABLE() {
       &STVIT_CPU_ISA::affinity_bands<scalar_t>, &STVIT_CPU_ISA::partial_bands<scalar_t>,
       &STVIT_CPU_ISA::affinity_partial_bands<scalar_t>, &STVIT_CPU_ISA::pool_bands<scalar_t>,
       &STVIT_CPU_ISA::reduce_stokens<scalar_t>, &STVIT_CPU_ISA::upsample_bands<scalar_t>,
-      STVIT_CPU_ISA::refine_entry<scalar_t>(), STVIT_CPU_ISA::refine_backward_entry<scalar_t>()};
+      STVIT_CPU_ISA::refine_entries<scalar_t>().first,
+      STVIT_CPU_ISA::refine_entries<scalar_t>().second};
   return table;
 }
 
