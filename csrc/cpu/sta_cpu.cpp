@@ -252,8 +252,8 @@ int64_t refine_work(int64_t B, int64_t C, int64_t N) { return B * N * C * (4 * C
 
 // Where the kernels beat ATen's matrix products (their set-up, ~4 us per product, against MKL's
 // arithmetic), forward and backward alike: measured on an AVX-512 Xeon at one thread (C = 32..128,
-// N = 4..49, B = 1..4), they take 0.2-0.9x ATen's time up to 2^18 and 1.1-2.1x beyond 2^19
-// (MKL's AVX-512 products against the kernels' AVX2).
+// N = 4..49, B = 1..4), they take 0.2-0.8x ATen's time up to 2^18, 0.7-1.4x from 2^18 to 2^20
+// and 1.0-2.1x beyond (MKL's AVX-512 products against the kernels' AVX2).
 std::atomic<int64_t> refine_limit{int64_t(1) << 18};
 
 bool plain_cpu(const at::Tensor& t, at::ScalarType dt) {
