@@ -365,6 +365,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Testing and benchmark aid: the most multiply-adds of a refine attention forward that the "
         "CPU kernel takes (beyond: ATen's matrix products; 0: never the kernel); returns the "
         "previous limit.");
+  m.def("_set_refine_kernels_enabled", &stvit::set_refine_kernels_enabled,
+        pybind11::arg("enabled"),
+        "Benchmark and testing aid: whether the refine attention's kernels (CPU and CUDA) may "
+        "take a call; off, every call takes ATen's operators. Returns the previous value.");
   m.def("_set_poison", &stvit::cpu::set_poison, pybind11::arg("on"),
         "Testing aid: fill every output and workspace of the CPU kernels with NaN before they "
         "run.");

@@ -1,8 +1,10 @@
 // The refine of the STA module (stvit_kernels.RefineAttention): multi-head self-attention over the
 // N = H * W tokens of s [B, C, H, W] with the official parameters (qkv: a 1x1 conv to 3C whose
 // output channels are [heads, (q, k, v), head_dim]; proj: a 1x1 conv). Three operators, all
-// compositions of ATen ops, so one C++ body serves both devices (except where the CPU kernels of
-// cpu/sta_cpu.cpp take a small float / double forward or backward, see refine.h):
+// compositions of ATen ops, so one C++ body serves both devices (except where a kernel takes the
+// call, see refine.h: on the CPU those of cpu/sta_cpu.cpp for a small float / double forward or
+// backward; on CUDA those of cuda/refine_kernels.cuh, the whole forward and the attention core of
+// the backward, one block per image, wherever that fits in shared memory):
 //
 //   refine_attention(s, ...) -> out
 //       the path beyond REFINE_FUSED_MAX_TOKENS tokens or with attention dropout: the 1x1 convolutions as matrix products on the token-major
@@ -25,6 +27,7 @@
 // attn [B * heads, N, N] (the softmax, accumulation type), o [B * N, C] (the attention output
 // before proj, input dtype). Outputs `out` and `ds` are [B, C, H, W] views of token-major tensors
 // (the strides of channels_last).
+#include <atomic>
 #include <optional>
 #include <tuple>
 
@@ -37,6 +40,14 @@
 #include "refine.h"
 
 namespace stvit {
+
+namespace {
+std::atomic<bool> kernels_enabled{true};
+}  // namespace
+
+bool refine_kernels_enabled() { return kernels_enabled.load(std::memory_order_relaxed); }
+bool set_refine_kernels_enabled(bool enabled) { return kernels_enabled.exchange(enabled); }
+
 namespace {
 
 struct RefineShape {
@@ -143,24 +154,34 @@ Tensor4 refine_attention_forward(const at::Tensor& s, const at::Tensor& qkv_weig
   RawGuard raw;
   const RefineShape g = refine_shape("refine_attention_forward", s, heads);
   const at::ScalarType dt = s.scalar_type(), acc = acc_of(dt);
-  if (refine_cpu_takes(s, qkv_weight, qkv_bias, proj_weight, proj_bias)) {
-    // the CPU kernel (cpu/sta_cpu.cpp), into the layouts of the ATen path below
+  const bool on_cpu = refine_cpu_takes(s, qkv_weight, qkv_bias, proj_weight, proj_bias);
+#ifdef STVIT_WITH_CUDA
+  const bool on_cuda = !on_cpu && refine_cuda_takes(s, qkv_weight, qkv_bias, proj_weight, proj_bias);
+#else
+  constexpr bool on_cuda = false;
+#endif
+  if (on_cpu || on_cuda) {
+    // a kernel (cpu/sta_cpu.cpp, cuda/refine_kernels.cuh), into the layouts of the ATen path below
     const at::Tensor qkv = at::empty({g.B * g.N, 3 * g.C}, s.options());
     const at::Tensor qkvh = relayout_like(
         qkv.view({g.B, g.N, g.heads, 3, g.d}).permute({3, 0, 2, 1, 4}),
         {3, g.B * g.heads, g.N, g.d}, acc);
-    const at::Tensor attn = at::empty({g.B * g.heads, g.N, g.N}, s.options());
+    const at::Tensor attn = at::empty({g.B * g.heads, g.N, g.N}, s.options().dtype(acc));
     const at::Tensor o = at::empty({g.B * g.N, g.C}, s.options());
-    if (contiguous_out) {
-      const at::Tensor out = at::empty(s.sizes(), s.options());
+    // out contiguous [B, C, H, W], or token-major [B, N, C] viewed as [B, C, H, W]
+    const at::Tensor out = contiguous_out ? at::empty(s.sizes(), s.options())
+                                          : map_of(at::empty({g.B, g.N, g.C}, s.options()), g);
+    if (on_cpu) {
       refine_forward_cpu(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale, qkvh,
                          attn, o, out);
-      return {out, qkvh, attn, o};
     }
-    const at::Tensor out = at::empty({g.B, g.N, g.C}, s.options());
-    refine_forward_cpu(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale, qkvh, attn,
-                       o, out);
-    return {map_of(out, g), qkvh, attn, o};
+#ifdef STVIT_WITH_CUDA
+    if (on_cuda) {
+      refine_forward_cuda(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale, qkvh,
+                          attn, o, out);
+    }
+#endif
+    return {out, qkvh, attn, o};
   }
   const at::Tensor qkv = linear2d(tokens_of(s, g).reshape({g.B * g.N, g.C}),
                                   qkv_weight.reshape({3 * g.C, g.C}), qkv_bias);
@@ -187,6 +208,21 @@ Tensor4 refine_attention_forward_op(const at::Tensor& s, const at::Tensor& qkv_w
 }
 }  // namespace
 
+namespace {
+// The backward's last step, the qkv projection (qkv = tokens @ Wqkv^T + bqkv), from dqkv
+// [B * N, 3C] (token-major, the qkv channel order): the five gradients of
+// refine_attention_backward.
+Tensor5 qkv_backward(const at::Tensor& dqkv, const at::Tensor& s, const at::Tensor& qkv_weight,
+                     const RefineShape& g, const at::Tensor& dproj_w, const at::Tensor& dproj_b,
+                     const at::Tensor& proj_weight) {
+  const at::Tensor dqkv_w = at::mm(dqkv.t(), tokens_of(s, g).reshape({g.B * g.N, g.C}));
+  const at::Tensor dqkv_b = dqkv.sum(0);
+  const at::Tensor ds = at::mm(dqkv, qkv_weight.reshape({3 * g.C, g.C})).view({g.B, g.N, g.C});
+  return {map_of(ds, g), dqkv_w.view(qkv_weight.sizes()), dqkv_b,
+          dproj_w.view(proj_weight.sizes()), dproj_b};
+}
+}  // namespace
+
 // Gradients of refine_attention_forward's `out` into s and the four parameters (the bias
 // gradients are returned whether or not the module has biases: two small sums).
 Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s,
@@ -206,7 +242,15 @@ Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s,
   const at::Tensor gout = tokens_of(grad.to(dt), g).reshape({BN, g.C});
   const at::Tensor dproj_w = at::mm(gout.t(), o);
   const at::Tensor dproj_b = gout.sum(0);
-  const at::Tensor go = head_major(at::mm(gout, proj_weight.reshape({g.C, g.C})), g, acc);
+  const at::Tensor go_tokens = at::mm(gout, proj_weight.reshape({g.C, g.C}));  // [B * N, C]
+#ifdef STVIT_WITH_CUDA
+  if (refine_core_cuda_takes(go_tokens, qkvh, attn, g.B, g.N, heads)) {
+    const at::Tensor dqkv = at::empty({BN, 3 * g.C}, s.options());
+    refine_core_backward_cuda(go_tokens, qkvh, attn, g.B, g.N, heads, scale, dqkv);
+    return qkv_backward(dqkv, s, qkv_weight, g, dproj_w, dproj_b, proj_weight);
+  }
+#endif
+  const at::Tensor go = head_major(go_tokens, g, acc);
   // attention core: o = softmax(scale * q k^T) v; the gradients of q, k, v land head-major in
   // one buffer, in qkvh's layout
   const at::Tensor q = qkvh[0], k = qkvh[1], v = qkvh[2];
@@ -219,12 +263,7 @@ Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s,
   // back to the qkv channel order [heads, (q, k, v), head_dim], token-major: [B * N, 3C]
   const at::Tensor dqkv = relayout(dqkvh.view({3, g.B, g.heads, g.N, g.d}).permute({1, 3, 2, 0, 4}),
                                    {BN, 3 * g.C}, dt);
-  // qkv: qkv = tokens @ Wqkv^T + bqkv
-  const at::Tensor dqkv_w = at::mm(dqkv.t(), tokens_of(s, g).reshape({BN, g.C}));
-  const at::Tensor dqkv_b = dqkv.sum(0);
-  const at::Tensor ds = at::mm(dqkv, qkv_weight.reshape({3 * g.C, g.C})).view({g.B, g.N, g.C});
-  return {map_of(ds, g), dqkv_w.view(qkv_weight.sizes()), dqkv_b,
-          dproj_w.view(proj_weight.sizes()), dproj_b};
+  return qkv_backward(dqkv, s, qkv_weight, g, dproj_w, dproj_b, proj_weight);
 }
 
 }  // namespace stvit

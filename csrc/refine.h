@@ -29,8 +29,8 @@ Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s,
 // call is small: up to refine_cpu_limit() multiply-adds, where ATen's matrix products cost more in
 // their set-up than in their arithmetic. refine_cpu_takes says whether it applies (CPU tensors of
 // s's dtype, contiguous, the work within the limit); refine_forward_cpu fills the four outputs of
-// refine_attention_forward (qkvh's rows contiguous, any strides above them; the others contiguous,
-// out token-major [B, N, C] or, when it is 4-D, contiguous [B, C, H, W]).
+// refine_attention_forward (qkvh's rows contiguous, any strides above them; attn and o contiguous;
+// out [B, C, H, W] contiguous, or a view of a token-major [B, N, C]).
 bool refine_cpu_takes(const at::Tensor& s, const at::Tensor& qkv_weight,
                       const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
                       const std::optional<at::Tensor>& proj_bias);
@@ -49,6 +49,35 @@ Tensor5 refine_backward_cpu(const at::Tensor& grad, const at::Tensor& s, const a
                             const at::Tensor& attn, const at::Tensor& o,
                             const at::Tensor& qkv_weight, const at::Tensor& proj_weight,
                             int64_t heads, double scale);
+#ifdef STVIT_WITH_CUDA
+// The CUDA kernels of the same two steps (cuda/refine_kernels.cuh, cuda/refine_cuda.cu), for
+// every floating dtype, where one block's working set fits in the device's shared memory (the
+// STViT stages with super tokens: 49 tokens of 64 channels, 16 of 128, ...):
+//   refine_forward_cuda fills refine_attention_forward's four outputs, as refine_forward_cpu;
+//   refine_core_backward_cuda the attention core of the backward: from go [B * N, C] (the
+//   gradient of o) and the forward's qkvh and attn, dqkv [B * N, 3C] (token-major, the qkv
+//   channel order, go's dtype), where the ATen path takes two matrix products per input of the
+//   core, the softmax backward and two layout copies.
+bool refine_cuda_takes(const at::Tensor& s, const at::Tensor& qkv_weight,
+                       const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
+                       const std::optional<at::Tensor>& proj_bias);
+void refine_forward_cuda(const at::Tensor& s, const at::Tensor& qkv_weight,
+                         const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
+                         const std::optional<at::Tensor>& proj_bias, int64_t heads, double scale,
+                         const at::Tensor& qkvh, const at::Tensor& attn, const at::Tensor& o,
+                         const at::Tensor& out);
+bool refine_core_cuda_takes(const at::Tensor& go, const at::Tensor& qkvh, const at::Tensor& attn,
+                            int64_t B, int64_t N, int64_t heads);
+void refine_core_backward_cuda(const at::Tensor& go, const at::Tensor& qkvh,
+                               const at::Tensor& attn, int64_t B, int64_t N, int64_t heads,
+                               double scale, const at::Tensor& dqkv);
+#endif
+
+// Whether the refine kernels (CPU and CUDA) may take a call at all, and its setter (returns the
+// previous value): off, every call takes the ATen path (a benchmark and testing aid).
+bool refine_kernels_enabled();
+bool set_refine_kernels_enabled(bool enabled);
+
 // The limit (multiply-adds per call) and its setter (testing and benchmark aid; returns the
 // previous limit; 0: never the kernel).
 int64_t refine_cpu_limit();

@@ -8,7 +8,8 @@ Shapes: odd sizes, h != w, 1 x 1 grids, C = 1, channels beyond one shared-memory
 more pixels than a thread block, rows of more cells than one tile (masked threads, partial tiles and
 chunks), in every dtype; every op: affinity (softmax and logits), aggregate (with x cached on chip
 and not), upsample, the fused affinity + aggregation with and without the normalising reduction
-(associate, its pooling, n_iter 2) and associate_backward. The outputs are checked against the
+(associate, its pooling, n_iter 2) and associate_backward; the refine attention's kernels
+(forward, and the attention core of the backward) on REFINE_SHAPES. The outputs are checked against the
 reference too, so a run that the sanitizer passes also computed the right numbers.
 """
 import sys
@@ -76,6 +77,38 @@ def run(B, C, H, W, h, w, dtype):
     return ok
 
 
+# (B, C, H, W, heads, bias): STViT-S stages 1 and 2; odd tokens and head_dim 2; > 48 KB of
+# shared memory (opt-in)
+REFINE_SHAPES = [(2, 64, 7, 7, 1, True), (2, 128, 4, 4, 2, False), (1, 6, 3, 5, 3, True),
+                 (1, 8, 10, 10, 2, True)]
+
+
+def run_refine(B, C, H, W, heads, bias, dtype):
+    """refine_attention_forward and _backward on CUDA (the refine kernels take these shapes)
+    against the same operators in float64 on the CPU."""
+    g = torch.Generator().manual_seed(B * 1000 + C * 10 + heads)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    args64 = [rnd(B, C, H, W), rnd(3 * C, C, 1, 1) * C ** -0.5, rnd(3 * C) if bias else None,
+              rnd(C, C, 1, 1) * C ** -0.5, rnd(C) if bias else None]
+    grad64 = rnd(B, C, H, W)
+    args64 = [None if t is None else t.to(dtype).double() for t in args64]
+    grad64 = grad64.to(dtype).double()
+    scale = (C // heads) ** -0.5
+    ops = torch.ops.stvit
+
+    def both(args, grad):
+        out, qkvh, attn, o = ops.refine_attention_forward(*args, heads, scale)
+        grads = ops.refine_attention_backward(grad, args[0], qkvh, attn, o, args[1], args[3], heads,
+                                              scale)
+        return [out, o] + list(grads)
+
+    got = both([None if t is None else t.to("cuda", dtype) for t in args64], grad64.to("cuda", dtype))
+    want = both(args64, grad64)
+    info = f"refine B{B} C{C} {H}x{W} heads{heads} {dtype}"
+    names = ("out", "o", "ds", "dqkv_w", "dqkv_b", "dproj_w", "dproj_b")
+    return all([check(f"refine.{n}", a.cpu(), w, dtype, info) for n, a, w in zip(names, got, want)])
+
+
 def main():
     assert torch.cuda.is_available(), "needs a GPU"
     assert "cuda" in stvit_kernels.available_backends(), stvit_kernels.explain(torch.empty(1, device="cuda"))
@@ -84,6 +117,10 @@ def main():
     for shape in SHAPES:
         for dtype in DTYPES:
             ok &= run(*shape, dtype)
+            n += 1
+    for shape in REFINE_SHAPES:
+        for dtype in DTYPES:
+            ok &= run_refine(*shape, dtype)
             n += 1
     torch.cuda.synchronize()
     print(f"{n} cases, {'all passed' if ok else 'FAILURES'}")

@@ -273,7 +273,7 @@ bool refine_cpu_takes(const at::Tensor& s, const at::Tensor& qkv_weight,
                       const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
                       const std::optional<at::Tensor>& proj_bias) {
   const at::ScalarType dt = s.scalar_type();
-  if (dt != at::kFloat && dt != at::kDouble) return false;
+  if (!refine_kernels_enabled() || (dt != at::kFloat && dt != at::kDouble)) return false;
   const auto bias_ok = [&](const std::optional<at::Tensor>& b) {
     return !b.has_value() || !b->defined() || plain_cpu(*b, dt);
   };
@@ -296,7 +296,7 @@ void refine_forward_cpu(const at::Tensor& s, const at::Tensor& qkv_weight,
   TORCH_CHECK(qkvh.stride(3) == 1, "stvit::refine_forward_cpu: q, k, v rows must be contiguous");
   const cpu::RefineGeometry g{B, C, N, heads, C / heads,
                               {qkvh.stride(0), qkvh.stride(1), qkvh.stride(2)},
-                              /*out_channel_major=*/out.dim() == 4};
+                              /*out_channel_major=*/out.is_contiguous()};
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "refine_forward_cpu", [&] {
     const auto& k = cpu::kernels<scalar_t>();
     const scalar_t* sp = s.const_data_ptr<scalar_t>();

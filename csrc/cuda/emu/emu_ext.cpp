@@ -7,6 +7,7 @@
 
 #include "emu_shim.h"
 #include "sta_launch.cuh"
+#include "refine_kernels.cuh"
 
 namespace {
 struct EmuRuntime {
@@ -66,6 +67,31 @@ at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale, bool normalise, CFG) {
   RT; return stvit::cuda::affinity_aggregate_impl(rt, x, s, h, w, scale, normalise);
 }
+// the refine kernels (refine_kernels.cuh): outputs as refine.cpp allocates them
+std::vector<at::Tensor> refine_forward(const at::Tensor& s, const at::Tensor& wqkv, const std::optional<at::Tensor>& bqkv, const at::Tensor& wproj, const std::optional<at::Tensor>& bproj, int64_t heads, double scale, bool contiguous_out, CFG) {
+  RT;
+  const int64_t B = s.size(0), C = s.size(1), N = s.size(2) * s.size(3);
+  const auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // qkvh as refine.cpp lays it out: a view of a token-major [B * N, 3C] buffer where that is one
+  // (one head, no cast: strides (d, N * 3C, 3C, 1)), else contiguous
+  const int64_t d = C / heads;
+  at::Tensor qkvh = heads == 1 && s.scalar_type() == acc
+      ? at::empty({B * N, 3 * C}, s.options()).as_strided({3, B, N, d}, {d, N * 3 * C, 3 * C, 1})
+      : at::empty({3, B * heads, N, d}, s.options().dtype(acc));
+  at::Tensor attn = at::empty({B * heads, N, N}, s.options().dtype(acc));
+  at::Tensor o = at::empty({B * N, C}, s.options());
+  at::Tensor out = contiguous_out ? at::empty(s.sizes(), s.options()) : at::empty({B, N, C}, s.options()).transpose(1, 2).view(s.sizes());
+  const at::Tensor* bq = bqkv.has_value() ? &*bqkv : nullptr;
+  const at::Tensor* bp = bproj.has_value() ? &*bproj : nullptr;
+  stvit::cuda::refine_forward_impl(rt, s, wqkv, bq, wproj, bp, heads, scale, qkvh, attn, o, out);
+  return {out, qkvh, attn, o};
+}
+at::Tensor refine_core_backward(const at::Tensor& go, const at::Tensor& qkvh, const at::Tensor& attn, int64_t B, int64_t N, int64_t heads, double scale, CFG) {
+  RT;
+  at::Tensor dqkv = at::empty({B * N, 3 * go.size(1)}, go.options());
+  stvit::cuda::refine_core_backward_impl(rt, go, qkvh, attn, B, N, heads, scale, dqkv);
+  return dqkv;
+}
 // the plan that limits like a device's (48 KB soft, opt-in up to smem_max, smem_block a block)
 // pick, for reports
 std::vector<int64_t> plan(int kind, int64_t C, int64_t h, int64_t w, int64_t ww, int acc, int sc, int64_t smem_max, int64_t smem_block) {
@@ -80,4 +106,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("upsample", &upsample);
   m.def("affinity_aggregate", &affinity_aggregate);
   m.def("plan", &plan);
+  m.def("refine_forward", &refine_forward);
+  m.def("refine_core_backward", &refine_core_backward);
 }

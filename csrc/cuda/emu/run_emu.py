@@ -105,6 +105,60 @@ def run_case(B, C, H, W, h, w, dtype, cfg_name, order, seed):
     if C: ok &= check("fused.normalised", sn, nr / (dr + 1e-12), dtype, info)
     return ok
 
+def refine_truth(s, wqkv, bqkv, wproj, bproj, heads, scale):
+    """The refine attention in float64 PyTorch: (out, qkvh, attn, o) as refine_attention_forward."""
+    B, C, H, W = s.shape
+    N, d = H * W, C // heads
+    qkv = s.reshape(B, C, N).transpose(1, 2) @ wqkv.reshape(3 * C, C).T
+    if bqkv is not None: qkv = qkv + bqkv
+    qkvh = qkv.view(B, N, heads, 3, d).permute(3, 0, 2, 1, 4).reshape(3, B * heads, N, d)
+    attn = (scale * qkvh[0] @ qkvh[1].transpose(1, 2)).softmax(-1)
+    o = (attn @ qkvh[2]).view(B, heads, N, d).transpose(1, 2).reshape(B * N, C)
+    out = o @ wproj.reshape(C, C).T
+    if bproj is not None: out = out + bproj
+    return out.view(B, N, C).transpose(1, 2).reshape(B, C, H, W), qkvh, attn, o
+
+def run_refine_case(B, C, H, W, heads, bias, dtype, order, seed):
+    g = torch.Generator().manual_seed(seed)
+    N, d = H * W, C // heads
+    scale = d ** -0.5
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    s, wqkv, wproj = rnd(B, C, H, W), rnd(3 * C, C, 1, 1) * C ** -0.5, rnd(C, C, 1, 1) * C ** -0.5
+    bqkv, bproj = (rnd(3 * C), rnd(C)) if bias else (None, None)
+    dbl = lambda t: None if t is None else t.double()
+    want = refine_truth(*map(dbl, (s, wqkv, bqkv, wproj, bproj)), heads, scale)
+    cfg = CONFIGS["prod"] + (order, seed)
+    info = f"refine B{B} C{C} {H}x{W} heads{heads} bias{int(bias)} {str(dtype)[6:]} order{order}"
+    ok = True
+    for contiguous in (True, False):
+        got = emu.refine_forward(s, wqkv, bqkv, wproj, bproj, heads, scale, contiguous, *cfg)
+        if got[0].is_contiguous() != (contiguous or N == 1):
+            print(f"FAIL refine out layout {info}"); ok = False
+        for name, a, b in zip(("out", "qkvh", "attn", "o"), got, want):
+            ok &= check(f"refine.{name}", a, b, dtype, info)
+    # the attention core's backward: dqkv [B * N, 3C] (channels (h, q/k/v, e)) from go and the
+    # forward's qkvh / attn, against autograd in float64
+    _, qkvh, attn, _ = got
+    go = rnd(B * N, C)
+    q, k, v = (t.double().requires_grad_() for t in qkvh.unbind(0))
+    o = (scale * q @ k.transpose(1, 2)).softmax(-1) @ v
+    go_h = go.double().view(B, N, heads, d).transpose(1, 2).reshape(B * heads, N, d)
+    grads = torch.autograd.grad(o, (q, k, v), go_h)
+    want_dqkv = torch.stack(grads).view(3, B, heads, N, d).permute(1, 3, 2, 0, 4).reshape(B * N, 3 * C)
+    dqkv = emu.refine_core_backward(go, qkvh, attn, B, N, heads, scale, *cfg)
+    ok &= check("refine.dqkv", dqkv, want_dqkv, dtype, info)
+    return ok
+
+REFINE_SHAPES = [  # (B, C, H, W, heads, bias)
+    (2, 16, 2, 2, 1, True),
+    (1, 64, 7, 7, 1, True),    # stage 1 of STViT-S at 224: 49 super tokens, 64 channels
+    (2, 128, 4, 4, 2, False),  # stage 2: 16 super tokens, 2 heads
+    (1, 6, 3, 5, 3, True),     # odd N, head_dim 2
+    (3, 5, 1, 1, 1, True),     # one super token
+    (1, 12, 1, 7, 4, False),   # odd head_dim (3)
+    (1, 8, 10, 10, 2, True),   # 100 tokens: > 48 KB of shared memory (opt-in)
+]
+
 SHAPES = [  # (B, C, H, W, h, w)
     (2, 16, 16, 16, 8, 8),   # grid 2x2
     (1, 3, 9, 15, 3, 5),     # odd, h != w
@@ -144,6 +198,11 @@ def main():
                 total += 1
                 if not run_case(*shape, dt, cfg, order, seed=1000 * i + 10 * j + len(cfg)):
                     fails += 1
+    for i, shape in enumerate(REFINE_SHAPES):
+        for j, dt in enumerate(dtypes):
+            total += 1
+            if not run_refine_case(*shape, dt, (i + j) % 3, seed=7000 + 10 * i + j):
+                fails += 1
     # B = 0
     x = torch.randn(0, 4, 8, 8); s = torch.randn(0, 4, 2, 2); A = torch.randn(0, 9, 8, 8)
     cfg = CONFIGS["prod"] + (0, 0)

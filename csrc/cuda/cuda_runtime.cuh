@@ -1,0 +1,58 @@
+// The runtime policy (sta_launch.cuh) of the real CUDA launches, shared by sta_cuda.cu and
+// refine_cuda.cu: the current device and stream, the device's shared-memory limits, launches.
+#pragma once
+
+#include <algorithm>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "sta_kernels.cuh"
+
+namespace stvit {
+namespace cuda {
+
+// Launches on the current stream of the inputs' device; opts in to more than 48 KB of dynamic
+// shared memory when a plan asks for it (very wide channels).
+struct CudaRuntime {
+  int device;
+  cudaStream_t stream;
+  cuda::PlanLimits lim;
+
+  CudaRuntime()
+      : device(c10::cuda::current_device()), stream(at::cuda::getCurrentCUDAStream(device)) {
+    const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+    lim.smem_max = static_cast<size_t>(prop->sharedMemPerBlockOptin);
+    const size_t per_sm = static_cast<size_t>(prop->sharedMemPerMultiprocessor);
+    lim.smem_block = per_sm >= 4 * 1024 ? per_sm / 4 - 1024 : per_sm;
+  }
+
+  cuda::PlanLimits limits() const { return lim; }
+
+  // Lets `kernel` take up to the device's opt-in limit of dynamic shared memory, once per kernel
+  // and device (a driver call: not on every launch).
+  static void opt_in(const void* kernel, int device, size_t smem_max) {
+    static std::mutex m;
+    static std::vector<std::pair<const void*, int>> done;
+    const std::lock_guard<std::mutex> lock(m);
+    const std::pair<const void*, int> key{kernel, device};
+    if (std::find(done.begin(), done.end(), key) != done.end()) return;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_max)));
+    done.push_back(key);
+  }
+
+  template <typename Params>
+  void launch(void (*kernel)(Params), int64_t blocks, int threads, size_t smem, const Params& p) {
+    if (smem > 48 * 1024) opt_in(reinterpret_cast<const void*>(kernel), device, lim.smem_max);
+    kernel<<<static_cast<unsigned int>(blocks), threads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+
+}  // namespace cuda
+}  // namespace stvit

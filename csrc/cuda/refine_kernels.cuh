@@ -1,0 +1,338 @@
+// CUDA kernels of the refine attention (csrc/refine.cpp) where the super tokens are few: one
+// thread block does a whole image (forward) or a whole (image, head) (the attention core of the
+// backward) in shared memory, one launch where ATen takes six or seven (matrix products, softmax,
+// layout copies), each with its own launch and host dispatch.
+//
+//   refine_forward_kernel        one block per image b; s_b [C, N] -> qkv = Wqkv s_b + bqkv (kept
+//                                [3C, N] on chip, written head-major to qkvh), per head the scores,
+//                                softmax (-> attn) and o = attn v (-> o), out = Wproj o + bproj
+//   refine_core_backward_kernel  one block per (b, head): from go (the gradient of o), q, k, v and
+//                                attn, the gradients of q, k, v written token-major in the qkv
+//                                channel order, dqkv [B * N, 3C] (the input of the weight products)
+//
+// Every product is a block_gemm: 4 x 4 register tiles, one per thread at a time; the 4 columns of
+// a tile are interleaved (j, j + n4, j + 2 n4, j + 3 n4), so consecutive threads read consecutive
+// shared-memory words, and shared rows read along the tile's columns have an odd stride (no bank
+// conflicts). Accumulation in at::opmath_type (float, double for double).
+//
+// Shared memory (acc_t elements), forward: S/O N x (C+1) | QKV 3C x N | P N x odd(N);
+// backward: G, Q, K, V N x odd(d) each | P, D N x odd(N) each. refine_*_smem gives the bytes; the
+// caller (refine_cuda.cu) takes the kernels only where they fit in a block's opt-in limit.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+
+#include "sta_kernels.cuh"
+
+namespace stvit {
+namespace cuda {
+
+// The smallest odd number >= n: a row stride that spreads column reads over every bank.
+__host__ __device__ __forceinline__ int odd_stride(int n) { return n | 1; }
+
+template <typename scalar_t>
+struct RefineParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  // forward
+  const scalar_t* s = nullptr;      // [B, C, N] (s [B, C, H, W] contiguous)
+  const scalar_t* wqkv = nullptr;   // [3C, C]
+  const scalar_t* bqkv = nullptr;   // [3C] or null
+  const scalar_t* wproj = nullptr;  // [C, C]
+  const scalar_t* bproj = nullptr;  // [C] or null
+  scalar_t* o = nullptr;            // [B * N, C] the attention output before proj
+  scalar_t* out = nullptr;          // out[b, c, n] at b * C * N + c * out_sc + n * out_sn
+  int64_t out_sc = 0, out_sn = 0;
+  // both: q, k, v head-major: element e of token n of (t, b * heads + h) at
+  // t * q_st + (b * heads + h) * q_sbh + n * q_sn + e
+  acc_t* qkvh = nullptr;
+  int64_t q_st = 0, q_sbh = 0, q_sn = 0;
+  acc_t* attn = nullptr;            // [B * heads, N, N]
+  // backward
+  const scalar_t* go = nullptr;     // [B * N, C] the gradient of o
+  scalar_t* dqkv = nullptr;         // [B * N, 3C]
+  int C = 0, N = 0, heads = 1, d = 0;
+  acc_t scale = 0;
+};
+
+// Shared-memory bytes of the two kernels (acc_bytes: sizeof(acc_t)).
+inline size_t refine_forward_smem(int64_t C, int64_t N, int acc_bytes) {
+  return static_cast<size_t>(N * (C + 1) + 3 * C * N + N * odd_stride(static_cast<int>(N))) *
+         acc_bytes;
+}
+inline size_t refine_backward_smem(int64_t d, int64_t N, int acc_bytes) {
+  return static_cast<size_t>(4 * N * odd_stride(static_cast<int>(d)) +
+                             2 * N * odd_stride(static_cast<int>(N))) *
+         acc_bytes;
+}
+
+constexpr int kRefineThreads = 256;
+
+// The M x Nc product R[i, j] = sum_k a(i, k) * b(k, j), handed to store(i, j, value) for every
+// (i, j), by 4 x 4 register tiles over the block's threads. A tile takes 4 consecutive rows
+// i0 .. i0+3 and the interleaved columns jt, jt + n4, jt + 2 n4, jt + 3 n4 (n4 = ceil(Nc / 4)),
+// so consecutive threads (consecutive jt) read consecutive columns of b. Out-of-range rows and
+// columns read a clamped index and are not stored. Ends without a barrier.
+template <typename acc_t, class LoadA, class LoadB, class Store>
+__device__ __forceinline__ void block_gemm(int M, int Nc, int K, const LoadA& a, const LoadB& b,
+                                           const Store& store) {
+  constexpr int R = 4;
+  const int m4 = (M + R - 1) / R, n4 = (Nc + R - 1) / R;
+  for (int t = threadIdx.x; t < m4 * n4; t += blockDim.x) {
+    const int i0 = (t / n4) * R, jt = t % n4;
+    int ii[R], jj[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      ii[r] = imin(i0 + r, M - 1);
+      jj[r] = imin(jt + r * n4, Nc - 1);
+    }
+    acc_t acc[R][R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int q = 0; q < R; ++q) acc[r][q] = acc_t(0);
+    }
+    for (int k = 0; k < K; ++k) {
+      acc_t av[R], bv[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        av[r] = a(ii[r], k);
+        bv[r] = b(k, jj[r]);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int q = 0; q < R; ++q) acc[r][q] += av[r] * bv[q];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int q = 0; q < R; ++q) {
+        if (i0 + r < M && jt + q * n4 < Nc) store(i0 + r, jt + q * n4, acc[r][q]);
+      }
+    }
+  }
+}
+
+// Row-wise softmax of the N x N scores in P (row stride ld), in place, one thread per row; the
+// probabilities also go to attn (row stride N).
+template <typename acc_t>
+__device__ __forceinline__ void block_softmax(acc_t* P, int ld, int N, acc_t* __restrict__ attn) {
+  for (int i = threadIdx.x; i < N; i += blockDim.x) {
+    acc_t* row = P + i * ld;
+    acc_t m = row[0];
+    for (int j = 1; j < N; ++j) m = row[j] > m ? row[j] : m;
+    acc_t sum = acc_t(0);
+    for (int j = 0; j < N; ++j) {
+      row[j] = exp_acc(row[j] - m);
+      sum += row[j];
+    }
+    const acc_t inv = acc_t(1) / sum;
+    for (int j = 0; j < N; ++j) {
+      row[j] *= inv;
+      attn[i * N + j] = row[j];
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRefineThreads) refine_forward_kernel(
+    const RefineParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  STVIT_DYNAMIC_SMEM(smem);
+  const int C = p.C, N = p.N, d = p.d, C3 = 3 * C;
+  const int ldo = C + 1, ldp = odd_stride(N);
+  acc_t* S = reinterpret_cast<acc_t*>(smem);  // s_b [C, N]; later O [N, C + 1]
+  acc_t* QKV = S + N * ldo;                   // [3C, N]
+  acc_t* P = QKV + C3 * N;                    // [N, ldp]
+  const int64_t b = blockIdx.x;
+
+  const scalar_t* s_b = p.s + b * C * N;
+  for (int i = threadIdx.x; i < C * N; i += blockDim.x) S[i] = static_cast<acc_t>(s_b[i]);
+  __syncthreads();
+
+  // qkv[j, n] = bqkv[j] + sum_c Wqkv[j, c] s[c, n]; channel j = (h, t, e) (head, q / k / v, dim)
+  block_gemm<acc_t>(
+      C3, N, C, [&](int j, int c) { return static_cast<acc_t>(p.wqkv[j * C + c]); },
+      [&](int c, int n) { return S[c * N + n]; },
+      [&](int j, int n, acc_t v) {
+        if (p.bqkv != nullptr) v += static_cast<acc_t>(p.bqkv[j]);
+        QKV[j * N + n] = v;
+        const int h = j / (3 * d), t = (j / d) % 3, e = j % d;
+        p.qkvh[t * p.q_st + (b * p.heads + h) * p.q_sbh + n * p.q_sn + e] = v;
+      });
+  __syncthreads();
+
+  acc_t* O = S;  // s is no longer needed
+  for (int h = 0; h < p.heads; ++h) {
+    const acc_t* Q = QKV + (h * 3) * d * N;  // [d, N]
+    const acc_t* Kt = Q + d * N;
+    const acc_t* V = Kt + d * N;
+    block_gemm<acc_t>(
+        N, N, d, [&](int i, int e) { return Q[e * N + i]; },
+        [&](int e, int j) { return Kt[e * N + j]; },
+        [&](int i, int j, acc_t v) { P[i * ldp + j] = v * p.scale; });
+    __syncthreads();
+    block_softmax(P, ldp, N, p.attn + (b * p.heads + h) * N * N);
+    __syncthreads();
+    // o[n, h d + e] = sum_j attn[n, j] v[e, j], rounded to the input dtype (proj reads it so)
+    block_gemm<acc_t>(
+        d, N, N, [&](int e, int j) { return V[e * N + j]; },
+        [&](int j, int n) { return P[n * ldp + j]; },
+        [&](int e, int n, acc_t v) {
+          const scalar_t r = static_cast<scalar_t>(v);
+          O[n * ldo + h * d + e] = static_cast<acc_t>(r);
+          p.o[(b * N + n) * C + h * d + e] = r;
+        });
+    __syncthreads();  // P is rewritten by the next head
+  }
+
+  // out[c, n] = bproj[c] + sum_k Wproj[c, k] o[n, k]
+  scalar_t* out_b = p.out + b * C * N;
+  block_gemm<acc_t>(
+      C, N, C, [&](int c, int k) { return static_cast<acc_t>(p.wproj[c * C + k]); },
+      [&](int k, int n) { return O[n * ldo + k]; },
+      [&](int c, int n, acc_t v) {
+        if (p.bproj != nullptr) v += static_cast<acc_t>(p.bproj[c]);
+        out_b[c * p.out_sc + n * p.out_sn] = static_cast<scalar_t>(v);
+      });
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRefineThreads) refine_core_backward_kernel(
+    const RefineParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  STVIT_DYNAMIC_SMEM(smem);
+  const int C = p.C, N = p.N, d = p.d, C3 = 3 * C;
+  const int ld = odd_stride(d), ldp = odd_stride(N);
+  acc_t* G = reinterpret_cast<acc_t*>(smem);  // [N, ld] each
+  acc_t* Q = G + N * ld;
+  acc_t* K = Q + N * ld;
+  acc_t* V = K + N * ld;
+  acc_t* P = V + N * ld;  // [N, ldp] attn
+  acc_t* D = P + N * ldp;  // [N, ldp] the scores' gradient
+  const int64_t bh = blockIdx.x;
+  const int64_t b = bh / p.heads;
+  const int h = static_cast<int>(bh % p.heads);
+
+  const scalar_t* go_b = p.go + b * N * C + h * d;
+  const acc_t* q_bh = p.qkvh + bh * p.q_sbh;
+  const acc_t* a_bh = p.attn + bh * N * N;
+  for (int i = threadIdx.x; i < N * d; i += blockDim.x) {
+    const int n = i / d, e = i - n * d;
+    G[n * ld + e] = static_cast<acc_t>(go_b[n * C + e]);
+    Q[n * ld + e] = q_bh[n * p.q_sn + e];
+    K[n * ld + e] = q_bh[p.q_st + n * p.q_sn + e];
+    V[n * ld + e] = q_bh[2 * p.q_st + n * p.q_sn + e];
+  }
+  for (int i = threadIdx.x; i < N * N; i += blockDim.x) {
+    const int r = i / N;
+    P[r * ldp + i - r * N] = a_bh[i];
+  }
+  __syncthreads();
+
+  // row n of dqkv for this head: channels h 3d + (0: q, 1: k, 2: v) d + e
+  scalar_t* dq_b = p.dqkv + b * N * C3 + h * 3 * d;
+  // dv[j, e] = sum_i attn[i, j] go[i, e]
+  block_gemm<acc_t>(
+      N, d, N, [&](int j, int i) { return P[i * ldp + j]; },
+      [&](int i, int e) { return G[i * ld + e]; },
+      [&](int j, int e, acc_t v) { dq_b[j * C3 + 2 * d + e] = static_cast<scalar_t>(v); });
+  // dattn[i, j] = sum_e go[i, e] v[j, e]
+  block_gemm<acc_t>(
+      N, N, d, [&](int i, int e) { return G[i * ld + e]; },
+      [&](int e, int j) { return V[j * ld + e]; },
+      [&](int i, int j, acc_t v) { D[i * ldp + j] = v; });
+  __syncthreads();
+  // the softmax backward, one thread per row: dscores = attn * (dattn - <dattn, attn>_row)
+  for (int i = threadIdx.x; i < N; i += blockDim.x) {
+    acc_t dot = acc_t(0);
+    for (int j = 0; j < N; ++j) dot += D[i * ldp + j] * P[i * ldp + j];
+    for (int j = 0; j < N; ++j) D[i * ldp + j] = P[i * ldp + j] * (D[i * ldp + j] - dot);
+  }
+  __syncthreads();
+  // dq[i, e] = scale sum_j dscores[i, j] k[j, e]; dk[j, e] = scale sum_i dscores[i, j] q[i, e]
+  block_gemm<acc_t>(
+      N, d, N, [&](int i, int j) { return D[i * ldp + j]; },
+      [&](int j, int e) { return K[j * ld + e]; },
+      [&](int i, int e, acc_t v) { dq_b[i * C3 + e] = static_cast<scalar_t>(v * p.scale); });
+  block_gemm<acc_t>(
+      N, d, N, [&](int j, int i) { return D[i * ldp + j]; },
+      [&](int i, int e) { return Q[i * ld + e]; },
+      [&](int j, int e, acc_t v) { dq_b[j * C3 + d + e] = static_cast<scalar_t>(v * p.scale); });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side, against the runtime policy RT of sta_launch.cuh (the CUDA runtime or the emulator).
+// The caller allocates every output and checks shapes, dtypes and the shared-memory budget.
+
+template <typename scalar_t>
+RefineParams<scalar_t> refine_params(int64_t C, int64_t N, int64_t heads, double scale,
+                                     const at::Tensor& qkvh) {
+  RefineParams<scalar_t> p;
+  p.C = static_cast<int>(C);
+  p.N = static_cast<int>(N);
+  p.heads = static_cast<int>(heads);
+  p.d = static_cast<int>(C / heads);
+  p.scale = static_cast<typename RefineParams<scalar_t>::acc_t>(scale);
+  p.qkvh = qkvh.data_ptr<typename RefineParams<scalar_t>::acc_t>();
+  p.q_st = qkvh.stride(0);
+  p.q_sbh = qkvh.stride(1);
+  p.q_sn = qkvh.stride(2);
+  return p;
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor* t) {
+  return t != nullptr && t->defined() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// s [B, C, H, W] contiguous, weights [3C, C(, 1, 1)] / [C, C(, 1, 1)] contiguous, biases
+// contiguous or null; fills qkvh [3, B * heads, N, d] (accumulation type, rows contiguous),
+// attn [B * heads, N, N] and o [B * N, C] (contiguous), out [B, C, H, W] (contiguous or the
+// token-major strides of channels_last).
+template <class RT>
+void refine_forward_impl(RT& rt, const at::Tensor& s, const at::Tensor& wqkv,
+                         const at::Tensor* bqkv, const at::Tensor& wproj, const at::Tensor* bproj,
+                         int64_t heads, double scale, const at::Tensor& qkvh,
+                         const at::Tensor& attn, const at::Tensor& o, const at::Tensor& out) {
+  const int64_t B = s.size(0), C = s.size(1), N = s.size(2) * s.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "stvit_refine_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    RefineParams<scalar_t> p = refine_params<scalar_t>(C, N, heads, scale, qkvh);
+    p.s = s.const_data_ptr<scalar_t>();
+    p.wqkv = wqkv.const_data_ptr<scalar_t>();
+    p.bqkv = data_or_null<scalar_t>(bqkv);
+    p.wproj = wproj.const_data_ptr<scalar_t>();
+    p.bproj = data_or_null<scalar_t>(bproj);
+    p.attn = attn.data_ptr<acc_t>();
+    p.o = o.data_ptr<scalar_t>();
+    p.out = out.data_ptr<scalar_t>();
+    p.out_sc = out.stride(1);
+    p.out_sn = out.stride(3);
+    rt.launch(refine_forward_kernel<scalar_t>, B, kRefineThreads,
+              refine_forward_smem(C, N, sizeof(acc_t)), p);
+  });
+}
+
+// go [B * N, C] (the input dtype, contiguous), qkvh and attn as refine_forward_impl wrote them;
+// fills dqkv [B * N, 3C] (contiguous, the input dtype).
+template <class RT>
+void refine_core_backward_impl(RT& rt, const at::Tensor& go, const at::Tensor& qkvh,
+                               const at::Tensor& attn, int64_t B, int64_t N, int64_t heads,
+                               double scale, const at::Tensor& dqkv) {
+  const int64_t C = go.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "stvit_refine_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    RefineParams<scalar_t> p = refine_params<scalar_t>(C, N, heads, scale, qkvh);
+    p.go = go.const_data_ptr<scalar_t>();
+    p.attn = attn.data_ptr<acc_t>();
+    p.dqkv = dqkv.data_ptr<scalar_t>();
+    rt.launch(refine_core_backward_kernel<scalar_t>, B * heads, kRefineThreads,
+              refine_backward_smem(C / heads, N, sizeof(acc_t)), p);
+  });
+}
+
+}  // namespace cuda
+}  // namespace stvit
