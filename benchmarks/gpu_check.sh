@@ -9,7 +9,8 @@
 #   run(carry=[".gpu"], timeout_s=540,
 #       command="cd .gpu/tree && PYTHONPATH=$PWD bash benchmarks/gpu_check.sh $OUT")
 #
-# Steps, in order of need: tier, sanitize, bench1, bench2 (issues 10, 11), ncu (issue 12), model
+# Steps, in order of need: tier, sanitize, bench1, bench2 (issues 10, 11), bench1_aten (bench1 with
+# the refine attention on ATen's operators: STVIT_REFINE_KERNELS=0), ncu (issue 12), model
 # (STViT-S img/s, fp32 + bf16, inference + training, eager, with the STA's share of the step),
 # ncu_triton, bench_ro (stage 1 under torch.compile mode="reduce-overhead", official and cuda).
 # All of them take more than one call's 540 s when the tier runs long: pick with STEPS.
@@ -44,6 +45,11 @@ for s in $STEPS; do
     sanitize) step sanitize 60 bash tests/gpu.sh sanitize ;;
     bench1) step bench_stage1 60 "${STA[@]}" --sides 56 --dim 64 --heads 1 --stoken 8 \
               --out "$OUT/sta_stage1.json" ;;
+    # the same with the refine attention on ATen's operators instead of its kernels (A/B)
+    bench1_aten) STVIT_REFINE_KERNELS=0 step bench_stage1_aten_refine 60 "$PY" \
+              benchmarks/bench_ops.py --device cuda --ops sta --providers cuda --batch 64 \
+              --modes fwd fwd+bwd --no-targets --sides 56 --dim 64 --heads 1 --stoken 8 \
+              --out "$OUT/sta_stage1_aten_refine.json" ;;
     bench2) step bench_stage2 60 "${STA[@]}" --sides 28 --dim 128 --heads 2 --stoken 4 \
               --out "$OUT/sta_stage2.json" ;;
     ncu|ncu_triton)
@@ -58,7 +64,7 @@ for s in $STEPS; do
                 --providers official+compile cuda+compile --batch 64 --modes fwd fwd+bwd \
                 --no-targets --compile-mode reduce-overhead --sides 56 --dim 64 --heads 1 \
                 --stoken 8 --out "$OUT/sta_stage1_reduce_overhead.json" ;;
-    *) echo "unknown step $s (tier sanitize bench1 bench2 ncu model ncu_triton bench_ro)" >&2
+    *) echo "unknown step $s (tier sanitize bench1 bench2 bench1_aten ncu model ncu_triton bench_ro)" >&2
        exit 2 ;;
   esac
 done

@@ -28,7 +28,9 @@
 // before proj, input dtype). Outputs `out` and `ds` are [B, C, H, W] views of token-major tensors
 // (the strides of channels_last).
 #include <atomic>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -42,7 +44,12 @@
 namespace stvit {
 
 namespace {
-std::atomic<bool> kernels_enabled{true};
+// initially on, unless the environment says STVIT_REFINE_KERNELS=0 (an A/B of whole processes)
+bool enabled_by_env() {
+  const char* v = std::getenv("STVIT_REFINE_KERNELS");
+  return v == nullptr || std::string(v) != "0";
+}
+std::atomic<bool> kernels_enabled{enabled_by_env()};
 }  // namespace
 
 bool refine_kernels_enabled() { return kernels_enabled.load(std::memory_order_relaxed); }

@@ -74,7 +74,8 @@ void refine_core_backward_cuda(const at::Tensor& go, const at::Tensor& qkvh,
 #endif
 
 // Whether the refine kernels (CPU and CUDA) may take a call at all, and its setter (returns the
-// previous value): off, every call takes the ATen path (a benchmark and testing aid).
+// previous value): off, every call takes the ATen path (a benchmark and testing aid). Initially
+// on, unless the environment variable STVIT_REFINE_KERNELS is 0.
 bool refine_kernels_enabled();
 bool set_refine_kernels_enabled(bool enabled);
 

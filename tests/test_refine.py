@@ -357,6 +357,24 @@ def test_cpu_refine_kernel_takes_small_full_precision_calls_only():
         assert matmuls(torch.float32) == 0
     with cpu_refine_limit(work - 1):
         assert matmuls(torch.float32) > 0
+    with refine_kernels(False):  # the switch of every refine kernel
+        assert matmuls(torch.float32) > 0
+
+
+@pytest.mark.parametrize("env,initially", [(None, True), ("1", True), ("0", False)])
+def test_refine_kernels_switch_starts_from_the_environment(env, initially):
+    """STVIT_REFINE_KERNELS=0 starts a process with the refine kernels off (an A/B of whole
+    processes, benchmarks/gpu_check.sh); unset or anything else, on."""
+    import os
+    import subprocess
+    import sys
+    environ = {k: v for k, v in os.environ.items() if k != "STVIT_REFINE_KERNELS"}
+    if env is not None:
+        environ["STVIT_REFINE_KERNELS"] = env
+    code = "from stvit_kernels import _C; print(_C._set_refine_kernels_enabled(True))"
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[-1] == str(initially)
 
 
 @pytest.mark.parametrize("kernel", [False, True], ids=["aten", "cpu-kernel"])
