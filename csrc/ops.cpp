@@ -19,7 +19,6 @@
 #include <torch/version.h>
 
 #ifdef STVIT_WITH_CUDA
-#include <ATen/ops/avg_pool2d.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -145,10 +144,7 @@ struct CudaKernels {
                                     int64_t w, double scale, bool normalise) {
     return affinity_aggregate_cuda(x, s, h, w, scale, normalise);
   }
-  // ATen's CUDA average pooling is already a single pass at memory speed
-  static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) {
-    return at::avg_pool2d(x, {h, w});
-  }
+  static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) { return pool_cuda(x, h, w); }
   static Tensor3 pooled_affinity_aggregate(const at::Tensor& x, int64_t h, int64_t w,
                                            double scale, bool normalise) {
     return affinity_aggregate_cuda(x, pool(x, h, w), h, w, scale, normalise);

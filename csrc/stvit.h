@@ -52,6 +52,7 @@ Tensor2 aggregate_cuda(const at::Tensor& x, const at::Tensor& A, int64_t h, int6
 at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w);
 Tensor3 affinity_aggregate_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
                                 double scale, bool normalise);
+at::Tensor pool_cuda(const at::Tensor& x, int64_t h, int64_t w);
 #endif
 
 }  // namespace stvit

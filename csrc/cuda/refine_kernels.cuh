@@ -92,7 +92,8 @@ __device__ __forceinline__ void block_gemm(int M, int Nc, int K, const LoadA& a,
 #pragma unroll
       for (int q = 0; q < R; ++q) acc[r][q] = acc_t(0);
     }
-    for (int k = 0; k < K; ++k) {
+#pragma unroll 4
+    for (int k = 0; k < K; ++k) {  // unrolled: the loads of 4 steps in flight before their FMAs
       acc_t av[R], bv[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -122,13 +123,16 @@ __device__ __forceinline__ void block_softmax(acc_t* P, int ld, int N, acc_t* __
   for (int i = threadIdx.x; i < N; i += blockDim.x) {
     acc_t* row = P + i * ld;
     acc_t m = row[0];
+#pragma unroll 4
     for (int j = 1; j < N; ++j) m = row[j] > m ? row[j] : m;
     acc_t sum = acc_t(0);
+#pragma unroll 4
     for (int j = 0; j < N; ++j) {
       row[j] = exp_acc(row[j] - m);
       sum += row[j];
     }
     const acc_t inv = acc_t(1) / sum;
+#pragma unroll 4
     for (int j = 0; j < N; ++j) {
       row[j] *= inv;
       attn[i * N + j] = row[j];
@@ -248,7 +252,9 @@ __global__ void __launch_bounds__(kRefineThreads) refine_core_backward_kernel(
   // the softmax backward, one thread per row: dscores = attn * (dattn - <dattn, attn>_row)
   for (int i = threadIdx.x; i < N; i += blockDim.x) {
     acc_t dot = acc_t(0);
+#pragma unroll 4
     for (int j = 0; j < N; ++j) dot += D[i * ldp + j] * P[i * ldp + j];
+#pragma unroll 4
     for (int j = 0; j < N; ++j) D[i * ldp + j] = P[i * ldp + j] * (D[i * ldp + j] - dot);
   }
   __syncthreads();

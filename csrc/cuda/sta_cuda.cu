@@ -1,4 +1,4 @@
-// The four CUDA entry points declared in csrc/stvit.h. Kernels: sta_kernels.cuh; allocation,
+// The CUDA entry points declared in csrc/stvit.h. Kernels: sta_kernels.cuh; allocation,
 // dispatch and launch sequence: sta_launch.cuh (shared with the host emulator of the tests).
 #include <c10/cuda/CUDAGuard.h>
 
@@ -34,6 +34,12 @@ Tensor3 affinity_aggregate_cuda(const at::Tensor& x, const at::Tensor& s, int64_
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   CudaRuntime rt;
   return cuda::affinity_aggregate_impl(rt, x, s, h, w, scale, normalise);
+}
+
+at::Tensor pool_cuda(const at::Tensor& x, int64_t h, int64_t w) {
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  CudaRuntime rt;
+  return cuda::pool_impl(rt, x, h, w);
 }
 
 }  // namespace stvit

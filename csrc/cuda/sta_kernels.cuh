@@ -566,6 +566,64 @@ __global__ void __launch_bounds__(kMaxThreads) reduce_kernel(const ReduceParams<
 }
 
 // ------------------------------------------------------------------------------------------------
+// s[b, c, u, v] = the mean of cell (u, v) of x[b, c] (pool: the module's initial super tokens, as
+// avg_pool2d): one thread per output; its h rows of w consecutive values are read as vectors of L
+// elements (the launch picks the widest L of at most 16 bytes that divides w and W and the
+// pointer's alignment), kStageLoads (8) loads in flight at a time; summed row by row, left to
+// right, in acc_t.
+// Consecutive threads take consecutive cells of a row: every vector load of a warp reads whole
+// 32-byte sectors, or halves of sectors that its next load reads from L1.
+template <typename scalar_t>
+struct PoolParams {
+  const scalar_t* x = nullptr;  // [B, C, H, W]
+  scalar_t* s = nullptr;        // [B, C, hh, ww]
+  int64_t total = 0;            // B * C * hh * ww
+  int H = 0, W = 0, h = 1, w = 1, hh = 0, ww = 0;
+};
+
+template <typename scalar_t, int L>
+__global__ void __launch_bounds__(kMaxThreads) pool_kernel(const PoolParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int nv = p.w / L;  // vectors per row of a cell
+  const int n = p.h * nv;  // vectors per cell
+  const acc_t count = static_cast<acc_t>(p.h * p.w);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < p.total;
+       idx += stride) {
+    const int v = static_cast<int>(idx % p.ww);
+    const int64_t rest = idx / p.ww;
+    const int u = static_cast<int>(rest % p.hh);
+    const int64_t bc = rest / p.hh;
+    const scalar_t* cell = p.x + (bc * p.H + static_cast<int64_t>(u) * p.h) * p.W +
+                           static_cast<int64_t>(v) * p.w;
+    acc_t sum = acc_t(0);
+    int r = 0, k = 0;  // the next vector: the k-th of row r
+    for (int i0 = 0; i0 < n; i0 += kStageLoads) {
+      // kStageLoads loads issued before any is summed
+      Vec<scalar_t, L> val[kStageLoads];
+#pragma unroll
+      for (int u = 0; u < kStageLoads; ++u) {
+        if (i0 + u < n) {
+          val[u] = load_vec<scalar_t, L>(cell + r * p.W + k * L);
+          if (++k == nv) {
+            k = 0;
+            ++r;
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kStageLoads; ++u) {
+        if (i0 + u < n) {
+#pragma unroll
+          for (int l = 0; l < L; ++l) sum += static_cast<acc_t>(val[u].v[l]);
+        }
+      }
+    }
+    p.s[idx] = static_cast<scalar_t>(sum / count);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Host-side planning: tile width, block size, channel chunk and shared-memory layout.
 
 struct PlanLimits {

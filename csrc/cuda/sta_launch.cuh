@@ -7,6 +7,7 @@
 //   void launch(kernel, int64_t blocks, int threads, size_t smem, params);
 #pragma once
 
+#include <cstdint>
 #include <tuple>
 
 #include <ATen/Dispatch.h>
@@ -185,6 +186,48 @@ at::Tensor upsample_impl(RT& rt, const at::Tensor& s, const at::Tensor& A, int64
     rt.launch(upsample_kernel<scalar_t>, grid_blocks(op, B, hh, pl), pl.BS, pl.smem, p);
   });
   return y;
+}
+
+// The widest vector (elements, at most 16 bytes) that divides w and W and the alignment of x.
+template <typename scalar_t>
+int pool_vector(const at::Tensor& x, int64_t W, int64_t w) {
+  const auto addr = reinterpret_cast<uintptr_t>(x.const_data_ptr());
+  int L = 16 / static_cast<int>(sizeof(scalar_t));
+  while (L > 1 && (w % L != 0 || W % L != 0 || addr % (L * sizeof(scalar_t)) != 0)) L /= 2;
+  return L;
+}
+
+// pool_kernel<scalar_t, L> for the widest L <= `want` among L, L / 2, ..., 1.
+template <typename scalar_t, int L, class RT>
+void launch_pool(RT& rt, int want, int64_t blocks, const PoolParams<scalar_t>& p) {
+  if constexpr (L > 1) {
+    if (want < L) return launch_pool<scalar_t, L / 2>(rt, want, blocks, p);
+  }
+  rt.launch(pool_kernel<scalar_t, L>, blocks, kMaxThreads, 0, p);
+}
+
+template <class RT>
+at::Tensor pool_impl(RT& rt, const at::Tensor& x, int64_t h, int64_t w) {
+  constexpr const char* op = "stvit::pool (CUDA)";
+  check_grid(op, x, "x", h, w);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  at::Tensor s = at::empty({B, C, H / h, W / w}, x.options());
+  if (s.numel() == 0) return s;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stvit_pool_cuda", [&] {
+    PoolParams<scalar_t> p;
+    p.x = x.const_data_ptr<scalar_t>();
+    p.s = s.data_ptr<scalar_t>();
+    p.total = s.numel();
+    p.H = static_cast<int>(H);
+    p.W = static_cast<int>(W);
+    p.h = static_cast<int>(h);
+    p.w = static_cast<int>(w);
+    p.hh = static_cast<int>(H / h);
+    p.ww = static_cast<int>(W / w);
+    const int64_t blocks = imin<int64_t>((p.total + kMaxThreads - 1) / kMaxThreads, int64_t(1) << 20);
+    launch_pool<scalar_t, 16 / sizeof(scalar_t)>(rt, pool_vector<scalar_t>(x, W, w), blocks, p);
+  });
+  return s;
 }
 
 // (A, num, den); with `normalise`, (A, num / (den + 1e-12), den): the updated super tokens.

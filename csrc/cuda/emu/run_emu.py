@@ -88,6 +88,11 @@ def run_case(B, C, H, W, h, w, dtype, cfg_name, order, seed):
         ok &= check("upsample", y, ref.upsample(s64, A64, h, w), dtype, info)
         y2 = emu.upsample(sd, Ag, h, w, *cfg)
         ok &= check("upsample(signed A)", y2, ref.upsample(s64, Ag.double(), h, w), dtype, info)
+    # pool (the initial super tokens): contiguous, and at an offset of one element (scalar loads)
+    for xp in (xd, torch.cat([xd.flatten(), xd.flatten()[:1]])[1:].view_as(xd)):
+        got = emu.pool(xp, h, w, *cfg)
+        want = xp.double().reshape(B, C, hh, h, ww, w).mean((3, 5))  # avg_pool2d, any C
+        ok &= got.shape == want.shape and (C == 0 or check("pool", got, want, dtype, info))
     # fused
     Af, nf, df = emu.affinity_aggregate(xd, sd, h, w, scale, False, *cfg)
     Aa = emu.affinity(xd, sd, h, w, scale, True, *cfg)
