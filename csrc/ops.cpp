@@ -96,6 +96,13 @@ void check_stokens_affinity(const char* op, const at::Tensor& s, const at::Tenso
               s.sizes(), ", A.shape=", A.sizes(), ", (h, w) = (", h, ", ", w, ")");
 }
 
+// `num / (den + 1e-12)` in at least float32 (the kernels' own normalisation, for a gradient).
+at::Tensor normalised(const at::Tensor& num, const at::Tensor& den) {
+  const auto dt = num.scalar_type();
+  if (dt == at::kFloat || dt == at::kDouble) return num.div(den.add(1e-12));
+  return num.to(at::kFloat).div(den.to(at::kFloat).add(1e-12)).to(dt);
+}
+
 // The kernels of one device type behind one interface.
 struct CpuKernels {
   struct Guard {
@@ -116,6 +123,11 @@ struct CpuKernels {
     return affinity_aggregate_cpu(x, s, h, w, scale, normalise);
   }
   static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) { return pool_cpu(x, h, w); }
+  // upsample(g / (den + 1e-12), A)
+  static at::Tensor upsample_normalised(const at::Tensor& g, const at::Tensor& A,
+                                        const at::Tensor& den, int64_t h, int64_t w) {
+    return upsample_cpu(normalised(g, den).contiguous(), A, h, w);
+  }
   // affinity_aggregate(x, pool(x)), the pooling in the same pass over x
   static Tensor3 pooled_affinity_aggregate(const at::Tensor& x, int64_t h, int64_t w,
                                            double scale, bool normalise) {
@@ -145,6 +157,16 @@ struct CudaKernels {
     return affinity_aggregate_cuda(x, s, h, w, scale, normalise);
   }
   static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) { return pool_cuda(x, h, w); }
+  // upsample(g / (den + 1e-12), A): the division while the kernel stages g, which it reads
+  // token-major as the refine's backward leaves it (no copy)
+  static at::Tensor upsample_normalised(const at::Tensor& g, const at::Tensor& A,
+                                        const at::Tensor& den, int64_t h, int64_t w) {
+    const bool token_major = g.stride(1) == 1 && g.stride(3) == g.size(1) &&
+                             g.stride(2) == g.size(3) * g.size(1) &&
+                             g.stride(0) == g.size(1) * g.size(2) * g.size(3);
+    return upsample_cuda(g.is_contiguous() || token_major ? g : g.contiguous(), A, h, w,
+                         den.contiguous());
+  }
   static Tensor3 pooled_affinity_aggregate(const at::Tensor& x, int64_t h, int64_t w,
                                            double scale, bool normalise) {
     return affinity_aggregate_cuda(x, pool(x, h, w), h, w, scale, normalise);
@@ -182,12 +204,6 @@ Tensor3 affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, 
   return K::affinity_aggregate(x.contiguous(), s.contiguous(), h, w, scale, /*normalise=*/false);
 }
 
-// `num / (den + 1e-12)` in at least float32 (the kernels' own normalisation, for a gradient).
-at::Tensor normalised(const at::Tensor& num, const at::Tensor& den) {
-  const auto dt = num.scalar_type();
-  if (dt == at::kFloat || dt == at::kDouble) return num.div(den.add(1e-12));
-  return num.to(at::kFloat).div(den.to(at::kFloat).add(1e-12)).to(dt);
-}
 
 // The association stage of STA (DESIGN.md §1 steps 2, 4-7) in one call: super tokens `s`, or
 // the average-pooled x when `s` is None; `n_iter` fused affinity + aggregation passes, each
@@ -225,10 +241,9 @@ at::Tensor associate_backward(const at::Tensor& g, const at::Tensor& A, const at
               "stvit::associate_backward: g [B, C, hh, ww] and den [B, 1, hh, ww] do not match: "
               "g.shape=", g.sizes(), ", den.shape=", den.sizes());
   check_same("associate_backward", "g", g, "den", den);
-  const at::Tensor gs = normalised(g, den).contiguous();
-  check_stokens_affinity("associate_backward", gs, A, h, w);
+  check_stokens_affinity("associate_backward", g, A, h, w);
   typename K::Guard guard(A);
-  return K::upsample(gs, A.contiguous(), h, w);
+  return K::upsample_normalised(g, A.contiguous(), den, h, w);
 }
 
 template <typename K>

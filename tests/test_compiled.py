@@ -324,6 +324,27 @@ def test_non_contiguous_and_channels_last_inputs(backend):
     _assert_close(got_y, want_y, torch.float32, "upsample")
 
 
+@pytest.mark.parametrize("dtype", FULL + HALF, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_associate_backward_any_layout_of_g(backend, dtype):
+    """stvit::associate_backward, upsample(g / (den + 1e-12), A): g contiguous, token-major (the
+    layout the refine's backward leaves it in, which the CUDA kernel reads in place, dividing as
+    it stages) and transposed (a copy first), against the reference in float64."""
+    _require(backend)
+    B, C, H, W, h, w = 2, 6, 12, 10, 4, 5
+    t = _inputs(("assoc-bwd", backend), B, C, H, W, h, w, torch.float64, device_for(backend))
+    den = torch.rand(B, 1, H // h, W // w, dtype=torch.float64, device=t["x"].device) * 4 + 0.25
+    A, g, den = t["A"].to(dtype), t["s"].to(dtype), den.to(dtype)
+    want = REF.upsample(g.double().cpu() / (den.double().cpu() + 1e-12), A.double().cpu(), h, w)
+    layouts = {"contiguous": g,
+               "token-major": g.to(memory_format=torch.channels_last),
+               "transposed": g.transpose(2, 3).contiguous().transpose(2, 3)}
+    for name, g_in in layouts.items():
+        got = torch.ops.stvit.associate_backward(g_in, A, den, h, w)
+        assert got.is_contiguous(), name
+        _assert_close(got, want, dtype, f"associate_backward (g {name})")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_registered_ops_check_their_inputs(backend):
     """torch.ops.stvit.* validate their inputs themselves (the Python layer does too)."""

@@ -23,10 +23,11 @@ Tensor2 aggregate_cuda(const at::Tensor& x, const at::Tensor& A, int64_t h, int6
   return cuda::aggregate_impl(rt, x, A, h, w);
 }
 
-at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
+at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w,
+                         const at::Tensor& den) {
   const c10::cuda::OptionalCUDAGuard guard(A.device());
   CudaRuntime rt;
-  return cuda::upsample_impl(rt, s, A, h, w);
+  return cuda::upsample_impl(rt, s, A, h, w, den);
 }
 
 Tensor3 affinity_aggregate_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,

@@ -24,6 +24,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include <ATen/OpMathType.h>
 
@@ -147,6 +148,20 @@ struct CellParams {
   int a_off = 0, x_off = 0;  // byte offsets of the A and x regions in dynamic shared memory
 };
 
+// The normalised upsampling's (associate_backward, see stage_stokens): s / (den + 1e-12), den
+// [B, 1, hh, ww], s with the channel and super-token strides (hh * ww, 1) (contiguous) or (1, C)
+// (token-major). A struct of its own: a field more in CellParams changes ptxas's register
+// allocation of every cell kernel (tried: spills appear in five of them).
+template <typename scalar_t>
+struct NormalisedParams : CellParams<scalar_t> {
+  const scalar_t* den = nullptr;
+  int64_t s_sc = 0, s_sn = 1;
+};
+
+template <typename scalar_t, bool NORMALISED>
+using UpsampleParams =
+    std::conditional_t<NORMALISED, NormalisedParams<scalar_t>, CellParams<scalar_t>>;
+
 // Where a block sits: batch b, cell row ci, tile T (cells cj0 .. cj0+nct-1), tile width TW and
 // pixel count TP.
 struct TileInfo {
@@ -173,37 +188,63 @@ __device__ __forceinline__ TileInfo tile_of(const P& p) {
 // s_sh[(row * (NC+2) + e) * SK + cc], zero outside the grid and for channels >= C.
 // Consecutive threads take consecutive extended columns: runs of contiguous reads of s. A thread
 // issues kStageLoads loads before it stores any: one trip to memory instead of one per element.
+// NORMALISED (associate_backward's upsampling): s has the strides (p.s_sc, p.s_sn) (consecutive
+// threads take consecutive channels where s is token-major) and each value is divided by
+// den + 1e-12 in acc_t; a template flag, so that the other kernels keep their registers.
 constexpr int kStageLoads = 8;
 
-template <typename scalar_t, typename acc_t>
+template <bool NORMALISED, typename scalar_t, typename acc_t, class P>
 __device__ __forceinline__ void stage_stokens(acc_t* __restrict__ s_sh,
                                               const scalar_t* __restrict__ s_b, int c0,
-                                              const CellParams<scalar_t>& p, const TileInfo& t) {
+                                              const P& p, const TileInfo& t) {
   const int NCE = p.NC + 2;
   const int n = 3 * NCE * p.CK;
   const int BS = blockDim.x;
   const int64_t plane = static_cast<int64_t>(p.hh) * p.ww;
+  bool token_major = false;
+  const scalar_t* den_b = nullptr;
+  if constexpr (NORMALISED) {
+    token_major = p.s_sc == 1 && p.C > 1;
+    den_b = p.den + t.b * plane;
+  }
   for (int base = threadIdx.x; base < n; base += kStageLoads * BS) {
     acc_t val[kStageLoads];
+    acc_t div[NORMALISED ? kStageLoads : 1];
     int dst[kStageLoads];
 #pragma unroll
     for (int u = 0; u < kStageLoads; ++u) {
       const int idx = base + u * BS;
-      const int e = idx % NCE;
-      const int rest = idx / NCE;
-      const int row = rest % 3;
-      const int cc = rest / 3;
+      int e, row, cc;
+      if (token_major) {
+        cc = idx % p.CK;
+        const int rest = idx / p.CK;
+        e = rest % NCE;
+        row = rest / NCE;
+      } else {
+        e = idx % NCE;
+        const int rest = idx / NCE;
+        row = rest % 3;
+        cc = rest / 3;
+      }
       const int uu = t.ci + row - 1;
       const int v = t.cj0 - 1 + e;
       const int c = c0 + cc;
       val[u] = acc_t(0);
+      if constexpr (NORMALISED) div[u] = acc_t(1);
       dst[u] = (row * NCE + e) * p.SK + cc;
       if (idx < n && uu >= 0 && uu < p.hh && v >= 0 && v < p.ww && c < p.C) {
-        val[u] = static_cast<acc_t>(s_b[c * plane + static_cast<int64_t>(uu) * p.ww + v]);
+        const int64_t token = static_cast<int64_t>(uu) * p.ww + v;
+        if constexpr (NORMALISED) {
+          val[u] = static_cast<acc_t>(s_b[c * p.s_sc + token * p.s_sn]);
+          div[u] = static_cast<acc_t>(den_b[token]) + acc_t(1e-12);
+        } else {
+          val[u] = static_cast<acc_t>(s_b[c * plane + token]);
+        }
       }
     }
 #pragma unroll
     for (int u = 0; u < kStageLoads; ++u) {
+      if constexpr (NORMALISED) val[u] = val[u] / div[u];
       if (base + u * BS < n) s_sh[dst[u]] = val[u];
     }
   }
@@ -284,7 +325,7 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
       for (int c0 = 0; c0 < p.C; c0 += p.CK) {
         if (restage) {
           __syncthreads();  // everyone is done with the previous chunk
-          stage_stokens(s_sh, s_b, c0, p, t);
+          stage_stokens<false>(s_sh, s_b, c0, p, t);
           __syncthreads();
         }
         if (active) {
@@ -437,10 +478,12 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
 }
 
 // ------------------------------------------------------------------------------------------------
-// y[:, p] = sum over valid k of A[k, p] * s[:, nbr_k(p)]: one thread per pixel, its 9 weights in
+// y[:, p] = sum over valid k of A[k, p] * s[:, nbr_k(p)] (NORMALISED: of s / (den + 1e-12), s with
+// the strides p.s_sc, p.s_sn; see stage_stokens): one thread per pixel, its 9 weights in
 // registers (invalid ones zeroed), the super tokens from shared memory, V channels at a time.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxThreads) upsample_kernel(const CellParams<scalar_t> p) {
+template <typename scalar_t, bool NORMALISED>
+__global__ void __launch_bounds__(kMaxThreads) upsample_kernel(
+    const UpsampleParams<scalar_t, NORMALISED> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = VecWidth<acc_t>::value;
 
@@ -478,7 +521,7 @@ __global__ void __launch_bounds__(kMaxThreads) upsample_kernel(const CellParams<
     for (int c0 = 0; c0 < p.C; c0 += p.CK) {
       if (restage) {
         __syncthreads();
-        stage_stokens(s_sh, s_b, c0, p, t);
+        stage_stokens<NORMALISED>(s_sh, s_b, c0, p, t);
         __syncthreads();
       }
       if (active) {

@@ -166,16 +166,33 @@ std::tuple<at::Tensor, at::Tensor> aggregate_impl(RT& rt, const at::Tensor& x, c
   return {num, den};
 }
 
+// s contiguous, or token-major (the strides of channels_last: a [B, hh * ww, C] tensor viewed as
+// [B, C, hh, ww]); with `den` [B, 1, hh, ww] (contiguous), upsample(s / (den + 1e-12), A), the
+// division done while staging s (associate_backward).
 template <class RT>
-at::Tensor upsample_impl(RT& rt, const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
+at::Tensor upsample_impl(RT& rt, const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w,
+                         const at::Tensor& den = at::Tensor()) {
   constexpr const char* op = "stvit::upsample (CUDA)";
   check_grid(op, A, "A", h, w);
-  check_pair(op, A, "A", s, "s");
   const int64_t B = A.size(0), H = A.size(2), W = A.size(3);
   const int64_t C = s.size(1), hh = H / h, ww = W / w;
-  TORCH_CHECK(A.size(1) == 9 && s.size(0) == B && s.size(2) == hh && s.size(3) == ww, op,
-              ": s.shape=", s.sizes(), " does not match A.shape=", A.sizes());
-  at::Tensor y = at::empty({B, C, H, W}, s.options());
+  TORCH_CHECK(s.dim() == 4 && A.size(1) == 9 && s.size(0) == B && s.size(2) == hh &&
+                  s.size(3) == ww, op, ": s.shape=", s.sizes(), " does not match A.shape=",
+              A.sizes());
+  const bool token_major = !s.is_contiguous() && s.stride(1) == 1 && s.stride(3) == C &&
+                           s.stride(2) == ww * C && s.stride(0) == hh * ww * C;
+  TORCH_CHECK(s.is_contiguous() || token_major, op,
+              ": s must be contiguous or token-major (channels_last strides), got strides ",
+              s.strides());
+  TORCH_CHECK(s.scalar_type() == A.scalar_type() && s.device() == A.device(), op, ": s (",
+              s.scalar_type(), ", ", s.device(), ") and A (", A.scalar_type(), ", ", A.device(),
+              ") must have the same dtype and device");
+  if (den.defined()) {
+    check_pair(op, A, "A", den, "den");
+    TORCH_CHECK(den.size(0) == B && den.size(1) == 1 && den.size(2) == hh && den.size(3) == ww,
+                op, ": den.shape=", den.sizes(), " does not match s.shape=", s.sizes());
+  }
+  at::Tensor y = at::empty({B, C, H, W}, s.options().memory_format(at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "stvit_upsample_cuda", [&] {
     const Plan pl = plan_for<scalar_t>(kPlanStokens, C, h, w, ww, rt.limits());
@@ -183,7 +200,18 @@ at::Tensor upsample_impl(RT& rt, const at::Tensor& s, const at::Tensor& A, int64
     p.s = s.data_ptr<scalar_t>();
     p.A_in = A.data_ptr<scalar_t>();
     p.y = y.data_ptr<scalar_t>();
-    rt.launch(upsample_kernel<scalar_t>, grid_blocks(op, B, hh, pl), pl.BS, pl.smem, p);
+    const int64_t blocks = grid_blocks(op, B, hh, pl);
+    if (den.defined()) {
+      NormalisedParams<scalar_t> q;
+      static_cast<CellParams<scalar_t>&>(q) = p;
+      q.den = den.data_ptr<scalar_t>();
+      q.s_sc = token_major ? 1 : hh * ww;
+      q.s_sn = token_major ? C : 1;
+      rt.launch(upsample_kernel<scalar_t, true>, blocks, pl.BS, pl.smem, q);
+    } else {
+      TORCH_CHECK(!token_major, op, ": a token-major s needs den (the normalised upsampling)");
+      rt.launch(upsample_kernel<scalar_t, false>, blocks, pl.BS, pl.smem, p);
+    }
   });
   return y;
 }

@@ -67,6 +67,9 @@ at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale, bool normalise, CFG) {
   RT; return stvit::cuda::affinity_aggregate_impl(rt, x, s, h, w, scale, normalise);
 }
+at::Tensor upsample_normalised(const at::Tensor& s, const at::Tensor& A, const at::Tensor& den, int64_t h, int64_t w, CFG) {
+  RT; return stvit::cuda::upsample_impl(rt, s, A, h, w, den);
+}
 at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w, CFG) {
   RT; return stvit::cuda::pool_impl(rt, x, h, w);
 }
@@ -110,6 +113,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affinity_aggregate", &affinity_aggregate);
   m.def("plan", &plan);
   m.def("pool", &pool);
+  m.def("upsample_normalised", &upsample_normalised);
   m.def("refine_forward", &refine_forward);
   m.def("refine_core_backward", &refine_core_backward);
 }

@@ -88,6 +88,13 @@ def run_case(B, C, H, W, h, w, dtype, cfg_name, order, seed):
         ok &= check("upsample", y, ref.upsample(s64, A64, h, w), dtype, info)
         y2 = emu.upsample(sd, Ag, h, w, *cfg)
         ok &= check("upsample(signed A)", y2, ref.upsample(s64, Ag.double(), h, w), dtype, info)
+        # associate_backward's: s token-major (channels_last strides), divided by den + 1e-12
+        den = (torch.rand(B, 1, hh, ww, generator=g, dtype=torch.float64) * 8 + 0.5).to(dtype)
+        s_tm = sd.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        for s_in in (sd, s_tm):
+            y3 = emu.upsample_normalised(s_in, Ag, den, h, w, *cfg)
+            ok &= check(f"upsample_normalised(token-major={not s_in.is_contiguous()})", y3,
+                        ref.upsample(s64 / (den.double() + 1e-12), Ag.double(), h, w), dtype, info)
     # pool (the initial super tokens): contiguous, and at an offset of one element (scalar loads)
     for xp in (xd, torch.cat([xd.flatten(), xd.flatten()[:1]])[1:].view_as(xd)):
         got = emu.pool(xp, h, w, *cfg)
