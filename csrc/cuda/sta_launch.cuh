@@ -47,17 +47,23 @@ inline int64_t grid_blocks(const char* op, int64_t B, int hh, const Plan& pl) {
   return blocks;
 }
 
-template <typename scalar_t>
-CellParams<scalar_t> cell_params(const Plan& pl, int64_t C, int64_t H, int64_t W, int64_t h,
-                                 int64_t w) {
-  CellParams<scalar_t> p;
-  p.C = static_cast<int>(C);
+// The grid of a params struct: pixels H x W, cells h x w, hh x ww cells.
+template <class P>
+void set_grid(P& p, int64_t H, int64_t W, int64_t h, int64_t w) {
   p.H = static_cast<int>(H);
   p.W = static_cast<int>(W);
   p.h = static_cast<int>(h);
   p.w = static_cast<int>(w);
   p.hh = static_cast<int>(H / h);
   p.ww = static_cast<int>(W / w);
+}
+
+template <typename scalar_t>
+CellParams<scalar_t> cell_params(const Plan& pl, int64_t C, int64_t H, int64_t W, int64_t h,
+                                 int64_t w) {
+  CellParams<scalar_t> p;
+  p.C = static_cast<int>(C);
+  set_grid(p, H, W, h, w);
   p.NC = pl.NC;
   p.NT = pl.NT;
   p.CK = pl.CK;
@@ -246,12 +252,7 @@ at::Tensor pool_impl(RT& rt, const at::Tensor& x, int64_t h, int64_t w) {
     p.x = x.const_data_ptr<scalar_t>();
     p.s = s.data_ptr<scalar_t>();
     p.total = s.numel();
-    p.H = static_cast<int>(H);
-    p.W = static_cast<int>(W);
-    p.h = static_cast<int>(h);
-    p.w = static_cast<int>(w);
-    p.hh = static_cast<int>(H / h);
-    p.ww = static_cast<int>(W / w);
+    set_grid(p, H, W, h, w);
     const int64_t blocks = imin<int64_t>((p.total + kMaxThreads - 1) / kMaxThreads, int64_t(1) << 20);
     launch_pool<scalar_t, 16 / sizeof(scalar_t)>(rt, pool_vector<scalar_t>(x, W, w), blocks, p);
   });
