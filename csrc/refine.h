@@ -52,7 +52,8 @@ Tensor5 refine_backward_cpu(const at::Tensor& grad, const at::Tensor& s, const a
 #ifdef STVIT_WITH_CUDA
 // The CUDA kernels of the same two steps (cuda/refine_kernels.cuh, cuda/refine_cuda.cu), for
 // every floating dtype, where one block's working set fits in the device's shared memory (the
-// STViT stages with super tokens: 49 tokens of 64 channels, 16 of 128, ...):
+// STViT stages with super tokens: 49 tokens of 64 channels, 16 of 128, ...; the forward up to
+// 256 channels):
 //   refine_forward_cuda fills refine_attention_forward's four outputs, as refine_forward_cpu;
 //   refine_core_backward_cuda the attention core of the backward: from go [B * N, C] (the
 //   gradient of o) and the forward's qkvh and attn, dqkv [B * N, 3C] (token-major, the qkv

@@ -22,6 +22,11 @@ bool plain_cuda(const at::Tensor& t, const at::Tensor& like) {
 
 int acc_bytes(at::ScalarType dt) { return dt == at::kDouble ? 8 : 4; }
 
+// The most channels the forward kernel takes: its products cost 4 C^2 N multiply-adds per block
+// (one block per image), which beyond a few hundred channels ATen's batch-wide matrix products
+// should do faster (an estimate; STViT's super-token stages have at most 192 channels).
+constexpr int64_t kMaxForwardChannels = 256;
+
 // The device's opt-in limit of dynamic shared memory per block.
 size_t smem_optin(const at::Tensor& t) {
   return static_cast<size_t>(at::cuda::getDeviceProperties(t.device().index())->sharedMemPerBlockOptin);
@@ -44,8 +49,8 @@ bool refine_cuda_takes(const at::Tensor& s, const at::Tensor& qkv_weight,
     return !b.has_value() || !b->defined() || plain_cuda(*b, s);
   };
   const int64_t C = s.size(1), N = s.size(2) * s.size(3);
-  return plain_cuda(qkv_weight, s) && plain_cuda(proj_weight, s) && bias_ok(qkv_bias) &&
-         bias_ok(proj_bias) &&
+  return C <= kMaxForwardChannels && plain_cuda(qkv_weight, s) && plain_cuda(proj_weight, s) &&
+         bias_ok(qkv_bias) && bias_ok(proj_bias) &&
          cuda::refine_forward_smem(C, N, acc_bytes(s.scalar_type())) <= smem_optin(s);
 }
 
