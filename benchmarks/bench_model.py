@@ -19,6 +19,9 @@ A fourth provider, ``no-sta``, is the model with every super token attention rep
 input (:class:`WithoutSTA`): the time of the rest of the step. From it, per setting, the share
 of the step the STA takes (``1 - t(no-sta) / t``, for the official model and for ours) and the
 Amdahl bound ``t(official) / t(no-sta)``, the most any STA can gain over the official model.
+``no-sta`` also removes the global attention of stages 3 and 4 (STAs of 1x1 super tokens); a
+fifth, ``official-no-super``, removes only the super-token STAs of the official model, for their
+own share and bound.
 
 Targets (GPU, computed): STViT-S inference, float32, eager, fused >= 1.5x the reference-backend
 model; STViT-S training step, bf16 autocast, eager, fused >= 1.2x the official model (its row
@@ -54,8 +57,14 @@ MODELS = {"small": stvit.stvit_small, "base": stvit.stvit_base, "large": stvit.s
 #: (stem, convolutions, norms, MLPs, head, loss, optimizer) is the same in every provider, so its
 #: time bounds what any STA can gain (Amdahl): see sta_shares.
 NO_STA = "no-sta"
-#: The providers the fused backends are measured against (no-sta is a yardstick, not a rival).
-BASELINES = ("official", "reference", NO_STA)
+#: The official model without its super-token STAs (stoken size > 1, stages 1 and 2), the global
+#: attention of stages 3 and 4 kept official: ``1 - t(official-no-super) / t(official)`` is the
+#: share of the official step that the super-token STA takes, ``t(official) /
+#: t(official-no-super)`` the most that replacing only it (the kernels of this project) can gain.
+NO_SUPER = "official-no-super"
+#: The providers the fused backends are measured against (no-sta, official-no-super are
+#: yardsticks, not rivals).
+BASELINES = ("official", "reference", NO_STA, NO_SUPER)
 
 
 class WithoutSTA(torch.nn.Module):
@@ -67,13 +76,17 @@ class WithoutSTA(torch.nn.Module):
 
 def set_backend(model: torch.nn.Module, backend: str) -> None:
     """Point every super token attention of the model at one backend; ``official`` replaces each
-    by the official algorithm with the same weights, ``no-sta`` by :class:`WithoutSTA`."""
-    if backend in ("official", NO_STA):
+    by the official algorithm with the same weights, ``no-sta`` by :class:`WithoutSTA`;
+    ``official-no-super`` those with super tokens by :class:`WithoutSTA`, the others by the
+    official algorithm."""
+    if backend in ("official", NO_STA, NO_SUPER):
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, sk.SuperTokenAttention):
-                    setattr(parent, name, OfficialStokenAttention.from_module(child)
-                            if backend == "official" else WithoutSTA())
+                    gone = backend == NO_STA or (backend == NO_SUPER and
+                                                 tuple(child.stoken_size) != (1, 1))
+                    setattr(parent, name, WithoutSTA() if gone else
+                            OfficialStokenAttention.from_module(child))
         return
     for m in model.modules():
         if isinstance(m, sk.SuperTokenAttention):
@@ -192,13 +205,18 @@ GPU_TARGETS = {(("small", "infer", "float32", False), "reference"): 1.5,
 def sta_shares(sel: List[Dict]) -> Dict:
     """For one setting's rows (status ok): the share of the step that the super token attention
     takes, ``1 - t(no-sta) / t(provider)``, per provider, and the Amdahl bound ``t(official) /
-    t(no-sta)``: the most any STA implementation can gain over the official model there."""
+    t(no-sta)``: the most any STA implementation can gain over the official model there; with
+    official-no-super, the same two for the super-token STA of stages 1 and 2 alone (the global
+    attention of stages 3 and 4 is a STA with 1x1 super tokens, run by other code)."""
     t = {r["provider"]: r["ms"] for r in sel}
-    if NO_STA not in t:
-        return {}
-    out = dict(share={p: 1 - t[NO_STA] / ms for p, ms in t.items() if p != NO_STA})
-    if "official" in t:
-        out["amdahl_bound_vs_official"] = t["official"] / t[NO_STA]
+    out = {}
+    if NO_STA in t:
+        out["share"] = {p: 1 - t[NO_STA] / ms for p, ms in t.items() if p not in (NO_STA, NO_SUPER)}
+        if "official" in t:
+            out["amdahl_bound_vs_official"] = t["official"] / t[NO_STA]
+    if NO_SUPER in t and "official" in t:  # the super-token STA alone
+        out["super_share_official"] = 1 - t[NO_SUPER] / t["official"]
+        out["amdahl_bound_super_vs_official"] = t["official"] / t[NO_SUPER]
     return out
 
 
@@ -245,8 +263,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=["off", "on", "both"], default=None,
                    help="default: both (--quick: off; compiling the model takes minutes on 2 cores)")
     p.add_argument("--providers", nargs="+", default=None,
-                   help="official, reference, no-sta and backends to compare (default: official, "
-                        "reference, the best fused backend and no-sta)")
+                   help="official, reference, no-sta, official-no-super and backends to compare "
+                        "(default: official, reference, the best fused backend, no-sta and "
+                        "official-no-super)")
     p.add_argument("--min-run-time", type=float, default=1.0, help="CPU: seconds per measurement")
     p.add_argument("--rep-ms", type=int, default=1000, help="GPU: do_bench repetition time")
     p.add_argument("--threads", type=int, default=None)
@@ -274,7 +293,7 @@ def main(argv=None) -> Dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     fused = common.fused_backends(device, torch.float32)
-    providers = args.providers or (["official", "reference"] + fused[:1] + [NO_STA])
+    providers = args.providers or (["official", "reference"] + fused[:1] + [NO_STA, NO_SUPER])
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     meta = common.metadata(device, argv)
     print(f"device: {meta['device']}; providers: {providers}", file=sys.stderr)

@@ -371,11 +371,15 @@ def markdown_model(data: Dict) -> str:
               "(`benchmarks/official.py`)." if "official" in provs else ""), ""]
     out += _warning(data)
     bases = [p for p in ("official", "reference") if p in provs]
-    fus = [p for p in provs if p not in ("official", "reference", "no-sta") and not p.startswith("reference")]
+    fus = [p for p in provs if p not in ("official", "reference", "no-sta", "official-no-super")
+           and not p.startswith("reference")]
     ratios = [b for b in bases if fus]
-    # with no-sta (the model without STA): the STA's share of the step, and the Amdahl bound
+    # with no-sta (the model without STA): the STA's share of the step, and the Amdahl bound;
+    # with official-no-super, the same for the official super-token STA alone
     amdahl = "no-sta" in provs and "official" in provs
-    extra = ["STA share: official / fused", "bound (official / no-sta)"] if amdahl else []
+    super_ = "official-no-super" in provs and "official" in provs
+    extra = (["STA share: official / fused", "bound (official / no-sta)"] if amdahl else []) + \
+        (["super-token STA share: official", "bound (official / official-no-super)"] if super_ else [])
     out.append(_md_row(["model", "mode", "precision", "torch.compile", "batch"] + provs
                        + [f"fused / {b}" for b in ratios] + extra))
     out.append(_md_row([":--", ":--", ":--", ":--", "---:"]
@@ -399,6 +403,13 @@ def markdown_model(data: Dict) -> str:
                 t0 = ms["no-sta"]
                 line += [f"{100 * (1 - t0 / ms['official']):.0f}% / {100 * (1 - t0 / best):.0f}%",
                          f"{ms['official'] / t0:.2f}x"]
+            else:
+                line += ["–", "–"]
+        if super_:
+            ms = {p: r["ms"] for p, r in sel.items() if r.get("status") == "ok"}
+            if "official-no-super" in ms and "official" in ms:
+                t0 = ms["official-no-super"]
+                line += [f"{100 * (1 - t0 / ms['official']):.0f}%", f"{ms['official'] / t0:.2f}x"]
             else:
                 line += ["–", "–"]
         out.append(_md_row(line))

@@ -445,7 +445,8 @@ def test_bench_model_script(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     rows = data["results"]
     assert {(r["mode"], r["provider"]) for r in rows} == {
-        (m, p) for m in ("infer", "train") for p in ["official", "reference"] + BACKENDS[1:2] + ["no-sta"]}
+        (m, p) for m in ("infer", "train")
+        for p in ["official", "reference"] + BACKENDS[1:2] + ["no-sta", "official-no-super"]}
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in rows), rows
     # per mode: fused / official and fused / reference, both for information on a CPU
     assert len(data["targets"]) == 4 and all(t["threshold"] is None for t in data["targets"])
@@ -455,10 +456,16 @@ def test_bench_model_script(tmp_path, monkeypatch):
         ms = {r["provider"]: r["ms"] for r in rows if r["mode"] in t["name"]}
         share = t["details"]["share"]
         assert share["official"] == pytest.approx(1 - ms["no-sta"] / ms["official"])
-        assert set(share) == set(ms) - {"no-sta"}
+        assert set(share) == set(ms) - {"no-sta", "official-no-super"}
         assert t["details"]["amdahl_bound_vs_official"] == pytest.approx(ms["official"] / ms["no-sta"])
+        # the super-token STA alone (stages 1 and 2), from official-no-super
+        assert t["details"]["super_share_official"] == pytest.approx(
+            1 - ms["official-no-super"] / ms["official"])
+        assert t["details"]["amdahl_bound_super_vs_official"] == pytest.approx(
+            ms["official"] / ms["official-no-super"])
     md = plot.markdown(str(out))
     assert "| model | mode | precision |" in md and "| bound (official / no-sta) |" in md
+    assert "| super-token STA share: official | bound (official / official-no-super) |" in md
     if BACKENDS[1:]:
         assert "fused / official | fused / reference | STA share: official / fused |" in md
 
@@ -502,6 +509,24 @@ def test_no_sta_model_leaves_out_every_super_token_attention():
     assert sum(p.numel() for p in model.parameters()) == n_params - sta_params
     x = torch.randn(2, 32, 8, 8)
     assert bench_model.WithoutSTA()(x) is x
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_official_no_super_model_leaves_out_the_super_token_stages_only():
+    """bench_model's ``official-no-super`` provider: the STAs with super tokens (stages 1 and 2)
+    return their input, those of 1x1 super tokens (stages 3 and 4, global attention) run the
+    official algorithm with the module's weights."""
+    import stvit
+
+    bench_model = _load("bench_model")
+    torch.manual_seed(0)
+    model = stvit.STViT(embed_dim=[16, 32, 32, 32], depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 2],
+                        stoken_size=[8, 4, 1, 1], projection=64, num_classes=10).eval()
+    bench_model.set_backend(model, "official-no-super")
+    assert not any(isinstance(m, sk.SuperTokenAttention) for m in model.modules())
+    assert sum(isinstance(m, bench_model.WithoutSTA) for m in model.modules()) == 2
+    assert sum(type(m).__name__ == "OfficialStokenAttention" for m in model.modules()) == 2
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
 
