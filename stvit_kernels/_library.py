@@ -443,6 +443,7 @@ SCHEMAS = {
     "aggregate": "(Tensor x, Tensor A, int h, int w) -> (Tensor, Tensor)",
     "upsample": "(Tensor s, Tensor A, int h, int w) -> Tensor",
     "affinity_aggregate": "(Tensor x, Tensor s, int h, int w, float scale) -> (Tensor, Tensor, Tensor)",
+    "pool": "(Tensor x, int h, int w) -> Tensor",
 }
 
 
@@ -506,9 +507,7 @@ def _define_triton() -> Kernels:
     ops = torch.ops.stvit
     fused = ops.triton_affinity_aggregate.default
     upsample = ops.triton_upsample.default
-
-    def pool(x, h, w):
-        return F.avg_pool2d(x, (h, w))
+    pool = ops.triton_pool.default
 
     return register_family(Kernels(
         "triton", ops.triton_affinity.default, ops.triton_aggregate.default, upsample, fused, pool,

@@ -11,6 +11,7 @@ Shapes (``hh = H / h``, ``ww = W / w``; same contract as :mod:`stvit_kernels.ref
     aggregate(x, A, h, w)                 -> num [B, C, hh, ww], den [B, 1, hh, ww]
     upsample(s, A, h, w)                  -> y [B, C, H, W]
     affinity_aggregate(x, s, h, w, scale) -> A, num, den   (one program per cell does both)
+    pool(x, h, w)                         -> s [B, C, hh, ww] (the cell means: avg_pool2d)
 
 Design. A program owns one ``h x w`` cell of one image (``pid = b * hh * ww + ci * ww + cj``); the
 cell's pixels are flattened to ``p = a * w + b`` and processed in blocks of ``BLOCK_P`` (the next
@@ -38,6 +39,10 @@ are padded to 16.
   program only, after a barrier).
 * upsample, grid ``(B*hh*ww, pixel blocks, channel chunks)``:
   ``y [BLOCK_P, BLOCK_C] = A [BLOCK_P, 16] @ s_nbr [16, BLOCK_C]`` (A with invalid slots zeroed).
+* pool (the module's initial super tokens), grid ``(B * channel blocks * hh, cell blocks)``: a
+  ``[channels, cell rows, cells x their columns]`` tile of x, summed over rows then per cell; no
+  product, so no tl.dot. (It replaced ATen's ``avg_pool2d``, ~47 % of the copy bandwidth on an
+  H200: the CUDA family has a kernel of its own too.)
 
 Row segments of a cell are read and written with vector accesses where the row stride allows
 (:func:`_row_vec`, ``ROW_VEC``): at stage 1 in float32, x is 4 ``ld.global.v4`` per thread in the
@@ -89,6 +94,8 @@ import triton.language as tl
 _MAX_BLOCK_P = 256
 #: Elements of a [BLOCK_P, BLOCK_C] tile (a tl.dot operand), and of the reduction's 3-D tile.
 _TILE = 4096
+#: Elements of the pooling's tile (x read, masked lanes included).
+_POOL_TILE = 2048
 
 
 def _interpreting() -> bool:
@@ -475,6 +482,43 @@ def _upsample_kernel(
     tl.store(p_out, _rounded(b_y, p_y), mask=m_p[:, None] & m_c[None, :])
 
 
+@triton.jit
+def _pool_kernel(
+    p_x, p_s,
+    C, hh, ww,
+    sxb, sxc, sxh, sxw,
+    CELL_H: tl.constexpr, CELL_W: tl.constexpr, ROW_VEC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, CELL_WP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Grid (B * channel blocks * hh, cell blocks): the means of BLOCK_V consecutive cells of one
+    cell row, BLOCK_C channels, from one ``[BLOCK_C, BLOCK_H, BLOCK_V * CELL_WP]`` tile of x
+    (channels x the cells' rows x their columns, each cell padded to CELL_WP = the next power of
+    two >= w; with w a power of two a tile row is contiguous in x and loads as vectors), summed in
+    the accumulation type over the rows, then over each cell's columns."""
+    pid = tl.program_id(0)  # (b * n_cb + cb) * hh + u
+    u = pid % hh
+    n_cb = tl.cdiv(C, BLOCK_C)
+    cb = (pid // hh) % n_cb
+    b = pid // (hh * n_cb)
+    o_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_i = tl.arange(0, BLOCK_H)
+    o_q = tl.arange(0, BLOCK_V * CELL_WP)
+    o_v = tl.program_id(1) * BLOCK_V + o_q // CELL_WP
+    o_j = o_q % CELL_WP
+    m = ((o_c < C)[:, None, None] & (o_i < CELL_H)[None, :, None]
+         & ((o_j < CELL_W) & (o_v < ww))[None, None, :])
+    o_row = tl.multiple_of((u * CELL_H + o_i) * sxh, ROW_VEC)
+    p_in = (p_x + b.to(tl.int64) * sxb + (o_c.to(tl.int64) * sxc)[:, None, None]
+            + o_row[None, :, None] + ((o_v * CELL_W + o_j) * sxw)[None, None, :])
+    ACC: tl.constexpr = tl.float64 if p_x.dtype.element_ty == tl.float64 else tl.float32
+    tot = tl.sum(tl.load(p_in, mask=m, other=0.).to(ACC), axis=1)   # [BLOCK_C, BLOCK_V * CELL_WP]
+    tot = tl.sum(tl.reshape(tot, (BLOCK_C, BLOCK_V, CELL_WP)), axis=2)  # [BLOCK_C, BLOCK_V]
+    o_out = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    p_out = p_s + ((b * C + o_c).to(tl.int64) * hh + u)[:, None] * ww + o_out[None, :]
+    tl.store(p_out, _rounded(tot / (CELL_H * CELL_W), p_s),
+             mask=(o_c < C)[:, None] & (o_out < ww)[None, :])
+
+
 # ------------------------------------------------------------------------------------------------
 # Host side
 # ------------------------------------------------------------------------------------------------
@@ -584,6 +628,28 @@ def upsample(s: torch.Tensor, A: torch.Tensor, h: int, w: int) -> torch.Tensor:
         DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
     )
     return y
+
+
+@_on_tensor_device
+def pool(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``s [B, C, hh, ww]``, the mean of every ``h x w`` cell (``avg_pool2d``; the module's initial
+    super tokens). A program takes a tile of about ``_POOL_TILE`` elements of one cell row: up to
+    a row of cells, then as many channels as fill it (16 elements per thread at 4 warps)."""
+    B, C, H, W = x.shape
+    hh, ww = H // h, W // w
+    s = _empty((B, C, hh, ww), x.dtype, x.device)
+    if s.numel() == 0:
+        return s
+    block_h, cell_wp = _pow2(h), _pow2(w)
+    block_v = max(1, min(_pow2(ww), _POOL_TILE // (block_h * cell_wp)))
+    block_c = max(1, min(_pow2(C), _POOL_TILE // (block_h * cell_wp * block_v)))
+    _pool_kernel[(B * triton.cdiv(C, block_c) * hh, triton.cdiv(ww, block_v))](
+        p_x=x, p_s=s, C=C, hh=hh, ww=ww,
+        sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
+        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(x), BLOCK_C=block_c, BLOCK_H=block_h,
+        CELL_WP=cell_wp, BLOCK_V=block_v, num_warps=4,
+    )
+    return s
 
 
 @_on_tensor_device

@@ -46,6 +46,7 @@ def _outputs(be, t, h, w, scale):
         "num": num, "den": den,
         "upsample": be.upsample(s, A, h, w),
         "fused.A": fA, "fused.num": fnum, "fused.den": fden,
+        "pool": be.pool(x, h, w),
     }
 
 

@@ -58,7 +58,7 @@ ARCH = 90  # sm_90: H100 / H200, the GPUs this project runs on
 # channel chunk, its loop unrolled: +1 for each chunk after the first, see _dots_written)
 DOTS_WRITTEN = {
     "_affinity_kernel": 1, "_aggregate_kernel": 1, "_affinity_aggregate_kernel": 2,
-    "_upsample_kernel": 1, "_reduce_kernel": 0,
+    "_upsample_kernel": 1, "_reduce_kernel": 0, "_pool_kernel": 0,
 }
 UNROLLED_OVER_CHUNKS = ("_affinity_kernel", "_affinity_aggregate_kernel")
 
@@ -297,6 +297,7 @@ def _record_launches(tk, case):
         tk.aggregate(x, A, h, w)
         tk.upsample(s, A, h, w)
         tk.affinity_aggregate(x, s, h, w, scale)
+        tk.pool(x, h, w)
     finally:
         for name, fn in saved.items():
             setattr(tk, name, fn)
@@ -396,7 +397,7 @@ def _programs_per_sm(regs: int, num_warps: int) -> int:
 
 #: the kind of global access of each kernel's pixel tiles, vectorised at the stage shapes
 VECTOR_ACCESS = {"_affinity_kernel": "ld", "_aggregate_kernel": "ld",
-                 "_affinity_aggregate_kernel": "ld", "_upsample_kernel": "st"}
+                 "_affinity_aggregate_kernel": "ld", "_upsample_kernel": "st", "_pool_kernel": "ld"}
 
 
 @pytest.mark.parametrize("case", STAGES, ids=[c["id"] for c in STAGES])
