@@ -444,6 +444,7 @@ SCHEMAS = {
     "upsample": "(Tensor s, Tensor A, int h, int w) -> Tensor",
     "affinity_aggregate": "(Tensor x, Tensor s, int h, int w, float scale) -> (Tensor, Tensor, Tensor)",
     "pool": "(Tensor x, int h, int w) -> Tensor",
+    "associate_backward": "(Tensor g, Tensor A, Tensor den, int h, int w) -> Tensor",
 }
 
 
@@ -511,7 +512,7 @@ def _define_triton() -> Kernels:
 
     return register_family(Kernels(
         "triton", ops.triton_affinity.default, ops.triton_aggregate.default, upsample, fused, pool,
-        composite_associate(fused, pool), composite_associate_backward(upsample)))
+        composite_associate(fused, pool), ops.triton_associate_backward.default))
 
 
 #: The Triton family (defined at import; triton itself is imported by the first kernel call).

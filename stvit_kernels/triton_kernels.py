@@ -12,6 +12,7 @@ Shapes (``hh = H / h``, ``ww = W / w``; same contract as :mod:`stvit_kernels.ref
     upsample(s, A, h, w)                  -> y [B, C, H, W]
     affinity_aggregate(x, s, h, w, scale) -> A, num, den   (one program per cell does both)
     pool(x, h, w)                         -> s [B, C, hh, ww] (the cell means: avg_pool2d)
+    associate_backward(g, A, den, h, w)   -> upsample(g / (den + 1e-12), A), one kernel
 
 Design. A program owns one ``h x w`` cell of one image (``pid = b * hh * ww + ci * ww + cj``); the
 cell's pixels are flattened to ``p = a * w + b`` and processed in blocks of ``BLOCK_P`` (the next
@@ -447,20 +448,24 @@ def _reduce_kernel(
 
 @triton.jit
 def _upsample_kernel(
-    # pointers
-    p_s, p_a, p_y,
+    # pointers (p_den: a [B, 1, hh, ww] tensor with HAS_DEN, else unused)
+    p_s, p_a, p_y, p_den,
     # sizes
     C, hh, ww,
     # strides
     ssb, ssc, ssh, ssw,
     sab, sak, sah, saw,
     syb, syc, syh, syw,
+    sdb, sdh, sdw,
     # meta
     CELL_H: tl.constexpr, CELL_W: tl.constexpr, ROW_VEC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_DEN: tl.constexpr,
 ):
     """Grid (B*hh*ww, pixel blocks, channel chunks): ``y [BLOCK_P, BLOCK_C] = A [BLOCK_P, 16] @
-    s_nbr [16, BLOCK_C]``, A loaded with its invalid slots zeroed (they are skipped)."""
+    s_nbr [16, BLOCK_C]``, A loaded with its invalid slots zeroed (they are skipped). HAS_DEN
+    (associate_backward): s_nbr / (den + 1e-12), divided in the accumulation type and rounded to
+    s's dtype, as ``normalise`` then the upsampling."""
     b, ci, cj, o_k, o_u, o_v, m_k = _cell_of(tl.program_id(0), hh, ww)
     o_i, o_j, m_p = _cell_pixels(ci, cj, tl.program_id(1), CELL_H, CELL_W, BLOCK_P)
     o_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -473,6 +478,10 @@ def _upsample_kernel(
                   mask=m_p[:, None] & m_k[None, :], other=0.)              # [BLOCK_P, 16]
     b_s = tl.load(p_s + b * ssb + (o_u * ssh + o_v * ssw)[:, None] + o_c64[None, :] * ssc,
                   mask=m_k[:, None] & m_c[None, :], other=0.)              # [16, BLOCK_C]
+    if HAS_DEN:
+        ACC: tl.constexpr = tl.float64 if p_s.dtype.element_ty == tl.float64 else tl.float32
+        b_den = tl.load(p_den + b * sdb + o_u * sdh + o_v * sdw, mask=m_k, other=0.).to(ACC)
+        b_s = _rounded(b_s.to(ACC) / (b_den + 1e-12)[:, None], p_s)
     if DOT_UPCAST:
         b_a = b_a.to(tl.float32)
         b_s = b_s.to(tl.float32)
@@ -608,6 +617,18 @@ def aggregate(x: torch.Tensor, A: torch.Tensor, h: int, w: int):
 @_on_tensor_device
 def upsample(s: torch.Tensor, A: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """``y [B, C, H, W]``, ``y[:, p] = sum over valid k of A[k, p] * s[:, nbr_k(p)]``."""
+    return _upsample(s, A, None, h, w)
+
+
+@_on_tensor_device
+def associate_backward(g: torch.Tensor, A: torch.Tensor, den: torch.Tensor, h: int,
+                       w: int) -> torch.Tensor:
+    """``upsample(g / (den + 1e-12), A)`` (the gradient of the association into x), the division
+    done as the super tokens are loaded: one kernel."""
+    return _upsample(g, A, den, h, w)
+
+
+def _upsample(s, A, den, h, w):
     B, C, hh, ww = s.shape
     H, W = A.shape[2], A.shape[3]
     y = _empty((B, C, H, W), s.dtype, s.device)
@@ -618,14 +639,16 @@ def upsample(s: torch.Tensor, A: torch.Tensor, h: int, w: int) -> torch.Tensor:
     def grid(meta):
         return (B * hh * ww, triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))
 
+    d = den if den is not None else s  # unused without HAS_DEN
     _upsample_kernel[grid](
-        p_s=s, p_a=A, p_y=y,
+        p_s=s, p_a=A, p_y=y, p_den=d,
         C=C, hh=hh, ww=ww,
         ssb=s.stride(0), ssc=s.stride(1), ssh=s.stride(2), ssw=s.stride(3),
         sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
         syb=y.stride(0), syc=y.stride(1), syh=y.stride(2), syw=y.stride(3),
+        sdb=d.stride(0), sdh=d.stride(2), sdw=d.stride(3),
         CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(A, y), BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C,
-        DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
+        DOT_UPCAST=plan.DOT_UPCAST, HAS_DEN=den is not None, num_warps=plan.num_warps,
     )
     return y
 

@@ -15,6 +15,7 @@ pytest.importorskip("triton", reason="triton is not importable: the triton backe
 import stvit_kernels as sk  # noqa: E402
 from stvit_kernels import reference as ref  # noqa: E402
 from stvit_kernels import triton_kernels as tk  # noqa: E402
+from stvit_kernels._utils import normalise as lib_normalise  # noqa: E402
 from stvit_kernels.backends import get_backend  # noqa: E402
 
 from .utils import GRAD_SHAPES, OP_SHAPES, TOL, make_inputs, seed_for  # noqa: E402
@@ -132,6 +133,24 @@ def test_cells_larger_than_one_pixel_block(monkeypatch, B, C, H, W, h, w, dtype)
     t = _inputs("triton-blocks", B, C, H, W, h, w, dtype)
     scale = 0.7
     _check_all(_outputs(TRITON, t, h, w, scale), _outputs(REF, t, h, w, scale), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF], ids=str)
+def test_associate_backward_divides_as_it_loads(dtype):
+    """stvit::triton_associate_backward, upsample(g / (den + 1e-12), A) in one kernel: against
+    normalise then the reference upsampling (the two roundings of the composite it replaced), g
+    contiguous, channels_last and transposed."""
+    B, C, H, W, h, w = 2, 6, 8, 12, 4, 3
+    t = _inputs("triton-assoc-bwd", B, C, H, W, h, w, torch.float64)
+    den = torch.rand(B, 1, H // h, W // w, dtype=torch.float64, device=DEVICE) * 4 + 0.25
+    g, A, den = t["s"].to(dtype), t["A"].to(dtype), den.to(dtype)
+    want = REF.upsample(lib_normalise(g, den).double(), A.double(), h, w)
+    tol = TOL[dtype] if dtype in HALF else dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 \
+        else dict(rtol=1e-12, atol=1e-12)
+    for g_in in (g, g.to(memory_format=torch.channels_last), g.transpose(2, 3).contiguous().transpose(2, 3)):
+        got = torch.ops.stvit.triton_associate_backward(g_in, A, den, h, w)
+        assert got.dtype == dtype and got.is_contiguous()
+        torch.testing.assert_close(got.double(), want, **tol)
 
 
 def test_strided_inputs():
