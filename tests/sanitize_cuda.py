@@ -71,9 +71,10 @@ def run(B, C, H, W, h, w, dtype):
                                rtol=TOL[dtype], atol=TOL[dtype])
     n2, d2 = ref.aggregate(x64, A2.cpu().double(), h, w)
     ok &= check("associate.stokens", stokens.cpu(), n2 / (d2 + 1e-12), dtype, info)
-    gx = ops.associate_backward(s, A2, den2, h, w)
-    ok &= check("associate_backward", gx.cpu(),
-                ref.upsample(s64 / (den2.cpu().double() + 1e-12), A2.cpu().double(), h, w), dtype, info)
+    want_gx = ref.upsample(s64 / (den2.cpu().double() + 1e-12), A2.cpu().double(), h, w)
+    for g in (s, s.to(memory_format=torch.channels_last)):  # token-major: read in place
+        gx = ops.associate_backward(g, A2, den2, h, w)
+        ok &= check("associate_backward", gx.cpu(), want_gx, dtype, info)
     return ok
 
 
