@@ -161,11 +161,7 @@ struct CudaKernels {
   // token-major as the refine's backward leaves it (no copy)
   static at::Tensor upsample_normalised(const at::Tensor& g, const at::Tensor& A,
                                         const at::Tensor& den, int64_t h, int64_t w) {
-    const bool token_major = g.stride(1) == 1 && g.stride(3) == g.size(1) &&
-                             g.stride(2) == g.size(3) * g.size(1) &&
-                             g.stride(0) == g.size(1) * g.size(2) * g.size(3);
-    return upsample_cuda(g.is_contiguous() || token_major ? g : g.contiguous(), A, h, w,
-                         den.contiguous());
+    return upsample_cuda(g, A, h, w, den.contiguous());
   }
   static Tensor3 pooled_affinity_aggregate(const at::Tensor& x, int64_t h, int64_t w,
                                            double scale, bool normalise) {
@@ -203,7 +199,6 @@ Tensor3 affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, 
   typename K::Guard guard(x);
   return K::affinity_aggregate(x.contiguous(), s.contiguous(), h, w, scale, /*normalise=*/false);
 }
-
 
 // The association stage of STA (DESIGN.md §1 steps 2, 4-7) in one call: super tokens `s`, or
 // the average-pooled x when `s` is None; `n_iter` fused affinity + aggregation passes, each

@@ -216,17 +216,32 @@ Tensor4 refine_attention_forward_op(const at::Tensor& s, const at::Tensor& qkv_w
 }  // namespace
 
 namespace {
-// The backward's last step, the qkv projection (qkv = tokens @ Wqkv^T + bqkv), from dqkv
-// [B * N, 3C] (token-major, the qkv channel order): the five gradients of
-// refine_attention_backward.
-Tensor5 qkv_backward(const at::Tensor& dqkv, const at::Tensor& s, const at::Tensor& qkv_weight,
-                     const RefineShape& g, const at::Tensor& dproj_w, const at::Tensor& dproj_b,
-                     const at::Tensor& proj_weight) {
-  const at::Tensor dqkv_w = at::mm(dqkv.t(), tokens_of(s, g).reshape({g.B * g.N, g.C}));
-  const at::Tensor dqkv_b = dqkv.sum(0);
-  const at::Tensor ds = at::mm(dqkv, qkv_weight.reshape({3 * g.C, g.C})).view({g.B, g.N, g.C});
-  return {map_of(ds, g), dqkv_w.view(qkv_weight.sizes()), dqkv_b,
-          dproj_w.view(proj_weight.sizes()), dproj_b};
+// The attention core's backward, o = softmax(scale * q k^T) v: from go_tokens [B * N, C] (the
+// gradient of o, token-major), dqkv [B * N, 3C] (token-major, the qkv channel order, dtype dt);
+// the CUDA kernel where it takes the call.
+at::Tensor attention_core_backward(const at::Tensor& go_tokens, const at::Tensor& qkvh,
+                                   const at::Tensor& attn, const RefineShape& g, double scale,
+                                   at::ScalarType dt, at::ScalarType acc) {
+  const int64_t BN = g.B * g.N;
+#ifdef STVIT_WITH_CUDA
+  if (refine_core_cuda_takes(go_tokens, qkvh, attn, g.B, g.N, g.heads)) {
+    const at::Tensor dqkv = at::empty({BN, 3 * g.C}, go_tokens.options());
+    refine_core_backward_cuda(go_tokens, qkvh, attn, g.B, g.N, g.heads, scale, dqkv);
+    return dqkv;
+  }
+#endif
+  const at::Tensor go = head_major(go_tokens, g, acc);
+  // the gradients of q, k, v land head-major in one buffer, in qkvh's layout
+  const at::Tensor q = qkvh[0], k = qkvh[1], v = qkvh[2];
+  const at::Tensor dqkvh = at::empty_like(qkvh);
+  at::Tensor dq = dqkvh[0], dk = dqkvh[1], dv = dqkvh[2];
+  at::bmm_out(dv, attn.transpose(1, 2), go);
+  const at::Tensor dscores = at::_softmax_backward_data(at::bmm(go, v.transpose(1, 2)), attn, -1, acc);
+  at::baddbmm_out(dq, dq, dscores, k, 0.0, scale);
+  at::baddbmm_out(dk, dk, dscores.transpose(1, 2), q, 0.0, scale);
+  // back to the qkv channel order [heads, (q, k, v), head_dim], token-major: [B * N, 3C]
+  return relayout(dqkvh.view({3, g.B, g.heads, g.N, g.d}).permute({1, 3, 2, 0, 4}),
+                  {BN, 3 * g.C}, dt);
 }
 }  // namespace
 
@@ -249,28 +264,14 @@ Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s,
   const at::Tensor gout = tokens_of(grad.to(dt), g).reshape({BN, g.C});
   const at::Tensor dproj_w = at::mm(gout.t(), o);
   const at::Tensor dproj_b = gout.sum(0);
-  const at::Tensor go_tokens = at::mm(gout, proj_weight.reshape({g.C, g.C}));  // [B * N, C]
-#ifdef STVIT_WITH_CUDA
-  if (refine_core_cuda_takes(go_tokens, qkvh, attn, g.B, g.N, heads)) {
-    const at::Tensor dqkv = at::empty({BN, 3 * g.C}, s.options());
-    refine_core_backward_cuda(go_tokens, qkvh, attn, g.B, g.N, heads, scale, dqkv);
-    return qkv_backward(dqkv, s, qkv_weight, g, dproj_w, dproj_b, proj_weight);
-  }
-#endif
-  const at::Tensor go = head_major(go_tokens, g, acc);
-  // attention core: o = softmax(scale * q k^T) v; the gradients of q, k, v land head-major in
-  // one buffer, in qkvh's layout
-  const at::Tensor q = qkvh[0], k = qkvh[1], v = qkvh[2];
-  const at::Tensor dqkvh = at::empty_like(qkvh);
-  at::Tensor dq = dqkvh[0], dk = dqkvh[1], dv = dqkvh[2];
-  at::bmm_out(dv, attn.transpose(1, 2), go);
-  const at::Tensor dscores = at::_softmax_backward_data(at::bmm(go, v.transpose(1, 2)), attn, -1, acc);
-  at::baddbmm_out(dq, dq, dscores, k, 0.0, scale);
-  at::baddbmm_out(dk, dk, dscores.transpose(1, 2), q, 0.0, scale);
-  // back to the qkv channel order [heads, (q, k, v), head_dim], token-major: [B * N, 3C]
-  const at::Tensor dqkv = relayout(dqkvh.view({3, g.B, g.heads, g.N, g.d}).permute({1, 3, 2, 0, 4}),
-                                   {BN, 3 * g.C}, dt);
-  return qkv_backward(dqkv, s, qkv_weight, g, dproj_w, dproj_b, proj_weight);
+  const at::Tensor dqkv = attention_core_backward(
+      at::mm(gout, proj_weight.reshape({g.C, g.C})), qkvh, attn, g, scale, dt, acc);
+  // qkv: qkv = tokens @ Wqkv^T + bqkv
+  const at::Tensor dqkv_w = at::mm(dqkv.t(), tokens_of(s, g).reshape({BN, g.C}));
+  const at::Tensor dqkv_b = dqkv.sum(0);
+  const at::Tensor ds = at::mm(dqkv, qkv_weight.reshape({3 * g.C, g.C})).view({g.B, g.N, g.C});
+  return {map_of(ds, g), dqkv_w.view(qkv_weight.sizes()), dqkv_b,
+          dproj_w.view(proj_weight.sizes()), dproj_b};
 }
 
 }  // namespace stvit

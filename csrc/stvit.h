@@ -49,8 +49,9 @@ at::Tensor pool_cpu(const at::Tensor& x, int64_t h, int64_t w);
 at::Tensor affinity_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
                          double scale, bool softmax);
 Tensor2 aggregate_cuda(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w);
-// s contiguous or token-major (channels_last strides); with den [B, 1, hh, ww] defined, the
-// upsampling of s / (den + 1e-12) (associate_backward), the division in the accumulation type
+// s in any layout (copied to contiguous unless it is, or, with den, token-major: channels_last
+// strides); with den [B, 1, hh, ww] defined, the upsampling of s / (den + 1e-12)
+// (associate_backward), the division in the accumulation type
 at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w,
                          const at::Tensor& den = at::Tensor());
 Tensor3 affinity_aggregate_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,

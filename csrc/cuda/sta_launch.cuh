@@ -172,24 +172,24 @@ std::tuple<at::Tensor, at::Tensor> aggregate_impl(RT& rt, const at::Tensor& x, c
   return {num, den};
 }
 
-// s contiguous, or token-major (the strides of channels_last: a [B, hh * ww, C] tensor viewed as
-// [B, C, hh, ww]); with `den` [B, 1, hh, ww] (contiguous), upsample(s / (den + 1e-12), A), the
-// division done while staging s (associate_backward).
+// Any layout of s (read in place when contiguous; with `den`, also when token-major, the strides
+// of channels_last that the refine's backward leaves: a [B, hh * ww, C] tensor viewed as
+// [B, C, hh, ww]; else a contiguous copy first); with `den` [B, 1, hh, ww] (contiguous),
+// upsample(s / (den + 1e-12), A), the division done while staging s (associate_backward).
 template <class RT>
-at::Tensor upsample_impl(RT& rt, const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w,
-                         const at::Tensor& den = at::Tensor()) {
+at::Tensor upsample_impl(RT& rt, const at::Tensor& s_in, const at::Tensor& A, int64_t h,
+                         int64_t w, const at::Tensor& den = at::Tensor()) {
   constexpr const char* op = "stvit::upsample (CUDA)";
   check_grid(op, A, "A", h, w);
   const int64_t B = A.size(0), H = A.size(2), W = A.size(3);
-  const int64_t C = s.size(1), hh = H / h, ww = W / w;
-  TORCH_CHECK(s.dim() == 4 && A.size(1) == 9 && s.size(0) == B && s.size(2) == hh &&
-                  s.size(3) == ww, op, ": s.shape=", s.sizes(), " does not match A.shape=",
+  const int64_t C = s_in.size(1), hh = H / h, ww = W / w;
+  TORCH_CHECK(s_in.dim() == 4 && A.size(1) == 9 && s_in.size(0) == B && s_in.size(2) == hh &&
+                  s_in.size(3) == ww, op, ": s.shape=", s_in.sizes(), " does not match A.shape=",
               A.sizes());
-  const bool token_major = !s.is_contiguous() && s.stride(1) == 1 && s.stride(3) == C &&
-                           s.stride(2) == ww * C && s.stride(0) == hh * ww * C;
-  TORCH_CHECK(s.is_contiguous() || token_major, op,
-              ": s must be contiguous or token-major (channels_last strides), got strides ",
-              s.strides());
+  const bool token_major = den.defined() && !s_in.is_contiguous() && s_in.stride(1) == 1 &&
+                           s_in.stride(3) == C && s_in.stride(2) == ww * C &&
+                           s_in.stride(0) == hh * ww * C;
+  const at::Tensor s = token_major ? s_in : s_in.contiguous();
   TORCH_CHECK(s.scalar_type() == A.scalar_type() && s.device() == A.device(), op, ": s (",
               s.scalar_type(), ", ", s.device(), ") and A (", A.scalar_type(), ", ", A.device(),
               ") must have the same dtype and device");
@@ -215,7 +215,6 @@ at::Tensor upsample_impl(RT& rt, const at::Tensor& s, const at::Tensor& A, int64
       q.s_sn = token_major ? C : 1;
       rt.launch(upsample_kernel<scalar_t, true>, blocks, pl.BS, pl.smem, q);
     } else {
-      TORCH_CHECK(!token_major, op, ": a token-major s needs den (the normalised upsampling)");
       rt.launch(upsample_kernel<scalar_t, false>, blocks, pl.BS, pl.smem, p);
     }
   });
