@@ -255,17 +255,20 @@ using Tensor7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 // The STA module (stvit_kernels.SuperTokenAttention with its attention refine, padding aside) in
 // one call: associate (initial pooling, n_iter passes), the refine attention written out, and the
 // upsampling. Returns (y, then what sta_backward needs: A, den, the super tokens s that entered
-// the refine, and the refine's qkvh, attn, o).
+// the refine, and the refine's qkvh, attn, o). `dtype` (the module under autocast): x and the
+// parameters cast to it first (cast_input, refine.h), inside this call rather than as autograd
+// nodes of their own.
 template <typename K>
 Tensor7 sta_forward(const at::Tensor& x, const at::Tensor& qkv_weight,
                     const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
                     const std::optional<at::Tensor>& proj_bias, int64_t h, int64_t w, double scale,
-                    int64_t n_iter, int64_t heads, double attn_scale) {
+                    int64_t n_iter, int64_t heads, double attn_scale,
+                    std::optional<at::ScalarType> dtype) {
   typename K::Guard guard(x);
-  auto [s, A, den] = associate<K>(x, std::nullopt, h, w, scale, n_iter);
+  auto [s, A, den] = associate<K>(cast_input(x, dtype), std::nullopt, h, w, scale, n_iter);
   auto [r, qkvh, attn, o] =
       refine_attention_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, attn_scale,
-                               /*contiguous_out=*/true);
+                               /*contiguous_out=*/true, dtype);
   at::Tensor y = upsample<K>(r, A, h, w);
   return {y, A, den, s, qkvh, attn, o};
 }
@@ -276,14 +279,16 @@ template <typename K>
 at::Tensor sta_inference(const at::Tensor& x, const at::Tensor& qkv_weight,
                          const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
                          const std::optional<at::Tensor>& proj_bias, int64_t h, int64_t w,
-                         double scale, int64_t n_iter, int64_t heads, double attn_scale) {
+                         double scale, int64_t n_iter, int64_t heads, double attn_scale,
+                         std::optional<at::ScalarType> dtype) {
   return std::get<0>(sta_forward<K>(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale,
-                                    n_iter, heads, attn_scale));
+                                    n_iter, heads, attn_scale, dtype));
 }
 
 // The gradient of sta_forward's y into x and the refine's four parameters, the module's
 // semantics (A and den constants): upsampling -> (ds: aggregate(g, A).num), the refine by hand,
-// the association (associate_backward).
+// the association (associate_backward). In the dtype sta_forward computed in (grad's: autograd
+// casts the gradients back to the inputs' dtypes); the weights may be in another (uncast).
 template <typename K>
 Tensor5 sta_backward(const at::Tensor& grad, const at::Tensor& A, const at::Tensor& den,
                      const at::Tensor& s, const at::Tensor& qkvh, const at::Tensor& attn,
@@ -311,10 +316,12 @@ TORCH_LIBRARY(stvit, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("associate_backward(Tensor g, Tensor A, Tensor den, int h, int w) -> Tensor");
   m.def("sta_forward(Tensor x, Tensor qkv_weight, Tensor? qkv_bias, Tensor proj_weight, "
-        "Tensor? proj_bias, int h, int w, float scale, int n_iter, int heads, float attn_scale) "
+        "Tensor? proj_bias, int h, int w, float scale, int n_iter, int heads, float attn_scale, "
+        "ScalarType? dtype=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("sta_inference(Tensor x, Tensor qkv_weight, Tensor? qkv_bias, Tensor proj_weight, "
-        "Tensor? proj_bias, int h, int w, float scale, int n_iter, int heads, float attn_scale) "
+        "Tensor? proj_bias, int h, int w, float scale, int n_iter, int heads, float attn_scale, "
+        "ScalarType? dtype=None) "
         "-> Tensor");
   m.def("sta_backward(Tensor grad, Tensor A, Tensor den, Tensor s, Tensor qkvh, Tensor attn, "
         "Tensor o, Tensor qkv_weight, Tensor proj_weight, int h, int w, int heads, "

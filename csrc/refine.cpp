@@ -21,7 +21,9 @@
 //       Registered for CPU and CUDA with no autograd of their own (fake implementations in
 //       stvit_kernels/_library.py): the one autograd node of stvit_kernels._library.Refine calls
 //       them, where the composite above would put ~20 nodes on autograd's graph. Autocast is off
-//       inside (the caller casts the inputs), so the attention core stays in the accumulation type.
+//       inside, so the attention core stays in the accumulation type; under autocast the caller
+//       passes its dtype (`dtype`), and the forward casts s and the parameters to it itself (no
+//       autograd node per cast); the backward computes in that dtype (o's).
 //
 // Saved for the backward: qkvh [3, B * heads, N, d] (q, k, v head-major, accumulation type),
 // attn [B * heads, N, N] (the softmax, accumulation type), o [B * N, C] (the attention output
@@ -150,15 +152,39 @@ at::Tensor scaled_bmm(const at::Tensor& a, const at::Tensor& b, double alpha) {
 
 }  // namespace
 
+namespace {
+bool autocast_eligible(at::ScalarType dt) {
+  return dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16;
+}
+}  // namespace
+
+at::Tensor cast_input(const at::Tensor& t, std::optional<at::ScalarType> dtype) {
+  if (!dtype.has_value() || t.scalar_type() == *dtype || !autocast_eligible(t.scalar_type())) {
+    return t;
+  }
+  return t.to(*dtype);
+}
+
+std::optional<at::Tensor> cast_input(const std::optional<at::Tensor>& t,
+                                     std::optional<at::ScalarType> dtype) {
+  if (!t.has_value() || !t->defined()) return t;
+  return cast_input(*t, dtype);
+}
+
 // Returns (out [B, C, H, W], qkvh [3, B * heads, N, d] (q, k, v head-major, accumulation type),
 // attn [B * heads, N, N] (accumulation type), o [B * N, C] (input dtype)); out is a view of a
 // token-major tensor, or with `contiguous_out` contiguous (the layout the upsampling reads).
-Tensor4 refine_attention_forward(const at::Tensor& s, const at::Tensor& qkv_weight,
-                                 const std::optional<at::Tensor>& qkv_bias,
-                                 const at::Tensor& proj_weight,
-                                 const std::optional<at::Tensor>& proj_bias, int64_t heads,
-                                 double scale, bool contiguous_out) {
+Tensor4 refine_attention_forward(const at::Tensor& s_in, const at::Tensor& qkv_weight_in,
+                                 const std::optional<at::Tensor>& qkv_bias_in,
+                                 const at::Tensor& proj_weight_in,
+                                 const std::optional<at::Tensor>& proj_bias_in, int64_t heads,
+                                 double scale, bool contiguous_out,
+                                 std::optional<at::ScalarType> dtype) {
   RawGuard raw;
+  const at::Tensor s = cast_input(s_in, dtype), qkv_weight = cast_input(qkv_weight_in, dtype),
+                   proj_weight = cast_input(proj_weight_in, dtype);
+  const std::optional<at::Tensor> qkv_bias = cast_input(qkv_bias_in, dtype),
+                                  proj_bias = cast_input(proj_bias_in, dtype);
   const RefineShape g = refine_shape("refine_attention_forward", s, heads);
   const at::ScalarType dt = s.scalar_type(), acc = acc_of(dt);
   const bool on_cpu = refine_cpu_takes(s, qkv_weight, qkv_bias, proj_weight, proj_bias);
@@ -209,9 +235,9 @@ Tensor4 refine_attention_forward_op(const at::Tensor& s, const at::Tensor& qkv_w
                                     const std::optional<at::Tensor>& qkv_bias,
                                     const at::Tensor& proj_weight,
                                     const std::optional<at::Tensor>& proj_bias, int64_t heads,
-                                    double scale) {
+                                    double scale, std::optional<at::ScalarType> dtype) {
   return refine_attention_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale,
-                                  /*contiguous_out=*/false);
+                                  /*contiguous_out=*/false, dtype);
 }
 }  // namespace
 
@@ -247,13 +273,16 @@ at::Tensor attention_core_backward(const at::Tensor& go_tokens, const at::Tensor
 
 // Gradients of refine_attention_forward's `out` into s and the four parameters (the bias
 // gradients are returned whether or not the module has biases: two small sums).
-Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s,
+Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s_in,
                                   const at::Tensor& qkvh, const at::Tensor& attn,
-                                  const at::Tensor& o, const at::Tensor& qkv_weight,
-                                  const at::Tensor& proj_weight, int64_t heads, double scale) {
+                                  const at::Tensor& o, const at::Tensor& qkv_weight_in,
+                                  const at::Tensor& proj_weight_in, int64_t heads, double scale) {
   RawGuard raw;
-  const RefineShape g = refine_shape("refine_attention_backward", s, heads);
-  const at::ScalarType dt = s.scalar_type(), acc = acc_of(dt);
+  const RefineShape g = refine_shape("refine_attention_backward", s_in, heads);
+  // the dtype the forward computed in (o's), s and the weights cast to it as the forward did
+  const at::ScalarType dt = o.scalar_type(), acc = acc_of(dt);
+  const at::Tensor s = cast_input(s_in, dt), qkv_weight = cast_input(qkv_weight_in, dt),
+                   proj_weight = cast_input(proj_weight_in, dt);
   const int64_t BN = g.B * g.N;
   if (refine_backward_cpu_takes(grad, s, qkvh, attn, o, qkv_weight, proj_weight)) {
     auto [ds, dqkv_w, dqkv_b, dproj_w, dproj_b] =
@@ -280,7 +309,7 @@ TORCH_LIBRARY_FRAGMENT(stvit, m) {
   m.def("refine_attention(Tensor s, Tensor qkv_weight, Tensor? qkv_bias, Tensor proj_weight, "
         "Tensor? proj_bias, int heads, float scale, float dropout_p) -> Tensor");
   m.def("refine_attention_forward(Tensor s, Tensor qkv_weight, Tensor? qkv_bias, "
-        "Tensor proj_weight, Tensor? proj_bias, int heads, float scale) "
+        "Tensor proj_weight, Tensor? proj_bias, int heads, float scale, ScalarType? dtype=None) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("refine_attention_backward(Tensor grad, Tensor s, Tensor qkvh, Tensor attn, Tensor o, "
         "Tensor qkv_weight, Tensor proj_weight, int heads, float scale) "

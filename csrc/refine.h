@@ -11,15 +11,27 @@ namespace stvit {
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// Autocast's cast of an operator's input made inside the operator (one C++ call, no autograd
+// node): `t` in `dtype`; `t` itself without a dtype, when it has that one already, or when it is
+// not a float32 / float16 / bfloat16 tensor (autocast leaves float64 alone). An absent optional
+// stays absent.
+at::Tensor cast_input(const at::Tensor& t, std::optional<at::ScalarType> dtype);
+std::optional<at::Tensor> cast_input(const std::optional<at::Tensor>& t,
+                                     std::optional<at::ScalarType> dtype);
+
 // (out [B, C, H, W], qkvh, attn, o): see refine.cpp. The operator's out is token-major; with
-// `contiguous_out` it is contiguous instead (for the upsampling of sta_forward).
+// `contiguous_out` it is contiguous instead (for the upsampling of sta_forward). `dtype`: s and the
+// parameters cast to it first (cast_input: the module under autocast).
 Tensor4 refine_attention_forward(const at::Tensor& s, const at::Tensor& qkv_weight,
                                  const std::optional<at::Tensor>& qkv_bias,
                                  const at::Tensor& proj_weight,
                                  const std::optional<at::Tensor>& proj_bias, int64_t heads,
-                                 double scale, bool contiguous_out);
+                                 double scale, bool contiguous_out,
+                                 std::optional<at::ScalarType> dtype = std::nullopt);
 
-// (ds, dqkv_weight, dqkv_bias, dproj_weight, dproj_bias) from the gradient of `out`.
+// (ds, dqkv_weight, dqkv_bias, dproj_weight, dproj_bias) from the gradient of `out`, in the dtype
+// the forward computed in (o's): s and the weights may be the forward's inputs before its cast,
+// cast again here (autograd casts the gradients back to the inputs' dtypes).
 Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s,
                                   const at::Tensor& qkvh, const at::Tensor& attn,
                                   const at::Tensor& o, const at::Tensor& qkv_weight,

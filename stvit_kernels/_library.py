@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference as _ref
-from ._utils import accumulation_dtype, cast, normalise
+from ._utils import accumulation_dtype, autocast_cast_dtype, cast, normalise
 
 
 class Kernels(NamedTuple):
@@ -265,10 +265,10 @@ class Refine(torch.autograd.Function):
     views, matmuls and SDPA on autograd's graph, each a dispatcher round trip in the backward."""
 
     @staticmethod
-    def forward(ctx, s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale):
+    def forward(ctx, s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale, dtype=None):
         ctx.set_materialize_grads(False)
         out, qkvh, attn, o = torch.ops.stvit.refine_attention_forward.default(
-            s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale)
+            s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale, dtype)
         ctx.save_for_backward(s, qkvh, attn, o, qkv_weight, proj_weight)
         ctx.args = (heads, scale, qkv_bias is not None, proj_bias is not None)
         return out
@@ -276,10 +276,10 @@ class Refine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         if g is None:
-            return (None,) * 7
+            return (None,) * 8
         heads, scale, *biases = ctx.args
         grads = torch.ops.stvit.refine_attention_backward.default(g, *ctx.saved_tensors, heads, scale)
-        return _drop_absent_biases(grads, *biases) + (None, None)
+        return _drop_absent_biases(grads, *biases) + (None,) * 3
 
 
 class SuperTokenStep(torch.autograd.Function):
@@ -290,10 +290,11 @@ class SuperTokenStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads,
-                attn_scale):
+                attn_scale, dtype=None):
         ctx.set_materialize_grads(False)
         y, *saved = torch.ops.stvit.sta_forward.default(
-            x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads, attn_scale)
+            x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads, attn_scale,
+            dtype)
         ctx.save_for_backward(*saved, qkv_weight, proj_weight)
         ctx.args = (h, w, heads, attn_scale, qkv_bias is not None, proj_bias is not None)
         return y
@@ -301,10 +302,10 @@ class SuperTokenStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         if gy is None:
-            return (None,) * 11
+            return (None,) * 12
         h, w, heads, attn_scale, *biases = ctx.args
         grads = torch.ops.stvit.sta_backward.default(gy, *ctx.saved_tensors, h, w, heads, attn_scale)
-        return _drop_absent_biases(grads, *biases) + (None,) * 6
+        return _drop_absent_biases(grads, *biases) + (None,) * 7
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,6 +365,13 @@ def _token_major_map(like, B, C, H, W):
     return like.new_empty((B, H, W, C)).permute(0, 3, 1, 2)
 
 
+def _cast_inputs(dtype, *tensors):
+    """csrc/refine.cpp's ``cast_input`` on fake tensors: each as a ``new_empty`` of the dtype
+    autocast would give it (float32 / float16 / bfloat16 ones ``dtype``)."""
+    return tuple(t if autocast_cast_dtype(t, dtype) == t.dtype else t.new_empty(t.shape, dtype=dtype)
+                 for t in tensors)
+
+
 def _relayout(t, shape, dtype):
     """csrc/refine.cpp's ``relayout``: ``t`` reshaped (a view where its strides allow) when no cast
     is needed, else a fresh contiguous tensor."""
@@ -372,7 +380,9 @@ def _relayout(t, shape, dtype):
     return t.new_empty(shape, dtype=dtype)
 
 
-def _fake_refine_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale):
+def _fake_refine_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, scale, dtype=None):
+    if dtype is not None:
+        s, qkv_weight, proj_weight = _cast_inputs(dtype, s, qkv_weight, proj_weight)
     _check_fake(s, qkv_weight, proj_weight)
     B, C, H, W = s.shape
     N, d, acc = H * W, C // heads, accumulation_dtype(s.dtype)
@@ -386,6 +396,8 @@ def _fake_refine_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads,
 
 
 def _fake_refine_backward(grad, s, qkvh, attn, o, qkv_weight, proj_weight, heads, scale):
+    # in the dtype the forward computed in (o's), s and the weights cast to it as the forward did
+    s, qkv_weight, proj_weight = _cast_inputs(o.dtype, s, qkv_weight, proj_weight)
     _check_fake(grad, s, o, qkv_weight, proj_weight)
     return (_token_major_map(s, *s.shape), qkv_weight.new_empty(qkv_weight.shape),
             qkv_weight.new_empty((qkv_weight.shape[0],)), proj_weight.new_empty(proj_weight.shape),
@@ -393,7 +405,9 @@ def _fake_refine_backward(grad, s, qkvh, attn, o, qkv_weight, proj_weight, heads
 
 
 def _fake_sta_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads,
-                      attn_scale):
+                      attn_scale, dtype=None):
+    if dtype is not None:
+        x, qkv_weight, proj_weight = _cast_inputs(dtype, x, qkv_weight, proj_weight)
     _check_fake(x, qkv_weight, proj_weight)
     s, A, den = _fake_associate(x, None, h, w, scale, n_iter)
     _, qkvh, attn, o = _fake_refine_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads,
@@ -402,9 +416,9 @@ def _fake_sta_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, sca
 
 
 def _fake_sta_inference(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads,
-                        attn_scale):
+                        attn_scale, dtype=None):
     return _fake_sta_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter,
-                             heads, attn_scale)[0]
+                             heads, attn_scale, dtype)[0]
 
 
 def _fake_sta_backward(grad, A, den, s, qkvh, attn, o, qkv_weight, proj_weight, h, w, heads,

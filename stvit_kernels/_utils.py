@@ -145,6 +145,20 @@ def normalise(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+    """Under ``torch.autocast`` for ``t``'s device, the autocast dtype; else None."""
+    device_type = t.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_cast_dtype(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype :func:`autocast_inputs` gives ``t`` (``dtype``: the autocast dtype or None), as
+    the operators that cast their inputs themselves (``dtype`` argument) do."""
+    return dtype if dtype is not None and t.dtype in _AUTOCAST_ELIGIBLE else t.dtype
+
+
 def autocast_inputs(*tensors):
     """Under ``torch.autocast`` for the tensors' device, the float32 / float16 / bfloat16 ones cast
     to the autocast dtype (as autocast does for ``matmul``); otherwise unchanged. Anything that is
@@ -152,9 +166,8 @@ def autocast_inputs(*tensors):
     first = tensors[0]
     if not isinstance(first, torch.Tensor):
         return tensors
-    device_type = first.device.type
-    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+    dtype = autocast_dtype(first)
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
     return tuple(cast(t, dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE
                  else t for t in tensors)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from . import _ext
 from ._library import Refine, SuperTokenStep, needs_grad
-from ._utils import StokenSize, autocast_inputs, cast, check_n_iter, pair
+from ._utils import (StokenSize, autocast_cast_dtype, autocast_dtype, autocast_inputs, cast,
+                     check_n_iter, pair)
 from .backends import resolve
 
 #: The refine attention as C++ calls when the extension is built (it always is where a compiler
@@ -84,12 +85,13 @@ class RefineAttention(nn.Module):
         if not _BUILT:
             out = self._forward_python(x, p)
         elif self.written_out(x.shape[2] * x.shape[3]):
-            # written out (csrc/refine.cpp), the inputs cast as autocast would
-            x, *params = autocast_inputs(x, *params)
+            # written out (csrc/refine.cpp); under autocast the operator casts the inputs as
+            # autocast would, itself (no autograd node per cast)
+            dtype = autocast_dtype(x) if _any_autocast() else None
             if needs_grad(x, *params):
-                out = Refine.apply(x, *params, self.num_heads, self.scale)
+                out = Refine.apply(x, *params, self.num_heads, self.scale, dtype)
             else:
-                out = _REFINE_FORWARD(x, *params, self.num_heads, self.scale)[0]
+                out = _REFINE_FORWARD(x, *params, self.num_heads, self.scale, dtype)[0]
         else:  # the same ops as _forward_python (SDPA), composed in C++: one call
             out = _REFINE_OP(x, *params, self.num_heads, self.scale, p)
         return self.proj_drop(out) if self.training and self.proj_drop.p > 0 else out
@@ -204,11 +206,11 @@ class SuperTokenAttention(nn.Module):
         pad_r, pad_b = (w - W0 % w) % w, (h - H0 % h) % h
         if pad_r or pad_b:
             x = F.pad(x, (0, pad_r, 0, pad_b))
-        if autocast:
-            (x,) = autocast_inputs(x)
         be = resolve(x, self.backend)
         y = self._one_step(be, x, autocast, weights) if weights is not None else None
         if y is None:
+            if autocast:
+                (x,) = autocast_inputs(x)
             s, A = be.associate(x, None, h, w, self.scale, self.n_iter)
             # under autocast the refine may return another precision than the association's
             s = cast(self._refine(s), A.dtype)
@@ -224,7 +226,9 @@ class SuperTokenAttention(nn.Module):
         attention refine (its ``weights()``: ``params``) with at most
         :data:`REFINE_FUSED_MAX_TOKENS` super tokens and no dropout in training, and under
         autocast parameters that cast to ``x``'s dtype. None otherwise (the per-piece path). The
-        refine module's own forward (and its hooks) is not called on this path."""
+        refine module's own forward (and its hooks) is not called on this path. Under autocast
+        the operator casts ``x`` and the parameters itself (its ``dtype`` argument), where the
+        casts would otherwise be autograd nodes of their own."""
         if not be.one_step:
             return None
         r = self._modules["stoken_refine"]
@@ -232,11 +236,14 @@ class SuperTokenAttention(nn.Module):
         if (not r.written_out((x.shape[2] // h) * (x.shape[3] // w))
                 or (self.training and r.proj_drop.p > 0)):
             return None
+        dtype = None
         if autocast:
-            params = autocast_inputs(*params)
-            if params[0].dtype != x.dtype:  # a float64 x under autocast
+            dtype = autocast_dtype(x)
+            # one dtype after autocast's casts (not so for a float64 x: the per-piece path)
+            cast_to = autocast_cast_dtype(x, dtype)
+            if any(p is not None and autocast_cast_dtype(p, dtype) != cast_to for p in params):
                 return None
-        args = (h, w, self.scale, self.n_iter, r.num_heads, r.scale)
+        args = (h, w, self.scale, self.n_iter, r.num_heads, r.scale, dtype)
         if needs_grad(x, *params):
             return SuperTokenStep.apply(x, *params, *args)
         return _STA_INFERENCE(x, *params, *args)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import stvit_kernels as sk
+from stvit_kernels.backends import resolve
 
 from .utils import device_for, make_inputs, rel_error, seed_for
 
@@ -101,6 +102,57 @@ def test_ops_autocast_accuracy(device, dtype):
                 assert rel_error(o, o_true) <= 2 * rel_error(o_ref, o_true) + 1e-6, (name, backend)
             for g, g_ref, g_true in zip(grads, grads_ref, grads_true):
                 assert rel_error(g, g_true) <= 3 * rel_error(g_ref, g_true) + 1e-6, (name, backend)
+
+
+def _graph_names(fn) -> set:
+    """The names of the nodes of autograd's graph behind ``fn``."""
+    seen, todo = set(), [fn]
+    while todo:
+        f = todo.pop()
+        if f is not None and f.name() not in seen:
+            seen.add(f.name())
+            todo += [g for g, _ in f.next_functions]
+    return seen
+
+
+@pytest.mark.parametrize("device,dtype", _device_types())
+@pytest.mark.parametrize("what", ["module", "refine"])
+def test_autocast_casts_inside_the_operators(device, dtype, what):
+    """Under autocast the module's one call (``stvit::sta_forward``) and the written-out refine
+    cast x and the parameters themselves (their ``dtype`` argument): outputs and every gradient
+    equal, bit for bit, those of the same module converted to the autocast dtype by hand (its
+    gradients cast to float32, as autograd returns them), with no cast node on autograd's graph
+    (the module's per-piece path, backends without the one call, casts x as a node of its own)."""
+    torch.manual_seed(seed_for("autocast-inside", device, dtype, what))
+    backends = [b for b in sk.available_backends() if device_for(b) == device] or ["reference"]
+    for backend in backends:
+        def make():
+            if what == "module":
+                return sk.SuperTokenAttention(16, (4, 3), num_heads=2, qkv_bias=True,
+                                              backend=backend)
+            return sk.RefineAttention(16, num_heads=2, qkv_bias=True)
+        m, m_half = make().to(device), make()
+        m_half.load_state_dict(m.state_dict())
+        m_half = m_half.to(device, dtype)
+        x = torch.randn(2, 16, 7, 9, device=device, requires_grad=True)
+        g = torch.randn(2, 16, 7, 9, device=device, dtype=dtype)
+        with torch.autocast(device, dtype=dtype):
+            y = m(x)
+        assert y.dtype == dtype
+        if what == "refine" or resolve(x, backend).one_step:  # else x is cast per piece
+            names = _graph_names(y.grad_fn)
+            assert not any(n.startswith("ToCopyBackward") for n in names), (backend, names)
+        y.backward(g)
+        x_half = x.detach().to(dtype).requires_grad_()
+        y_half = m_half(x_half)
+        y_half.backward(g)
+        torch.testing.assert_close(y, y_half, rtol=0, atol=0, msg=backend)
+        assert x.grad.dtype == torch.float32
+        torch.testing.assert_close(x.grad, x_half.grad.float(), rtol=0, atol=0, msg=backend)
+        for (name, p), p_half in zip(m.named_parameters(), m_half.parameters()):
+            assert p.grad.dtype == torch.float32, name
+            torch.testing.assert_close(p.grad, p_half.grad.float(), rtol=0, atol=0,
+                                       msg=f"{backend} {name}")
 
 
 def test_autocast_mixed_input_dtypes():

@@ -204,6 +204,21 @@ def test_opcheck_step_and_refine_ops(device, dtype, B, heads):
         (ops.refine_attention_backward.default,
          (torch.randn_like(s), s, qkvh, attn, o, W[0], W[2], heads, r.scale)),
     ]
+    if dtype == torch.float32:
+        # under autocast: the inputs cast inside (dtype argument), the backward on the uncast
+        # weights (and for the refine the uncast s)
+        bf = torch.bfloat16
+        y, A, den, s, qkvh, attn, o = ops.sta_forward(x, *W, h, w, m.scale, 2, heads, r.scale, bf)
+        _, rq, ra, ro = ops.refine_attention_forward(s.float(), *W, heads, r.scale, bf)
+        samples += [
+            (ops.sta_forward.default, (x, *W, h, w, m.scale, 2, heads, r.scale, bf)),
+            (ops.sta_inference.default, (x, *W, h, w, m.scale, 1, heads, r.scale, bf)),
+            (ops.sta_backward.default, (torch.randn_like(y), A, den, s, qkvh, attn, o, W[0], W[2],
+                                        h, w, heads, r.scale)),
+            (ops.refine_attention_forward.default, (s.float(), *W, heads, r.scale, bf)),
+            (ops.refine_attention_backward.default,
+             (torch.randn_like(s), s.float(), rq, ra, ro, W[0], W[2], heads, r.scale)),
+        ]
     for op, args in samples:
         torch.library.opcheck(op, args)
 
