@@ -12,7 +12,10 @@
 # Steps, in order of need: tier, sanitize, bench1, bench2 (issues 10, 11), bench1_aten (bench1 with
 # the refine attention on ATen's operators: STVIT_REFINE_KERNELS=0), ncu (issue 12), model
 # (STViT-S img/s, fp32 + bf16, inference + training, eager, with the STA's share of the step),
-# ncu_triton, bench_ro (stage 1 under torch.compile mode="reduce-overhead", official and cuda).
+# ncu_triton, bench_ro (stage 1 under torch.compile mode="reduce-overhead", official and cuda);
+# not in the default list: bench1_bf16 (bench1 in bfloat16: issue 12's bf16 <= 0.6x fp32), dense
+# and dense_bf16 (B=8, C=64, 56², 128², 256² tokens, cuda and triton against dense SDPA: issue 12's
+# >= 3x / >= 30x and issue 11's time growing with the work).
 # All of them take more than one call's 540 s when the tier runs long: pick with STEPS.
 # GPU_PY: the GPU machine's python (default python3). STEPS: a subset, e.g. STEPS="bench1 ncu".
 set -uo pipefail
@@ -52,6 +55,14 @@ for s in $STEPS; do
               --out "$OUT/sta_stage1_aten_refine.json" ;;
     bench2) step bench_stage2 60 "${STA[@]}" --sides 28 --dim 128 --heads 2 --stoken 4 \
               --out "$OUT/sta_stage2.json" ;;
+    bench1_bf16) step bench_stage1_bf16 60 "${STA[@]}" --sides 56 --dim 64 --heads 1 --stoken 8 \
+              --dtype bfloat16 --out "$OUT/sta_stage1_bf16.json" ;;
+    dense|dense_bf16)
+         dt=float32; [ "$s" = dense_bf16 ] && dt=bfloat16
+         step "sta_$s" 120 "$PY" benchmarks/bench_ops.py --device cuda --ops sta \
+           --providers cuda triton dense-sdpa --batch 8 --dim 64 --heads 1 --stoken 8 \
+           --sides 56 128 256 --modes fwd fwd+bwd --no-targets --dtype "$dt" \
+           --out "$OUT/sta_$s.json" ;;
     ncu|ncu_triton)
          be=cuda; [ "$s" = ncu_triton ] && be=triton
          step "$s" 150 ncu --profile-from-start off --nvtx --csv --metrics "$NCU_METRICS" \
@@ -64,7 +75,8 @@ for s in $STEPS; do
                 --providers official+compile cuda+compile --batch 64 --modes fwd fwd+bwd \
                 --no-targets --compile-mode reduce-overhead --sides 56 --dim 64 --heads 1 \
                 --stoken 8 --out "$OUT/sta_stage1_reduce_overhead.json" ;;
-    *) echo "unknown step $s (tier sanitize bench1 bench2 bench1_aten ncu model ncu_triton bench_ro)" >&2
+    *) echo "unknown step $s (tier sanitize bench1 bench2 bench1_aten bench1_bf16 dense dense_bf16" \
+            "ncu model ncu_triton bench_ro)" >&2
        exit 2 ;;
   esac
 done
