@@ -104,6 +104,22 @@ def test_compile_module_fullgraph(backend):
     _check_compiled_matches_eager(module, inputs, compiled, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("backend", sk.available_backends())
+def test_compile_module_autocast(backend):
+    """The same under bfloat16 autocast (the one-call operators' and the refine's ``dtype``
+    argument traced as a constant): one graph, no recompilation, the eager results."""
+    torch._dynamo.reset()
+    module, inputs = _module_case(backend)
+    device_type = inputs[0].device.type
+
+    def run(x):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return module(x)
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    _check_compiled_matches_eager(run, inputs, compiled, TOL[torch.bfloat16])
+
+
 def test_compile_module_inductor():
     """The default compiler (inductor) on the default backend choice."""
     torch._dynamo.reset()
