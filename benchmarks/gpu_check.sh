@@ -15,7 +15,8 @@
 # ncu_triton, bench_ro (stage 1 under torch.compile mode="reduce-overhead", official and cuda);
 # not in the default list: bench1_bf16 (bench1 in bfloat16: issue 12's bf16 <= 0.6x fp32), dense
 # and dense_bf16 (B=8, C=64, 56², 128², 256² tokens, cuda and triton against dense SDPA: issue 12's
-# >= 3x / >= 30x and issue 11's time growing with the work).
+# >= 3x / >= 30x and issue 11's time growing with the work), tune (benchmarks/tune_cuda.py: the
+# CUDA kernels' plan limits swept at the stage shapes, fp32 + bf16, about a minute).
 # All of them take more than one call's 540 s when the tier runs long: pick with STEPS.
 # GPU_PY: the GPU machine's python (default python3). STEPS: a subset, e.g. STEPS="bench1 ncu".
 set -uo pipefail
@@ -57,6 +58,7 @@ for s in $STEPS; do
               --out "$OUT/sta_stage2.json" ;;
     bench1_bf16) step bench_stage1_bf16 60 "${STA[@]}" --sides 56 --dim 64 --heads 1 --stoken 8 \
               --dtype bfloat16 --out "$OUT/sta_stage1_bf16.json" ;;
+    tune) step tune_cuda 150 "$PY" benchmarks/tune_cuda.py --out "$OUT/tune_cuda.json" ;;
     dense|dense_bf16)
          dt=float32; [ "$s" = dense_bf16 ] && dt=bfloat16
          step "sta_$s" 120 "$PY" benchmarks/bench_ops.py --device cuda --ops sta \
@@ -76,7 +78,7 @@ for s in $STEPS; do
                 --no-targets --compile-mode reduce-overhead --sides 56 --dim 64 --heads 1 \
                 --stoken 8 --out "$OUT/sta_stage1_reduce_overhead.json" ;;
     *) echo "unknown step $s (tier sanitize bench1 bench2 bench1_aten bench1_bf16 dense dense_bf16" \
-            "ncu model ncu_triton bench_ro)" >&2
+            "tune ncu model ncu_triton bench_ro)" >&2
        exit 2 ;;
   esac
 done

@@ -57,6 +57,17 @@ at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, in
 Tensor3 affinity_aggregate_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
                                 double scale, bool normalise);
 at::Tensor pool_cuda(const at::Tensor& x, int64_t h, int64_t w);
+
+// Benchmark aid (benchmarks/tune_cuda.py): the plan limits of the CUDA STA kernels
+// (cuda/sta_kernels.cuh, PlanLimits) for every later call of this process: threads per block
+// (32..256, a multiple of 32), the pixels a tile of an aggregating kernel aims at, the shared
+// memory an aggregating block may take before it opts in for more (bytes: the blocks per SM), and
+// whether it keeps x on chip (1) or re-reads it (0). 0 (cache_x: -1) restores the device's
+// default. Returns the previous overrides in the same order.
+std::tuple<int64_t, int64_t, int64_t, int64_t> set_cuda_plan_overrides(int64_t max_threads,
+                                                                       int64_t tile_pixels,
+                                                                       int64_t smem_block,
+                                                                       int64_t cache_x);
 #endif
 
 }  // namespace stvit

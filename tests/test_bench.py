@@ -50,6 +50,9 @@ def _cpu_backends():
 
 
 BACKENDS = _cpu_backends()
+#: the extension has the CUDA kernels (their plan overrides exist)
+_C_CUDA = "cpu" in BACKENDS and sk._ext.load_error() is None and __import__(
+    "stvit_kernels._C", fromlist=["_C"]).built_with_cuda()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -310,6 +313,63 @@ def test_proxy_ab_script(tmp_path):
     res = proxy_ab.measure(root, root, turns=2)
     assert set(res) == {"fwd", "fwd+bwd"}
     assert all(r["a_ms"] > 0 and r["b_ms"] > 0 and 0.2 < r["ratio"] < 5 for r in res.values())
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
+def test_tune_cuda_script(tmp_path):
+    """tune_cuda.py --smoke on the CPU (the knobs change nothing there): every op, both dtypes,
+    the default and one more configuration per op with knobs, consistent with each other."""
+    tune = _load("tune_cuda")
+    res = tune.run(torch.device("cpu"), [torch.float32, torch.bfloat16], smoke=True, copy_gbs=None)
+    assert {(s["op"], s["dtype"]) for s in res["summary"]} == {
+        (op, dt) for op in tune.OPS for dt in ("float32", "bfloat16")}
+    assert all(r["ok"] and r["ms"] > 0 for r in res["rows"]), res["rows"]
+    assert sum(r["default"] for r in res["rows"]) == 8
+    assert "| affinity_aggregate | smoke | float32 |" in tune.table(res["summary"])
+    # the grid of a GPU run: every knob of the aggregating ops, the default first
+    full = tune.configs("affinity_aggregate", smoke=False)
+    assert full[0] == tune.DEFAULT and len(full) == 3 * 4 * 4 + 2
+    assert tune.configs("pool", smoke=False) == [tune.DEFAULT]
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS or not _C_CUDA, reason="needs the CUDA build")
+def test_cuda_plan_overrides_are_checked_and_restored():
+    from stvit_kernels import _C
+    before = _C._set_cuda_plan(128, 512, 40 * 1024, 0)
+    try:
+        assert _C._set_cuda_plan(*before) == (128, 512, 40 * 1024, 0)
+        for bad in (dict(max_threads=100), dict(max_threads=512), dict(tile_pixels=-1),
+                    dict(cache_x=2), dict(smem_block=-5)):
+            with pytest.raises(RuntimeError):
+                _C._set_cuda_plan(**bad)
+        assert _C._set_cuda_plan(*before) == before   # a failed call changes nothing
+    finally:
+        _C._set_cuda_plan(*before)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg", [dict(max_threads=64, tile_pixels=256), dict(max_threads=256, tile_pixels=4096),
+                                 dict(cache_x=0), dict(smem_block=20 * 1024)],
+                         ids=["t64-tile256", "t256-tile4096", "reread-x", "smem20k"])
+def test_cuda_plan_overrides_keep_results(cfg):
+    """The plans tune_cuda.py tries compute the same function on the GPU: the CUDA ops under
+    each override against the reference (odd sizes: partial tiles, masked cells)."""
+    from stvit_kernels import _C, reference
+    from .utils import make_inputs
+    t = make_inputs(3, 40, 20, 35, 4, 5, device="cuda", seed=7)   # 5 x 7 cells of 4 x 5
+    x, s, A = t["x"], t["s"], t["A"]
+    ops = torch.ops.stvit
+    before = _C._set_cuda_plan(cfg.get("max_threads", 0), cfg.get("tile_pixels", 0),
+                               cfg.get("smem_block", 0), cfg.get("cache_x", -1))
+    try:
+        got = [*ops.affinity_aggregate(x, s, 4, 5, 0.3), *ops.aggregate(x, A, 4, 5),
+               ops.upsample(s, A, 4, 5)]
+    finally:
+        _C._set_cuda_plan(*before)
+    want = [*reference.affinity_aggregate(x, s, 4, 5, 0.3), *reference.aggregate(x, A, 4, 5),
+            reference.upsample(s, A, 4, 5)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_ncu_report_parses_ncu_csv(tmp_path):

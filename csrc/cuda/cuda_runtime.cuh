@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -14,6 +15,13 @@
 
 namespace stvit {
 namespace cuda {
+
+// Process-wide overrides of the plan limits (a benchmark aid: benchmarks/tune_cuda.py sweeps
+// them, stvit::set_cuda_plan_overrides sets them): 0 keeps the device's default (cache_x: -1).
+struct PlanOverrides {
+  std::atomic<int> max_threads{0}, tile_pixels{0}, smem_block{0}, cache_x{-1};
+};
+inline PlanOverrides plan_overrides;
 
 // Launches on the current stream of the inputs' device; opts in to more than 48 KB of dynamic
 // shared memory when a plan asks for it (very wide channels).
@@ -28,6 +36,11 @@ struct CudaRuntime {
     lim.smem_max = static_cast<size_t>(prop->sharedMemPerBlockOptin);
     const size_t per_sm = static_cast<size_t>(prop->sharedMemPerMultiprocessor);
     lim.smem_block = per_sm >= 4 * 1024 ? per_sm / 4 - 1024 : per_sm;
+    const PlanOverrides& o = plan_overrides;
+    if (const int v = o.max_threads.load(std::memory_order_relaxed); v > 0) lim.max_threads = v;
+    if (const int v = o.tile_pixels.load(std::memory_order_relaxed); v > 0) lim.tile_pixels = v;
+    if (const int v = o.smem_block.load(std::memory_order_relaxed); v > 0) lim.smem_block = v;
+    if (const int v = o.cache_x.load(std::memory_order_relaxed); v >= 0) lim.cache_x = v != 0;
   }
 
   cuda::PlanLimits limits() const { return lim; }

@@ -43,4 +43,24 @@ at::Tensor pool_cuda(const at::Tensor& x, int64_t h, int64_t w) {
   return cuda::pool_impl(rt, x, h, w);
 }
 
+std::tuple<int64_t, int64_t, int64_t, int64_t> set_cuda_plan_overrides(int64_t max_threads,
+                                                                       int64_t tile_pixels,
+                                                                       int64_t smem_block,
+                                                                       int64_t cache_x) {
+  TORCH_CHECK(max_threads == 0 || (max_threads >= 32 && max_threads <= cuda::kMaxThreads &&
+                                   max_threads % 32 == 0),
+              "max_threads must be 0 (default) or a multiple of 32 in [32, ", cuda::kMaxThreads,
+              "], got ", max_threads);
+  TORCH_CHECK(tile_pixels >= 0 && tile_pixels <= (1 << 20), "tile_pixels must be in [0, 2^20], got ",
+              tile_pixels);
+  TORCH_CHECK(smem_block >= 0 && smem_block <= (1 << 20), "smem_block must be in [0, 2^20], got ",
+              smem_block);
+  TORCH_CHECK(cache_x >= -1 && cache_x <= 1, "cache_x must be -1 (default), 0 or 1, got ", cache_x);
+  cuda::PlanOverrides& o = cuda::plan_overrides;
+  return {o.max_threads.exchange(static_cast<int>(max_threads)),
+          o.tile_pixels.exchange(static_cast<int>(tile_pixels)),
+          o.smem_block.exchange(static_cast<int>(smem_block)),
+          o.cache_x.exchange(static_cast<int>(cache_x))};
+}
+
 }  // namespace stvit
