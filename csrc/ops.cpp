@@ -124,14 +124,20 @@ struct CpuKernels {
     return affinity_aggregate_cpu(x, s, h, w, scale, normalise);
   }
   static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) { return pool_cpu(x, h, w); }
-  // upsample(g / (den + 1e-12), A)
+  // upsample(g / (den + 1e-12), A), in out_dtype if given (cast after)
   static at::Tensor upsample_normalised(const at::Tensor& g, const at::Tensor& A,
-                                        const at::Tensor& den, int64_t h, int64_t w) {
-    return upsample_cpu(normalised(g, den).contiguous(), A, h, w);
+                                        const at::Tensor& den, int64_t h, int64_t w,
+                                        std::optional<at::ScalarType> out_dtype) {
+    const at::Tensor y = upsample_cpu(normalised(g, den).contiguous(), A, h, w);
+    return out_dtype.has_value() ? y.to(*out_dtype) : y;
   }
+  // Whether the kernels read pixels of dtype `x` for a computation in `dtype` (the cast folded
+  // in): not the CPU kernels.
+  static bool reads_cast(at::ScalarType, at::ScalarType) { return false; }
   // affinity_aggregate(x, pool(x)), the pooling in the same pass over x
   static Tensor3 pooled_affinity_aggregate(const at::Tensor& x, int64_t h, int64_t w,
-                                           double scale, bool normalise) {
+                                           double scale, bool normalise,
+                                           std::optional<at::ScalarType>) {
     return affinity_aggregate_cpu(x, at::Tensor(), h, w, scale, normalise);
   }
 };
@@ -159,14 +165,25 @@ struct CudaKernels {
   }
   static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) { return pool_cuda(x, h, w); }
   // upsample(g / (den + 1e-12), A): the division while the kernel stages g, which it reads
-  // token-major as the refine's backward leaves it (no copy)
+  // token-major as the refine's backward leaves it (no copy); out_dtype float32 for 16-bit g:
+  // written as float32 by the kernel (autograd's cast of the gradient into x folded in)
   static at::Tensor upsample_normalised(const at::Tensor& g, const at::Tensor& A,
-                                        const at::Tensor& den, int64_t h, int64_t w) {
-    return upsample_cuda(g, A, h, w, den.contiguous());
+                                        const at::Tensor& den, int64_t h, int64_t w,
+                                        std::optional<at::ScalarType> out_dtype) {
+    if (out_dtype.has_value() && !pixel_dtype_ok_cuda(*out_dtype, g.scalar_type())) {
+      return upsample_cuda(g, A, h, w, den.contiguous()).to(*out_dtype);
+    }
+    return upsample_cuda(g, A, h, w, den.contiguous(), out_dtype);
   }
+  // float32 x read for a float16 / bfloat16 computation (sta_launch.cuh, pixel_dtype_ok)
+  static bool reads_cast(at::ScalarType x, at::ScalarType dtype) {
+    return x != dtype && pixel_dtype_ok_cuda(x, dtype);
+  }
+  // dtype: s (and so A, num, den) in it, x read as if cast to it (reads_cast)
   static Tensor3 pooled_affinity_aggregate(const at::Tensor& x, int64_t h, int64_t w,
-                                           double scale, bool normalise) {
-    return affinity_aggregate_cuda(x, pool(x, h, w), h, w, scale, normalise);
+                                           double scale, bool normalise,
+                                           std::optional<at::ScalarType> dtype) {
+    return affinity_aggregate_cuda(x, pool_cuda(x, h, w, dtype), h, w, scale, normalise);
   }
 };
 #endif
@@ -205,9 +222,13 @@ Tensor3 affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, 
 // the average-pooled x when `s` is None; `n_iter` fused affinity + aggregation passes, each
 // normalised in its reduction. Returns (the final super tokens num / (den + 1e-12), the final
 // association A, den).
+// `dtype` (sta_forward under autocast, s None): the computation in it, x cast to it (cast_input),
+// or, where the kernels read float32 x for it (K::reads_cast), x read as it is and each value
+// rounded to dtype as the kernels load it (the same results, one pass over x fewer).
 template <typename K>
-Tensor3 associate(const at::Tensor& x, const std::optional<at::Tensor>& s, int64_t h, int64_t w,
-                  double scale, int64_t n_iter) {
+Tensor3 associate_impl(const at::Tensor& x, const std::optional<at::Tensor>& s, int64_t h,
+                       int64_t w, double scale, int64_t n_iter,
+                       std::optional<at::ScalarType> dtype = std::nullopt) {
   TORCH_CHECK(n_iter >= 1, "stvit::associate: n_iter must be >= 1, got ", n_iter);
   if (s.has_value()) {
     check_pixels_stokens("associate", x, *s, h, w);
@@ -216,11 +237,13 @@ Tensor3 associate(const at::Tensor& x, const std::optional<at::Tensor>& s, int64
     check_cells("associate", "x", x, h, w);
   }
   typename K::Guard guard(x);
-  const at::Tensor xc = x.contiguous();
+  const bool fold = !s.has_value() && dtype.has_value() && K::reads_cast(x.scalar_type(), *dtype);
+  const at::Tensor xc = (fold ? x : cast_input(x, dtype)).contiguous();
   // without s: the first iteration starts from the cell means (pooled in the same pass, CPU)
   Tensor3 r = s.has_value()
                   ? K::affinity_aggregate(xc, s->contiguous(), h, w, scale, /*normalise=*/true)
-                  : K::pooled_affinity_aggregate(xc, h, w, scale, /*normalise=*/true);
+                  : K::pooled_affinity_aggregate(xc, h, w, scale, /*normalise=*/true,
+                                                 fold ? dtype : std::nullopt);
   for (int64_t i = 1; i < n_iter; ++i) {
     r = K::affinity_aggregate(xc, std::get<1>(r), h, w, scale, /*normalise=*/true);
   }
@@ -228,10 +251,18 @@ Tensor3 associate(const at::Tensor& x, const std::optional<at::Tensor>& s, int64
   return {stokens, A, den};
 }
 
-// The gradient of associate into x: upsample(g / (den + 1e-12), A) (A and den are constants).
 template <typename K>
-at::Tensor associate_backward(const at::Tensor& g, const at::Tensor& A, const at::Tensor& den,
-                              int64_t h, int64_t w) {
+Tensor3 associate(const at::Tensor& x, const std::optional<at::Tensor>& s, int64_t h, int64_t w,
+                  double scale, int64_t n_iter) {
+  return associate_impl<K>(x, s, h, w, scale, n_iter);
+}
+
+// The gradient of associate into x: upsample(g / (den + 1e-12), A) (A and den are constants), in
+// `out_dtype` if given (x's: the kernels write it where they can, K::upsample_normalised).
+template <typename K>
+at::Tensor associate_backward_impl(const at::Tensor& g, const at::Tensor& A,
+                                   const at::Tensor& den, int64_t h, int64_t w,
+                                   std::optional<at::ScalarType> out_dtype = std::nullopt) {
   TORCH_CHECK(g.dim() == 4 && den.dim() == 4 && den.size(1) == 1 && g.size(0) == den.size(0) &&
                   g.sizes().slice(2) == den.sizes().slice(2),
               "stvit::associate_backward: g [B, C, hh, ww] and den [B, 1, hh, ww] do not match: "
@@ -239,7 +270,13 @@ at::Tensor associate_backward(const at::Tensor& g, const at::Tensor& A, const at
   check_same("associate_backward", "g", g, "den", den);
   check_stokens_affinity("associate_backward", g, A, h, w);
   typename K::Guard guard(A);
-  return K::upsample_normalised(g, A.contiguous(), den, h, w);
+  return K::upsample_normalised(g, A.contiguous(), den, h, w, out_dtype);
+}
+
+template <typename K>
+at::Tensor associate_backward(const at::Tensor& g, const at::Tensor& A, const at::Tensor& den,
+                              int64_t h, int64_t w) {
+  return associate_backward_impl<K>(g, A, den, h, w);
 }
 
 template <typename K>
@@ -266,7 +303,7 @@ Tensor7 sta_forward(const at::Tensor& x, const at::Tensor& qkv_weight,
                     int64_t n_iter, int64_t heads, double attn_scale,
                     std::optional<at::ScalarType> dtype) {
   typename K::Guard guard(x);
-  auto [s, A, den] = associate<K>(cast_input(x, dtype), std::nullopt, h, w, scale, n_iter);
+  auto [s, A, den] = associate_impl<K>(x, std::nullopt, h, w, scale, n_iter, dtype);
   auto [r, qkvh, attn, o] =
       refine_attention_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, attn_scale,
                                /*contiguous_out=*/true, dtype);
@@ -289,18 +326,21 @@ at::Tensor sta_inference(const at::Tensor& x, const at::Tensor& qkv_weight,
 // The gradient of sta_forward's y into x and the refine's four parameters, the module's
 // semantics (A and den constants): upsampling -> (ds: aggregate(g, A).num), the refine by hand,
 // the association (associate_backward). In the dtype sta_forward computed in (grad's: autograd
-// casts the gradients back to the inputs' dtypes); the weights may be in another (uncast).
+// casts the gradients back to the inputs' dtypes); the weights may be in another (uncast). The
+// gradient into x in `x_dtype` if given (x's before sta_forward's cast: written in it by the
+// CUDA kernel where it can, else cast).
 template <typename K>
 Tensor5 sta_backward(const at::Tensor& grad, const at::Tensor& A, const at::Tensor& den,
                      const at::Tensor& s, const at::Tensor& qkvh, const at::Tensor& attn,
                      const at::Tensor& o, const at::Tensor& qkv_weight,
                      const at::Tensor& proj_weight, int64_t h, int64_t w, int64_t heads,
-                     double attn_scale) {
+                     double attn_scale, std::optional<at::ScalarType> x_dtype) {
   typename K::Guard guard(grad);
   const at::Tensor gr = std::get<0>(aggregate<K>(grad, A, h, w));
   auto [gs, dqkv_w, dqkv_b, dproj_w, dproj_b] =
       refine_attention_backward(gr, s, qkvh, attn, o, qkv_weight, proj_weight, heads, attn_scale);
-  return {associate_backward<K>(gs, A, den, h, w), dqkv_w, dqkv_b, dproj_w, dproj_b};
+  return {associate_backward_impl<K>(gs, A, den, h, w, x_dtype), dqkv_w, dqkv_b, dproj_w,
+          dproj_b};
 }
 
 }  // namespace
@@ -326,7 +366,7 @@ TORCH_LIBRARY(stvit, m) {
         "-> Tensor");
   m.def("sta_backward(Tensor grad, Tensor A, Tensor den, Tensor s, Tensor qkvh, Tensor attn, "
         "Tensor o, Tensor qkv_weight, Tensor proj_weight, int h, int w, int heads, "
-        "float attn_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "float attn_scale, ScalarType? x_dtype=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(stvit, CPU, m) {

@@ -27,6 +27,7 @@
 // with int64 wherever an offset scales with B * C * H * W.
 #pragma once
 
+#include <optional>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -51,12 +52,22 @@ at::Tensor affinity_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, in
 Tensor2 aggregate_cuda(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w);
 // s in any layout (copied to contiguous unless it is, or, with den, token-major: channels_last
 // strides); with den [B, 1, hh, ww] defined, the upsampling of s / (den + 1e-12)
-// (associate_backward), the division in the accumulation type
+// (associate_backward), the division in the accumulation type, and y in `out_dtype` if given
+// (float32 for 16-bit s: each value rounded to s's dtype, then widened; autograd's cast of the
+// gradient into a float32 x folded in)
 at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w,
-                         const at::Tensor& den = at::Tensor());
+                         const at::Tensor& den = at::Tensor(),
+                         std::optional<at::ScalarType> out_dtype = std::nullopt);
+// x may be float32 where s is float16 / bfloat16 (each value of x rounded to s's dtype as it is
+// read: autocast's cast of x folded in); A, num, den in s's dtype
 Tensor3 affinity_aggregate_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
                                 double scale, bool normalise);
-at::Tensor pool_cuda(const at::Tensor& x, int64_t h, int64_t w);
+// s in `dtype` if given (float16 / bfloat16 for float32 x, the same folding)
+at::Tensor pool_cuda(const at::Tensor& x, int64_t h, int64_t w,
+                     std::optional<at::ScalarType> dtype = std::nullopt);
+// Whether the kernels above take pixel-side tensors (x read, y written) of dtype `pixel` for a
+// computation in `dtype`: the same dtype, or float32 around float16 / bfloat16.
+bool pixel_dtype_ok_cuda(at::ScalarType pixel, at::ScalarType dtype);
 
 // Benchmark aid (benchmarks/tune_cuda.py): the plan limits of the CUDA STA kernels
 // (cuda/sta_kernels.cuh, PlanLimits) for every later call of this process: threads per block

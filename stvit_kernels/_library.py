@@ -296,15 +296,18 @@ class SuperTokenStep(torch.autograd.Function):
             x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads, attn_scale,
             dtype)
         ctx.save_for_backward(*saved, qkv_weight, proj_weight)
-        ctx.args = (h, w, heads, attn_scale, qkv_bias is not None, proj_bias is not None)
+        # under autocast, the gradient into x in x's dtype (written so by the CUDA kernel)
+        ctx.args = (h, w, heads, attn_scale, None if dtype is None else x.dtype,
+                    qkv_bias is not None, proj_bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         if gy is None:
             return (None,) * 12
-        h, w, heads, attn_scale, *biases = ctx.args
-        grads = torch.ops.stvit.sta_backward.default(gy, *ctx.saved_tensors, h, w, heads, attn_scale)
+        h, w, heads, attn_scale, x_dtype, *biases = ctx.args
+        grads = torch.ops.stvit.sta_backward.default(gy, *ctx.saved_tensors, h, w, heads, attn_scale,
+                                                     x_dtype)
         return _drop_absent_biases(grads, *biases) + (None,) * 7
 
 
@@ -422,12 +425,12 @@ def _fake_sta_inference(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, s
 
 
 def _fake_sta_backward(grad, A, den, s, qkvh, attn, o, qkv_weight, proj_weight, h, w, heads,
-                       attn_scale):
+                       attn_scale, x_dtype=None):
     _check_fake(grad, A, den, s)
     # the refine's backward runs on the gradient of its output, shaped like s
     _, *param_grads = _fake_refine_backward(s, s, qkvh, attn, o, qkv_weight, proj_weight, heads,
                                             attn_scale)
-    return (grad.new_empty(grad.shape), *param_grads)
+    return (grad.new_empty(grad.shape, dtype=x_dtype or grad.dtype), *param_grads)
 
 
 FAKES = {

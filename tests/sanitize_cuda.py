@@ -75,6 +75,31 @@ def run(B, C, H, W, h, w, dtype):
     for g in (s, s.to(memory_format=torch.channels_last)):  # token-major: read in place
         gx = ops.associate_backward(g, A2, den2, h, w)
         ok &= check("associate_backward", gx.cpu(), want_gx, dtype, info)
+    if dtype in (torch.float16, torch.bfloat16):
+        ok &= run_folded_casts(B, C, H, W, h, w, dtype, info)
+    return ok
+
+
+def run_folded_casts(B, C, H, W, h, w, dtype, info):
+    """The module step under autocast (sta_forward's dtype, sta_backward's x_dtype): float32 x
+    read by the pool and fused kernels, the gradient into x written as float32 by the normalised
+    upsampling; the same bits as the casts done apart."""
+    ops = torch.ops.stvit
+    g = torch.Generator().manual_seed(C * 7 + h)
+    xf = torch.randn(B, C, H, W, generator=g).cuda()
+    W_ = [torch.randn(3 * C, C, 1, 1, generator=g).cuda() * C ** -0.5, None,
+          torch.randn(C, C, 1, 1, generator=g).cuda() * C ** -0.5, torch.randn(C, generator=g).cuda()]
+    half_W = [None if t is None else t.to(dtype) for t in W_]
+    args = (h, w, C ** -0.5, 1, 1, C ** -0.5)
+    got = ops.sta_forward(xf, *W_, *args, dtype)
+    want = ops.sta_forward(xf.to(dtype), *half_W, *args)
+    ok = all(torch.equal(a, b) for a, b in zip(got, want))
+    gy = torch.randn(B, C, H, W, generator=g).to("cuda", dtype)
+    dx = ops.sta_backward(gy, *got[1:], W_[0], W_[2], h, w, 1, C ** -0.5, torch.float32)[0]
+    dx_half = ops.sta_backward(gy, *want[1:], half_W[0], half_W[2], h, w, 1, C ** -0.5)[0]
+    ok &= dx.dtype == torch.float32 and torch.equal(dx, dx_half.float())
+    if not ok:
+        print(f"FAIL folded casts {info}: not the results of the casts done apart")
     return ok
 
 

@@ -215,6 +215,8 @@ def test_opcheck_step_and_refine_ops(device, dtype, B, heads):
             (ops.sta_inference.default, (x, *W, h, w, m.scale, 1, heads, r.scale, bf)),
             (ops.sta_backward.default, (torch.randn_like(y), A, den, s, qkvh, attn, o, W[0], W[2],
                                         h, w, heads, r.scale)),
+            (ops.sta_backward.default, (torch.randn_like(y), A, den, s, qkvh, attn, o, W[0], W[2],
+                                        h, w, heads, r.scale, torch.float32)),
             (ops.refine_attention_forward.default, (s.float(), *W, heads, r.scale, bf)),
             (ops.refine_attention_backward.default,
              (torch.randn_like(s), s.float(), rq, ra, ro, W[0], W[2], heads, r.scale)),

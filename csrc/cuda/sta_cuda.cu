@@ -24,10 +24,10 @@ Tensor2 aggregate_cuda(const at::Tensor& x, const at::Tensor& A, int64_t h, int6
 }
 
 at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w,
-                         const at::Tensor& den) {
+                         const at::Tensor& den, std::optional<at::ScalarType> out_dtype) {
   const c10::cuda::OptionalCUDAGuard guard(A.device());
   CudaRuntime rt;
-  return cuda::upsample_impl(rt, s, A, h, w, den);
+  return cuda::upsample_impl(rt, s, A, h, w, den, out_dtype);
 }
 
 Tensor3 affinity_aggregate_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
@@ -37,10 +37,15 @@ Tensor3 affinity_aggregate_cuda(const at::Tensor& x, const at::Tensor& s, int64_
   return cuda::affinity_aggregate_impl(rt, x, s, h, w, scale, normalise);
 }
 
-at::Tensor pool_cuda(const at::Tensor& x, int64_t h, int64_t w) {
+at::Tensor pool_cuda(const at::Tensor& x, int64_t h, int64_t w,
+                     std::optional<at::ScalarType> dtype) {
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   CudaRuntime rt;
-  return cuda::pool_impl(rt, x, h, w);
+  return cuda::pool_impl(rt, x, h, w, dtype);
+}
+
+bool pixel_dtype_ok_cuda(at::ScalarType pixel, at::ScalarType dtype) {
+  return cuda::pixel_dtype_ok(pixel, dtype);
 }
 
 std::tuple<int64_t, int64_t, int64_t, int64_t> set_cuda_plan_overrides(int64_t max_threads,

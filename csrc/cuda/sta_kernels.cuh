@@ -107,19 +107,23 @@ __device__ __forceinline__ void async_wait_all() {
 // The C channels of one pixel of x (stride HW between channels) into the shared row dst, with
 // every load in flight before any is waited for: cp.async for 4- and 8-byte types (the thread
 // waits with async_wait_all() before it reads dst), groups of 32 register loads for 16-bit ones
-// (cp.async copies at least 4 bytes; dst is complete on return).
-template <typename scalar_t>
+// (cp.async copies at least 4 bytes; dst is complete on return). src may be float32 where
+// scalar_t is 16-bit (pixel_t, see CellParams): each value rounded to scalar_t as it is loaded.
+template <typename scalar_t, typename pixel_t>
 __device__ __forceinline__ void fetch_pixel(scalar_t* __restrict__ dst,
-                                            const scalar_t* __restrict__ src, int C, int64_t HW) {
-  if constexpr (sizeof(scalar_t) >= 4) {
+                                            const pixel_t* __restrict__ src, int C, int64_t HW) {
+  if constexpr (sizeof(scalar_t) >= 4 && std::is_same_v<scalar_t, pixel_t>) {
 #pragma unroll 8
     for (int c = 0; c < C; ++c) async_copy<sizeof(scalar_t)>(dst + c, src + c * HW);
   } else {
-    constexpr int U = 32;
+    // loads in flight per group: 16 of float pixels for a 16-bit computation (32 spill there)
+    constexpr int U = std::is_same_v<scalar_t, pixel_t> ? 32 : 16;
     for (int c0 = 0; c0 < C; c0 += U) {
       scalar_t v[U];
 #pragma unroll
-      for (int u = 0; u < U; ++u) v[u] = c0 + u < C ? src[(c0 + u) * HW] : scalar_t(0.0f);
+      for (int u = 0; u < U; ++u) {
+        v[u] = c0 + u < C ? static_cast<scalar_t>(src[(c0 + u) * HW]) : scalar_t(0.0f);
+      }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (c0 + u < C) dst[c0 + u] = v[u];
@@ -130,15 +134,19 @@ __device__ __forceinline__ void fetch_pixel(scalar_t* __restrict__ dst,
 
 // ------------------------------------------------------------------------------------------------
 // Parameters (one struct for every pixel-side kernel; unused pointers are null)
-
-template <typename scalar_t>
+//
+// pixel_t: the element type of the pixel-side tensor, x read or y written; scalar_t, or float32
+// where scalar_t is 16-bit and autocast's cast of x (or of the gradient into x) is done in the
+// kernel: each x value is rounded to scalar_t as it is read, each y value rounded to scalar_t,
+// then widened, as it is written (the results are those of the cast done apart).
+template <typename scalar_t, typename pixel_t = scalar_t>
 struct CellParams {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* x = nullptr;     // [B, C, H, W]   affinity, aggregate, fused
+  const pixel_t* x = nullptr;      // [B, C, H, W]   affinity, aggregate, fused
   const scalar_t* s = nullptr;     // [B, C, hh, ww] affinity, fused, upsample
   const scalar_t* A_in = nullptr;  // [B, 9, H, W]   aggregate, upsample
   scalar_t* A_out = nullptr;       // [B, 9, H, W]   affinity, fused
-  scalar_t* y = nullptr;           // [B, C, H, W]   upsample
+  pixel_t* y = nullptr;            // [B, C, H, W]   upsample
   acc_t* ws = nullptr;             // [B, hh, NT, 3, NC+2, CW] partial sums: aggregate, fused
   acc_t scale = 0;
   bool softmax = true;
@@ -152,15 +160,21 @@ struct CellParams {
 // [B, 1, hh, ww], s with the channel and super-token strides (hh * ww, 1) (contiguous) or (1, C)
 // (token-major). A struct of its own: a field more in CellParams changes ptxas's register
 // allocation of every cell kernel (tried: spills appear in five of them).
-template <typename scalar_t>
-struct NormalisedParams : CellParams<scalar_t> {
+template <typename scalar_t, typename pixel_t = scalar_t>
+struct NormalisedParams : CellParams<scalar_t, pixel_t> {
   const scalar_t* den = nullptr;
   int64_t s_sc = 0, s_sn = 1;
 };
 
-template <typename scalar_t, bool NORMALISED>
-using UpsampleParams =
-    std::conditional_t<NORMALISED, NormalisedParams<scalar_t>, CellParams<scalar_t>>;
+template <typename scalar_t, bool NORMALISED, typename pixel_t = scalar_t>
+using UpsampleParams = std::conditional_t<NORMALISED, NormalisedParams<scalar_t, pixel_t>,
+                                          CellParams<scalar_t, pixel_t>>;
+
+// A value of x (pixel_t) as the kernels compute with it: rounded to scalar_t first.
+template <typename scalar_t, typename pixel_t>
+__device__ __forceinline__ scalar_t as_scalar(pixel_t v) {
+  return static_cast<scalar_t>(v);
+}
 
 // Where a block sits: batch b, cell row ci, tile T (cells cj0 .. cj0+nct-1), tile width TW and
 // pixel count TP.
@@ -271,8 +285,8 @@ enum CellMode : int {
 // s_sh only when computing logits, A_sh and x_sh only when aggregating (x_sh only with CACHE_X:
 // the batch's x is kept on chip between the logits and the partial sums, so x is read from
 // device memory once; without it the partial sums re-read x, mostly from L2).
-template <typename scalar_t, int MODE, bool CACHE_X>
-__global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scalar_t> p) {
+template <typename scalar_t, int MODE, bool CACHE_X, typename pixel_t = scalar_t>
+__global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scalar_t, pixel_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = VecWidth<acc_t>::value;
   constexpr bool kLogits = MODE != kAggregate;
@@ -288,7 +302,7 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
   const int q = threadIdx.x;
   const int NCE = p.NC + 2;
   const int64_t HW = static_cast<int64_t>(p.H) * p.W;
-  const scalar_t* x_b = p.x + t.b * p.C * HW;
+  const pixel_t* x_b = p.x + t.b * p.C * HW;
 
   for (int pb = 0; pb < t.TP; pb += BS) {
     // ---- this thread's pixel
@@ -330,7 +344,7 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
         }
         if (active) {
           const int nv = imin(p.CK, p.C - c0);
-          const scalar_t* xp = x_b + c0 * HW + pix;
+          const pixel_t* xp = x_b + c0 * HW + pix;
           if constexpr (kAgg && CACHE_X) async_wait_all();  // this thread's own row of x_sh
 #pragma unroll 2
           for (int cc = 0; cc < nv; cc += V) {
@@ -341,7 +355,8 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
             } else {
 #pragma unroll
               for (int v = 0; v < V; ++v) {
-                xr.v[v] = (cc + v < nv) ? xp[(cc + v) * HW] : static_cast<scalar_t>(0.0f);
+                xr.v[v] = (cc + v < nv) ? as_scalar<scalar_t>(xp[(cc + v) * HW])
+                                        : static_cast<scalar_t>(0.0f);
               }
             }
 #pragma unroll
@@ -444,11 +459,12 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
 #pragma unroll
                 for (int v = 0; v < V; ++v) xv[v] = static_cast<acc_t>(xs.v[v]);
               } else {
-                const scalar_t* xp = x_b + pix_row + pj;
+                const pixel_t* xp = x_b + pix_row + pj;
 #pragma unroll
                 for (int v = 0; v < V; ++v) {
                   const int cv = c + v;
-                  xv[v] = cv < p.C ? static_cast<acc_t>(xp[cv * HW]) : acc_t(cv == p.C ? 1 : 0);
+                  xv[v] = cv < p.C ? static_cast<acc_t>(as_scalar<scalar_t>(xp[cv * HW]))
+                                   : acc_t(cv == p.C ? 1 : 0);
                 }
               }
               const acc_t a0 = static_cast<acc_t>(A_sh[kc * BS + qq]);
@@ -481,9 +497,9 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
 // y[:, p] = sum over valid k of A[k, p] * s[:, nbr_k(p)] (NORMALISED: of s / (den + 1e-12), s with
 // the strides p.s_sc, p.s_sn; see stage_stokens): one thread per pixel, its 9 weights in
 // registers (invalid ones zeroed), the super tokens from shared memory, V channels at a time.
-template <typename scalar_t, bool NORMALISED>
+template <typename scalar_t, bool NORMALISED, typename pixel_t = scalar_t>
 __global__ void __launch_bounds__(kMaxThreads) upsample_kernel(
-    const UpsampleParams<scalar_t, NORMALISED> p) {
+    const UpsampleParams<scalar_t, NORMALISED, pixel_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = VecWidth<acc_t>::value;
 
@@ -495,7 +511,7 @@ __global__ void __launch_bounds__(kMaxThreads) upsample_kernel(
   const int NCE = p.NC + 2;
   const int64_t HW = static_cast<int64_t>(p.H) * p.W;
   const scalar_t* s_b = p.s + t.b * p.C * static_cast<int64_t>(p.hh) * p.ww;
-  scalar_t* y_b = p.y + t.b * p.C * HW;
+  pixel_t* y_b = p.y + t.b * p.C * HW;
 
   for (int pb = 0; pb < t.TP; pb += BS) {
     const int pi = pb + threadIdx.x;
@@ -526,7 +542,7 @@ __global__ void __launch_bounds__(kMaxThreads) upsample_kernel(
       }
       if (active) {
         const int nv = imin(p.CK, p.C - c0);
-        scalar_t* yp = y_b + c0 * HW + pix;
+        pixel_t* yp = y_b + c0 * HW + pix;
 #pragma unroll 2
         for (int cc = 0; cc < nv; cc += V) {
           acc_t out[V];
@@ -541,7 +557,9 @@ __global__ void __launch_bounds__(kMaxThreads) upsample_kernel(
           }
 #pragma unroll
           for (int v = 0; v < V; ++v) {
-            if (cc + v < nv) yp[(cc + v) * HW] = static_cast<scalar_t>(out[v]);
+            if (cc + v < nv) {
+              yp[(cc + v) * HW] = static_cast<pixel_t>(static_cast<scalar_t>(out[v]));
+            }
           }
         }
       }
@@ -616,16 +634,16 @@ __global__ void __launch_bounds__(kMaxThreads) reduce_kernel(const ReduceParams<
 // right, in acc_t.
 // Consecutive threads take consecutive cells of a row: every vector load of a warp reads whole
 // 32-byte sectors, or halves of sectors that its next load reads from L1.
-template <typename scalar_t>
+template <typename scalar_t, typename pixel_t = scalar_t>
 struct PoolParams {
-  const scalar_t* x = nullptr;  // [B, C, H, W]
+  const pixel_t* x = nullptr;   // [B, C, H, W] (pixel_t: as in CellParams)
   scalar_t* s = nullptr;        // [B, C, hh, ww]
   int64_t total = 0;            // B * C * hh * ww
   int H = 0, W = 0, h = 1, w = 1, hh = 0, ww = 0;
 };
 
-template <typename scalar_t, int L>
-__global__ void __launch_bounds__(kMaxThreads) pool_kernel(const PoolParams<scalar_t> p) {
+template <typename scalar_t, int L, typename pixel_t = scalar_t>
+__global__ void __launch_bounds__(kMaxThreads) pool_kernel(const PoolParams<scalar_t, pixel_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   const int nv = p.w / L;  // vectors per row of a cell
   const int n = p.h * nv;  // vectors per cell
@@ -637,17 +655,17 @@ __global__ void __launch_bounds__(kMaxThreads) pool_kernel(const PoolParams<scal
     const int64_t rest = idx / p.ww;
     const int u = static_cast<int>(rest % p.hh);
     const int64_t bc = rest / p.hh;
-    const scalar_t* cell = p.x + (bc * p.H + static_cast<int64_t>(u) * p.h) * p.W +
-                           static_cast<int64_t>(v) * p.w;
+    const pixel_t* cell = p.x + (bc * p.H + static_cast<int64_t>(u) * p.h) * p.W +
+                          static_cast<int64_t>(v) * p.w;
     acc_t sum = acc_t(0);
     int r = 0, k = 0;  // the next vector: the k-th of row r
     for (int i0 = 0; i0 < n; i0 += kStageLoads) {
       // kStageLoads loads issued before any is summed
-      Vec<scalar_t, L> val[kStageLoads];
+      Vec<pixel_t, L> val[kStageLoads];
 #pragma unroll
       for (int u = 0; u < kStageLoads; ++u) {
         if (i0 + u < n) {
-          val[u] = load_vec<scalar_t, L>(cell + r * p.W + k * L);
+          val[u] = load_vec<pixel_t, L>(cell + r * p.W + k * L);
           if (++k == nv) {
             k = 0;
             ++r;
@@ -658,7 +676,7 @@ __global__ void __launch_bounds__(kMaxThreads) pool_kernel(const PoolParams<scal
       for (int u = 0; u < kStageLoads; ++u) {
         if (i0 + u < n) {
 #pragma unroll
-          for (int l = 0; l < L; ++l) sum += static_cast<acc_t>(val[u].v[l]);
+          for (int l = 0; l < L; ++l) sum += static_cast<acc_t>(as_scalar<scalar_t>(val[u].v[l]));
         }
       }
     }

@@ -8,7 +8,9 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -41,6 +43,28 @@ inline void check_pair(const char* op, const at::Tensor& a, const char* an, cons
               b.device(), ") must have the same dtype and device");
 }
 
+// Whether the kernels take pixel-side tensors of dtype `pixel` for a computation in `dtype`
+// (pixel_t of CellParams): the same dtype, or float32 pixels around a 16-bit computation.
+inline bool pixel_dtype_ok(at::ScalarType pixel, at::ScalarType dtype) {
+  return pixel == dtype ||
+         (pixel == at::kFloat && (dtype == at::kHalf || dtype == at::kBFloat16));
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// f(TypeTag<pixel_t>{}) with pixel_t = float where `pixel` differs from scalar_t (a 16-bit type,
+// see pixel_dtype_ok), else scalar_t: the kernels are instantiated for float pixels only there.
+template <typename scalar_t, class F>
+void with_pixel_type(at::ScalarType pixel, F&& f) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (pixel != c10::CppTypeToScalarType<scalar_t>::value) return f(TypeTag<float>{});
+  }
+  f(TypeTag<scalar_t>{});
+}
+
 inline int64_t grid_blocks(const char* op, int64_t B, int hh, const Plan& pl) {
   const int64_t blocks = B * hh * pl.NT;
   TORCH_CHECK(blocks <= int64_t(0x7fffffff), op, ": too many blocks (", blocks, ")");
@@ -58,10 +82,10 @@ void set_grid(P& p, int64_t H, int64_t W, int64_t h, int64_t w) {
   p.ww = static_cast<int>(W / w);
 }
 
-template <typename scalar_t>
-CellParams<scalar_t> cell_params(const Plan& pl, int64_t C, int64_t H, int64_t W, int64_t h,
-                                 int64_t w) {
-  CellParams<scalar_t> p;
+template <typename scalar_t, typename pixel_t = scalar_t>
+CellParams<scalar_t, pixel_t> cell_params(const Plan& pl, int64_t C, int64_t H, int64_t W,
+                                          int64_t h, int64_t w) {
+  CellParams<scalar_t, pixel_t> p;
   p.C = static_cast<int>(C);
   set_grid(p, H, W, h, w);
   p.NC = pl.NC;
@@ -175,10 +199,12 @@ std::tuple<at::Tensor, at::Tensor> aggregate_impl(RT& rt, const at::Tensor& x, c
 // Any layout of s (read in place when contiguous; with `den`, also when token-major, the strides
 // of channels_last that the refine's backward leaves: a [B, hh * ww, C] tensor viewed as
 // [B, C, hh, ww]; else a contiguous copy first); with `den` [B, 1, hh, ww] (contiguous),
-// upsample(s / (den + 1e-12), A), the division done while staging s (associate_backward).
+// upsample(s / (den + 1e-12), A), the division done while staging s (associate_backward). y in
+// `out_dtype` (default s's; float32 for 16-bit s: each value rounded to s's dtype, then widened).
 template <class RT>
 at::Tensor upsample_impl(RT& rt, const at::Tensor& s_in, const at::Tensor& A, int64_t h,
-                         int64_t w, const at::Tensor& den = at::Tensor()) {
+                         int64_t w, const at::Tensor& den = at::Tensor(),
+                         std::optional<at::ScalarType> out_dtype = std::nullopt) {
   constexpr const char* op = "stvit::upsample (CUDA)";
   check_grid(op, A, "A", h, w);
   const int64_t B = A.size(0), H = A.size(2), W = A.size(3);
@@ -198,99 +224,128 @@ at::Tensor upsample_impl(RT& rt, const at::Tensor& s_in, const at::Tensor& A, in
     TORCH_CHECK(den.size(0) == B && den.size(1) == 1 && den.size(2) == hh && den.size(3) == ww,
                 op, ": den.shape=", den.sizes(), " does not match s.shape=", s.sizes());
   }
-  at::Tensor y = at::empty({B, C, H, W}, s.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::ScalarType y_dtype = out_dtype.value_or(s.scalar_type());
+  TORCH_CHECK(pixel_dtype_ok(y_dtype, s.scalar_type()), op, ": cannot write y in ", y_dtype,
+              " from s in ", s.scalar_type());
+  at::Tensor y = at::empty({B, C, H, W}, s.options().dtype(y_dtype).memory_format(
+                                             at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "stvit_upsample_cuda", [&] {
-    const Plan pl = plan_for<scalar_t>(kPlanStokens, C, h, w, ww, rt.limits());
-    CellParams<scalar_t> p = cell_params<scalar_t>(pl, C, H, W, h, w);
-    p.s = s.data_ptr<scalar_t>();
-    p.A_in = A.data_ptr<scalar_t>();
-    p.y = y.data_ptr<scalar_t>();
-    const int64_t blocks = grid_blocks(op, B, hh, pl);
-    if (den.defined()) {
-      NormalisedParams<scalar_t> q;
-      static_cast<CellParams<scalar_t>&>(q) = p;
-      q.den = den.data_ptr<scalar_t>();
-      q.s_sc = token_major ? 1 : hh * ww;
-      q.s_sn = token_major ? C : 1;
-      rt.launch(upsample_kernel<scalar_t, true>, blocks, pl.BS, pl.smem, q);
-    } else {
-      rt.launch(upsample_kernel<scalar_t, false>, blocks, pl.BS, pl.smem, p);
-    }
+    with_pixel_type<scalar_t>(y_dtype, [&](auto tag) {
+      using pixel_t = typename decltype(tag)::type;
+      const Plan pl = plan_for<scalar_t>(kPlanStokens, C, h, w, ww, rt.limits());
+      CellParams<scalar_t, pixel_t> p = cell_params<scalar_t, pixel_t>(pl, C, H, W, h, w);
+      p.s = s.data_ptr<scalar_t>();
+      p.A_in = A.data_ptr<scalar_t>();
+      p.y = y.data_ptr<pixel_t>();
+      const int64_t blocks = grid_blocks(op, B, hh, pl);
+      if (den.defined()) {
+        NormalisedParams<scalar_t, pixel_t> q;
+        static_cast<CellParams<scalar_t, pixel_t>&>(q) = p;
+        q.den = den.data_ptr<scalar_t>();
+        q.s_sc = token_major ? 1 : hh * ww;
+        q.s_sn = token_major ? C : 1;
+        rt.launch(upsample_kernel<scalar_t, true, pixel_t>, blocks, pl.BS, pl.smem, q);
+      } else if constexpr (std::is_same_v<pixel_t, scalar_t>) {
+        rt.launch(upsample_kernel<scalar_t, false>, blocks, pl.BS, pl.smem, p);
+      } else {
+        TORCH_CHECK(false, op, ": a float32 y is for the normalised upsampling only");
+      }
+    });
   });
   return y;
 }
 
 // The widest vector (elements, at most 16 bytes) that divides w and W and the alignment of x.
-template <typename scalar_t>
+template <typename pixel_t>
 int pool_vector(const at::Tensor& x, int64_t W, int64_t w) {
   const auto addr = reinterpret_cast<uintptr_t>(x.const_data_ptr());
-  int L = 16 / static_cast<int>(sizeof(scalar_t));
-  while (L > 1 && (w % L != 0 || W % L != 0 || addr % (L * sizeof(scalar_t)) != 0)) L /= 2;
+  int L = 16 / static_cast<int>(sizeof(pixel_t));
+  while (L > 1 && (w % L != 0 || W % L != 0 || addr % (L * sizeof(pixel_t)) != 0)) L /= 2;
   return L;
 }
 
 // pool_kernel<scalar_t, L> for the widest L <= `want` among L, L / 2, ..., 1.
-template <typename scalar_t, int L, class RT>
-void launch_pool(RT& rt, int want, int64_t blocks, const PoolParams<scalar_t>& p) {
+template <typename scalar_t, typename pixel_t, int L, class RT>
+void launch_pool(RT& rt, int want, int64_t blocks, const PoolParams<scalar_t, pixel_t>& p) {
   if constexpr (L > 1) {
-    if (want < L) return launch_pool<scalar_t, L / 2>(rt, want, blocks, p);
+    if (want < L) return launch_pool<scalar_t, pixel_t, L / 2>(rt, want, blocks, p);
   }
-  rt.launch(pool_kernel<scalar_t, L>, blocks, kMaxThreads, 0, p);
+  rt.launch(pool_kernel<scalar_t, L, pixel_t>, blocks, kMaxThreads, 0, p);
 }
 
+// s in `dtype` (default x's; a 16-bit dtype for float32 x: each value of x rounded to it as it is
+// read, the cast of x folded in).
 template <class RT>
-at::Tensor pool_impl(RT& rt, const at::Tensor& x, int64_t h, int64_t w) {
+at::Tensor pool_impl(RT& rt, const at::Tensor& x, int64_t h, int64_t w,
+                     std::optional<at::ScalarType> dtype = std::nullopt) {
   constexpr const char* op = "stvit::pool (CUDA)";
   check_grid(op, x, "x", h, w);
+  const at::ScalarType s_dtype = dtype.value_or(x.scalar_type());
+  TORCH_CHECK(pixel_dtype_ok(x.scalar_type(), s_dtype), op, ": cannot pool x in ",
+              x.scalar_type(), " into ", s_dtype);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  at::Tensor s = at::empty({B, C, H / h, W / w}, x.options());
+  at::Tensor s = at::empty({B, C, H / h, W / w}, x.options().dtype(s_dtype));
   if (s.numel() == 0) return s;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stvit_pool_cuda", [&] {
-    PoolParams<scalar_t> p;
-    p.x = x.const_data_ptr<scalar_t>();
-    p.s = s.data_ptr<scalar_t>();
-    p.total = s.numel();
-    set_grid(p, H, W, h, w);
-    const int64_t blocks = imin<int64_t>((p.total + kMaxThreads - 1) / kMaxThreads, int64_t(1) << 20);
-    launch_pool<scalar_t, 16 / sizeof(scalar_t)>(rt, pool_vector<scalar_t>(x, W, w), blocks, p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s_dtype, "stvit_pool_cuda", [&] {
+    with_pixel_type<scalar_t>(x.scalar_type(), [&](auto tag) {
+      using pixel_t = typename decltype(tag)::type;
+      PoolParams<scalar_t, pixel_t> p;
+      p.x = x.const_data_ptr<pixel_t>();
+      p.s = s.data_ptr<scalar_t>();
+      p.total = s.numel();
+      set_grid(p, H, W, h, w);
+      const int64_t blocks =
+          imin<int64_t>((p.total + kMaxThreads - 1) / kMaxThreads, int64_t(1) << 20);
+      launch_pool<scalar_t, pixel_t, 16 / sizeof(pixel_t)>(rt, pool_vector<pixel_t>(x, W, w),
+                                                           blocks, p);
+    });
   });
   return s;
 }
 
-// (A, num, den); with `normalise`, (A, num / (den + 1e-12), den): the updated super tokens.
+// (A, num, den); with `normalise`, (A, num / (den + 1e-12), den): the updated super tokens. x in
+// s's dtype, or float32 for 16-bit s (each value of x rounded to s's dtype as it is read: the cast
+// of x folded in); A, num and den in s's dtype.
 template <class RT>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_aggregate_impl(
     RT& rt, const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale,
     bool normalise = false) {
   constexpr const char* op = "stvit::affinity_aggregate (CUDA)";
   check_grid(op, x, "x", h, w);
-  check_pair(op, x, "x", s, "s");
+  TORCH_CHECK(s.dim() == 4 && s.is_contiguous(), op, ": s must be a contiguous 4-D tensor, got "
+              "shape ", s.sizes());
+  TORCH_CHECK(pixel_dtype_ok(x.scalar_type(), s.scalar_type()) && x.device() == s.device(), op,
+              ": x (", x.scalar_type(), ", ", x.device(), ") and s (", s.scalar_type(), ", ",
+              s.device(), ") must have the same dtype (or float32 x for 16-bit s) and device");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t hh = H / h, ww = W / w;
   TORCH_CHECK(s.size(0) == B && s.size(1) == C && s.size(2) == hh && s.size(3) == ww, op,
               ": s.shape=", s.sizes(), " does not match x.shape=", x.sizes());
-  at::Tensor A = at::empty({B, 9, H, W}, x.options());
-  at::Tensor num = at::empty({B, C, hh, ww}, x.options());
-  at::Tensor den = at::empty({B, 1, hh, ww}, x.options());
+  at::Tensor A = at::empty({B, 9, H, W}, s.options());
+  at::Tensor num = at::empty({B, C, hh, ww}, s.options());
+  at::Tensor den = at::empty({B, 1, hh, ww}, s.options());
   if (A.numel() == 0) return {A, num, den};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stvit_affinity_aggregate_cuda", [&] {
-    const Plan pl = plan_for<scalar_t>(kPlanFused, C, h, w, ww, rt.limits());
-    CellParams<scalar_t> p = cell_params<scalar_t>(pl, C, H, W, h, w);
-    at::Tensor ws = workspace<scalar_t>(x, B, hh, pl);
-    p.x = C > 0 ? x.data_ptr<scalar_t>() : nullptr;
-    p.s = C > 0 ? s.data_ptr<scalar_t>() : nullptr;
-    p.A_out = A.data_ptr<scalar_t>();
-    p.ws = ws.data_ptr<at::opmath_type<scalar_t>>();
-    p.scale = static_cast<typename CellParams<scalar_t>::acc_t>(scale);
-    p.softmax = true;
-    const int64_t blocks = grid_blocks(op, B, hh, pl);
-    if (pl.cache_x) {
-      rt.launch(cell_kernel<scalar_t, kFused, true>, blocks, pl.BS, pl.smem, p);
-    } else {
-      rt.launch(cell_kernel<scalar_t, kFused, false>, blocks, pl.BS, pl.smem, p);
-    }
-    launch_reduce<scalar_t>(rt, ws, num, den, B, C, hh, ww, pl, normalise);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "stvit_affinity_aggregate_cuda", [&] {
+    with_pixel_type<scalar_t>(x.scalar_type(), [&](auto tag) {
+      using pixel_t = typename decltype(tag)::type;
+      const Plan pl = plan_for<scalar_t>(kPlanFused, C, h, w, ww, rt.limits());
+      CellParams<scalar_t, pixel_t> p = cell_params<scalar_t, pixel_t>(pl, C, H, W, h, w);
+      at::Tensor ws = workspace<scalar_t>(s, B, hh, pl);
+      p.x = C > 0 ? x.data_ptr<pixel_t>() : nullptr;
+      p.s = C > 0 ? s.data_ptr<scalar_t>() : nullptr;
+      p.A_out = A.data_ptr<scalar_t>();
+      p.ws = ws.data_ptr<at::opmath_type<scalar_t>>();
+      p.scale = static_cast<at::opmath_type<scalar_t>>(scale);
+      p.softmax = true;
+      const int64_t blocks = grid_blocks(op, B, hh, pl);
+      if (pl.cache_x) {
+        rt.launch(cell_kernel<scalar_t, kFused, true, pixel_t>, blocks, pl.BS, pl.smem, p);
+      } else {
+        rt.launch(cell_kernel<scalar_t, kFused, false, pixel_t>, blocks, pl.BS, pl.smem, p);
+      }
+      launch_reduce<scalar_t>(rt, ws, num, den, B, C, hh, ww, pl, normalise);
+    });
   });
   return {A, num, den};
 }

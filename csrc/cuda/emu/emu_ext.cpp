@@ -67,11 +67,12 @@ at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale, bool normalise, CFG) {
   RT; return stvit::cuda::affinity_aggregate_impl(rt, x, s, h, w, scale, normalise);
 }
-at::Tensor upsample_normalised(const at::Tensor& s, const at::Tensor& A, const at::Tensor& den, int64_t h, int64_t w, CFG) {
-  RT; return stvit::cuda::upsample_impl(rt, s, A, h, w, den);
+// out_dtype / dtype (optional): the float32 pixels of the folded casts (sta_launch.cuh, pixel_t)
+at::Tensor upsample_normalised(const at::Tensor& s, const at::Tensor& A, const at::Tensor& den, int64_t h, int64_t w, std::optional<at::ScalarType> out_dtype, CFG) {
+  RT; return stvit::cuda::upsample_impl(rt, s, A, h, w, den, out_dtype);
 }
-at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w, CFG) {
-  RT; return stvit::cuda::pool_impl(rt, x, h, w);
+at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w, std::optional<at::ScalarType> dtype, CFG) {
+  RT; return stvit::cuda::pool_impl(rt, x, h, w, dtype);
 }
 // the refine kernels (refine_kernels.cuh): outputs as refine.cpp allocates them
 std::vector<at::Tensor> refine_forward(const at::Tensor& s, const at::Tensor& wqkv, const std::optional<at::Tensor>& bqkv, const at::Tensor& wproj, const std::optional<at::Tensor>& bproj, int64_t heads, double scale, bool contiguous_out, CFG) {

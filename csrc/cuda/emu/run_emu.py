@@ -55,6 +55,13 @@ def check(name, out, want, dtype, info):
         print(f"FAIL {name} {info} err={e:.3e}")
     return ok
 
+def same(name, out, want, info):
+    """Bit for bit (the folded casts against the casts done apart), NaN poison included."""
+    ok = out.dtype == want.dtype and out.shape == want.shape and torch.equal(out, want)
+    if not ok:
+        print(f"FAIL {name} {info}: not equal to the cast done apart")
+    return ok
+
 def run_case(B, C, H, W, h, w, dtype, cfg_name, order, seed):
     g = torch.Generator().manual_seed(seed)
     hh, ww = H // h, W // w
@@ -64,6 +71,8 @@ def run_case(B, C, H, W, h, w, dtype, cfg_name, order, seed):
     scale = C ** -0.5 if C else 1.0
     xd, sd, Ad = x.to(dtype), s.to(dtype), A.to(dtype)
     x64, s64, A64 = xd.double(), sd.double(), Ad.double()   # truth on the rounded inputs
+    half = dtype in (torch.float16, torch.bfloat16)
+    x32 = x.float()   # the folded casts' float32 pixels
     cfg = CONFIGS[cfg_name] + (order, seed)
     info = f"B{B} C{C} {H}x{W} s{h}x{w} {str(dtype)[6:]} {cfg_name} order{order}"
     ok = True
@@ -92,14 +101,27 @@ def run_case(B, C, H, W, h, w, dtype, cfg_name, order, seed):
         den = (torch.rand(B, 1, hh, ww, generator=g, dtype=torch.float64) * 8 + 0.5).to(dtype)
         s_tm = sd.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
         for s_in in (sd, s_tm):
-            y3 = emu.upsample_normalised(s_in, Ag, den, h, w, *cfg)
+            y3 = emu.upsample_normalised(s_in, Ag, den, h, w, None, *cfg)
             ok &= check(f"upsample_normalised(token-major={not s_in.is_contiguous()})", y3,
                         ref.upsample(s64 / (den.double() + 1e-12), Ag.double(), h, w), dtype, info)
+            if half:  # float32 out: the same values, widened (autograd's cast folded in)
+                y4 = emu.upsample_normalised(s_in, Ag, den, h, w, torch.float32, *cfg)
+                ok &= same(f"upsample_normalised(float32 out, token-major={not s_in.is_contiguous()})",
+                           y4, y3.float(), info)
     # pool (the initial super tokens): contiguous, and at an offset of one element (scalar loads)
     for xp in (xd, torch.cat([xd.flatten(), xd.flatten()[:1]])[1:].view_as(xd)):
-        got = emu.pool(xp, h, w, *cfg)
+        got = emu.pool(xp, h, w, None, *cfg)
         want = xp.double().reshape(B, C, hh, h, ww, w).mean((3, 5))  # avg_pool2d, any C
         ok &= got.shape == want.shape and (C == 0 or check("pool", got, want, dtype, info))
+    if half:  # float32 x, the cast to dtype folded in: the results of the cast done apart
+        for xp in (x32, torch.cat([x32.flatten(), x32.flatten()[:1]])[1:].view_as(x32)):
+            ok &= same("pool(float32 x)", emu.pool(xp, h, w, dtype, *cfg),
+                       emu.pool(xp.to(dtype), h, w, None, *cfg), info)
+        for norm in (False, True):
+            got = emu.affinity_aggregate(x32, sd, h, w, scale, norm, *cfg)
+            want = emu.affinity_aggregate(x32.to(dtype), sd, h, w, scale, norm, *cfg)
+            for name, a, b in zip(("A", "num", "den"), got, want):
+                ok &= same(f"fused(float32 x, normalise={norm}).{name}", a, b, info)
     # fused
     Af, nf, df = emu.affinity_aggregate(xd, sd, h, w, scale, False, *cfg)
     Aa = emu.affinity(xd, sd, h, w, scale, True, *cfg)
