@@ -82,8 +82,12 @@ def smem_per_sm(device: torch.device) -> int:
 
 
 def apply(cfg: Dict[str, int], device: torch.device) -> None:
+    """The configuration's overrides, for the CUDA kernels (nothing to set for the CPU ones,
+    which a build without CUDA has alone)."""
+    if device.type != "cuda":
+        return
     smem_block = 0
-    if cfg["blocks_per_sm"] > 0 and device.type == "cuda":
+    if cfg["blocks_per_sm"] > 0:
         smem_block = smem_per_sm(device) // cfg["blocks_per_sm"] - 1024
     _C._set_cuda_plan(cfg["max_threads"], cfg["tile_pixels"], smem_block, cfg["cache_x"])
 
