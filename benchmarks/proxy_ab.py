@@ -12,6 +12,10 @@ by 2x within minutes, and this ratio much less.
     git worktree add /tmp/base b22c081   # the tree before the lean call path (the proxy's baseline)
     (cd /tmp/base && STVIT_NO_CUDA=1 python setup.py build_ext --inplace)
     python benchmarks/proxy_ab.py /tmp/base . --out benchmarks/results/cpu_proxy_ab.json
+
+``--autocast`` runs the module under CPU bfloat16 autocast (float32 parameters and inputs), e.g.
+against the tree before the casts moved into the operators (cded953):
+``python benchmarks/proxy_ab.py /tmp/base . --autocast --out benchmarks/results/cpu_proxy_ab_autocast.json``.
 """
 from __future__ import annotations
 
@@ -38,11 +42,15 @@ torch.manual_seed(0)
 m = SuperTokenAttention({dim}, {stoken}, num_heads={heads}, qkv_bias=True, backend="cpu").eval()
 x = torch.randn({batch}, {dim}, {side}, {side})
 xg = x.clone().requires_grad_()
+# --autocast: under CPU bfloat16 autocast (the float32 module and inputs, as in AMP training)
+amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled={autocast})
 def fwd():
-    with torch.no_grad():
+    with torch.no_grad(), amp():
         m(x)
 def fwd_bwd():
-    m(xg).sum().backward()
+    with amp():
+        y = m(xg)
+    y.sum().backward()
 calls = {{"fwd": fwd, "fwd+bwd": fwd_bwd}}
 for f in calls.values():
     for _ in range(100):
@@ -61,9 +69,9 @@ for line in sys.stdin:
 BURST = {"fwd": 400, "fwd+bwd": 150}
 
 
-def _child(tree: str) -> subprocess.Popen:
+def _child(tree: str, autocast: bool = False) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="1")
-    child = CHILD.format(batch=bench_ops.PROXY_BATCH, **bench_ops.PROXY)
+    child = CHILD.format(batch=bench_ops.PROXY_BATCH, autocast=autocast, **bench_ops.PROXY)
     p = subprocess.Popen([sys.executable, "-c", child], env=env, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True, cwd="/")
     ready = p.stdout.readline().split()
@@ -83,8 +91,8 @@ def _tree(path: str) -> dict:
                                        "stvit_kernels", "csrc")))
 
 
-def measure(a: str, b: str, turns: int) -> dict:
-    children = [_child(a), _child(b)]
+def measure(a: str, b: str, turns: int, autocast: bool = False) -> dict:
+    children = [_child(a, autocast), _child(b, autocast)]
 
     def burst(p, mode):
         p.stdin.write(f"{mode} {BURST[mode]}\n")
@@ -115,15 +123,17 @@ def main() -> None:
     p.add_argument("a", help="tree A (the baseline), with its extension built in place")
     p.add_argument("b", help="tree B (the change)")
     p.add_argument("--turns", type=int, default=40)
+    p.add_argument("--autocast", action="store_true",
+                   help="the module under CPU bfloat16 autocast (float32 parameters and inputs)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    res = measure(args.a, args.b, args.turns)
+    res = measure(args.a, args.b, args.turns, args.autocast)
     for mode, r in res.items():
         print(f"{mode:8s} A {r['a_ms']:.4f} ms  B {r['b_ms']:.4f} ms  B/A {r['ratio']:.3f} "
               f"(quartiles {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}, {r['turns']} turns)")
     if args.out:
         meta = common.metadata(torch.device("cpu"))
-        meta.update(threads=1, clock="time.thread_time",
+        meta.update(threads=1, clock="time.thread_time", autocast="bfloat16" if args.autocast else None,
                     shape=dict(batch=bench_ops.PROXY_BATCH, **bench_ops.PROXY),
                     trees={k: _tree(t) for k, t in (("a", args.a), ("b", args.b))})
         with open(args.out, "w") as f:
