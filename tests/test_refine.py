@@ -19,7 +19,7 @@ import stvit_kernels.module as module_mod
 from stvit_kernels import _library
 from stvit_kernels.backends import CompiledBackend
 
-from .utils import TOL, device_for, rel_error, seed_for
+from .utils import TOL, autograd_node_names, device_for, rel_error, seed_for
 
 pytestmark = pytest.mark.skipif("cpu" not in sk.available_backends(),
                                 reason="the compiled extension is not built")
@@ -30,22 +30,6 @@ def _devices():
     if "cuda" in sk.available_backends():
         out.append(pytest.param("cuda", id="cuda", marks=pytest.mark.cuda))
     return out
-
-
-def _graph(fn):
-    """Names of the autograd nodes reachable from ``fn``."""
-    names, todo, seen = set(), [fn], set()
-    while todo:
-        f = todo.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        names.add(type(f).__name__)
-        try:
-            todo += [n for n, _ in f.next_functions]
-        except RuntimeError:  # torch 2.11: not readable on a custom Function's node
-            pass
-    return names
 
 
 def _grads(m, x, g):
@@ -130,7 +114,7 @@ def test_module_one_step_matches_per_piece(device, dtype, B, C, heads, H, W, siz
     x = torch.randn(B, C, H, W, device=device, dtype=dtype)
     g = torch.randn(B, C, H, W, device=device, dtype=dtype)
     y, grads, fn = _grads(m, x, g)
-    nodes = _graph(fn)
+    nodes = autograd_node_names(fn)
     assert "SuperTokenStepBackward" in nodes and "UpsampleBackward" not in nodes
     with torch.no_grad():
         y_nograd = m(x)
@@ -160,7 +144,7 @@ def test_one_step_gradcheck():
 
 
 def _grad_fn_names(m, x):
-    return _graph(m(x.requires_grad_()).grad_fn)
+    return autograd_node_names(m(x.requires_grad_()).grad_fn)
 
 
 def test_which_path_runs(monkeypatch):

@@ -30,6 +30,22 @@ GRAD_SHAPES = [
 ]
 
 
+def autograd_node_names(fn) -> set:
+    """Names of the autograd nodes reachable from ``fn`` (a ``grad_fn``)."""
+    names, todo, seen = set(), [fn], set()
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.add(type(f).__name__)
+        try:
+            todo += [n for n, _ in f.next_functions]
+        except RuntimeError:  # torch 2.11: not readable on a custom Function's node
+            pass
+    return names
+
+
 def seed_for(*key) -> int:
     """A fresh but reproducible seed per test case."""
     return zlib.crc32(repr(("stvit", *key)).encode()) % (2**31)
