@@ -150,12 +150,11 @@ at::Tensor scaled_bmm(const at::Tensor& a, const at::Tensor& b, double alpha) {
   return at::baddbmm(at::empty({a.size(0), a.size(1), b.size(2)}, a.options()), a, b, 0.0, alpha);
 }
 
-}  // namespace
-
-namespace {
+// the dtypes autocast casts (it leaves float64 alone)
 bool autocast_eligible(at::ScalarType dt) {
   return dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16;
 }
+
 }  // namespace
 
 at::Tensor cast_input(const at::Tensor& t, std::optional<at::ScalarType> dtype) {
