@@ -11,8 +11,8 @@ Two kernel families implement the same raw (non-differentiable) operators (DESIG
     stvit::associate_backward(g, A, den, h, w) -> dx
 
     stvit::triton_affinity, triton_aggregate, triton_upsample,          Python (triton_kernels.py),
-    triton_affinity_aggregate                                           CUDA tensors only (and CPU
-                                                                        ones under the interpreter)
+    triton_affinity_aggregate, triton_pool, triton_associate,           CUDA tensors only (and CPU
+    triton_associate_backward                                           ones under the interpreter)
 
 ``associate`` is the whole association stage of the STA module in one call: the initial super
 tokens (``avg_pool2d`` of ``x`` when ``s`` is None), ``n_iter`` fused affinity + aggregation passes
@@ -461,6 +461,8 @@ SCHEMAS = {
     "upsample": "(Tensor s, Tensor A, int h, int w) -> Tensor",
     "affinity_aggregate": "(Tensor x, Tensor s, int h, int w, float scale) -> (Tensor, Tensor, Tensor)",
     "pool": "(Tensor x, int h, int w) -> Tensor",
+    "associate": "(Tensor x, Tensor? s, int h, int w, float scale, int n_iter) "
+                 "-> (Tensor, Tensor, Tensor)",
     "associate_backward": "(Tensor g, Tensor A, Tensor den, int h, int w) -> Tensor",
 }
 
@@ -523,13 +525,10 @@ def _define_triton() -> Kernels:
                   "CPU")
         torch.library.register_fake(f"stvit::triton_{name}", FAKES[name])
     ops = torch.ops.stvit
-    fused = ops.triton_affinity_aggregate.default
-    upsample = ops.triton_upsample.default
-    pool = ops.triton_pool.default
-
     return register_family(Kernels(
-        "triton", ops.triton_affinity.default, ops.triton_aggregate.default, upsample, fused, pool,
-        composite_associate(fused, pool), ops.triton_associate_backward.default))
+        "triton", ops.triton_affinity.default, ops.triton_aggregate.default,
+        ops.triton_upsample.default, ops.triton_affinity_aggregate.default, ops.triton_pool.default,
+        ops.triton_associate.default, ops.triton_associate_backward.default))
 
 
 #: The Triton family (defined at import; triton itself is imported by the first kernel call).

@@ -12,6 +12,7 @@ Shapes (``hh = H / h``, ``ww = W / w``; same contract as :mod:`stvit_kernels.ref
     upsample(s, A, h, w)                  -> y [B, C, H, W]
     affinity_aggregate(x, s, h, w, scale) -> A, num, den   (one program per cell does both)
     pool(x, h, w)                         -> s [B, C, hh, ww] (the cell means: avg_pool2d)
+    associate(x, s, h, w, scale, n_iter)  -> stokens, A, den  (the module's association stage)
     associate_backward(g, A, den, h, w)   -> upsample(g / (den + 1e-12), A), one kernel
 
 Design. A program owns one ``h x w`` cell of one image (``pid = b * hh * ww + ci * ww + cj``); the
@@ -38,6 +39,10 @@ are padded to 16.
   44 with the reuse. Otherwise x is read again per chunk. A cell bigger than one pixel block
   loops, accumulating its partials in its own workspace rows (read-modify-write by the owning
   program only, after a barrier).
+* associate: the module's association stage, one operator call: the pool below when no super
+  tokens are given, then per iteration the fused pass and a reduction that writes
+  ``num / (den + 1e-12)`` (divided in the accumulation type, from the unrounded sums, as the C++
+  family does) as the next super tokens; 2 launches per iteration, the workspaces allocated once.
 * upsample, grid ``(B*hh*ww, pixel blocks, channel chunks)``:
   ``y [BLOCK_P, BLOCK_C] = A [BLOCK_P, 16] @ s_nbr [16, BLOCK_C]`` (A with invalid slots zeroed).
 * pool (the module's initial super tokens), grid ``(B * channel blocks * hh, cell blocks)``: a
@@ -103,6 +108,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+#: Whether the kernels below run under the interpreter: read once, as Triton does when it
+#: decorates them.
+_INTERPRETING = _interpreting()
+
+
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every output and workspace is allocated here (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -122,9 +132,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.lru_cache(maxsize=64)
 def _split(scale: float) -> Tuple[float, float]:
     """``scale = hi + lo`` with both float32-representable: float arguments reach a kernel as
-    float32, and float64 logits need the scale to ~1e-16."""
+    float32, and float64 logits need the scale to ~1e-16. (Cached: a module calls it with one
+    scale, and each ``torch.tensor`` costs a few µs.)"""
     hi = float(torch.tensor(scale, dtype=torch.float32))
     return hi, float(torch.tensor(scale - hi, dtype=torch.float32))
 
@@ -142,8 +154,17 @@ def _row_vec(*tensors: torch.Tensor) -> int:
     return vec
 
 
+# Host arithmetic in plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr
+# functions, whose calls from host code cost microseconds each (Triton 3.8, on this project's CPU
+# machine), about 17 of them per module forward.
+
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 class _Plan(NamedTuple):
@@ -160,17 +181,23 @@ def _plan(dtype: torch.dtype, C: int, h: int, w: int) -> _Plan:
     """Block sizes for a cell of ``h x w`` pixels and ``C`` channels (every kernel but the
     reduction multiplies a ``[P, C]`` tile with ``[C, 16]``, ``[16, P]`` with ``[P, C]``, or
     ``[P, 16]`` with ``[16, C]``). Every dimension of a tl.dot is >= 16: fewer pixels or channels
-    are padded with masked (zero) rows, which add exactly 0."""
+    are padded with masked (zero) rows, which add exactly 0. Cached per shape (and per
+    ``_MAX_BLOCK_P``, which tests lower)."""
+    return _plan_for(dtype, C, h, w, _MAX_BLOCK_P)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_for(dtype: torch.dtype, C: int, h: int, w: int, max_block_p: int) -> _Plan:
     P = h * w
-    block_p = max(16, min(_pow2(P), _MAX_BLOCK_P))
-    n_pb = triton.cdiv(P, block_p)
+    block_p = max(16, min(_pow2(P), max_block_p))
+    n_pb = _cdiv(P, block_p)
     block_c = max(16, min(_pow2(C), _TILE // block_p, 128))
     work = block_p * (block_c + 16)
     if dtype in (torch.float32, torch.float64):
         work *= 2  # an exact float32 tl.dot is FMAs on CUDA cores; float64 runs on slow DMMA
     num_warps = 8 if work >= 8192 else 4 if work >= 2048 else 2
-    upcast = dtype == torch.bfloat16 and _interpreting()
-    return _Plan(block_p, n_pb, block_c, triton.cdiv(C, block_c), upcast, num_warps)
+    upcast = dtype == torch.bfloat16 and _INTERPRETING
+    return _Plan(block_p, n_pb, block_c, _cdiv(C, block_c), upcast, num_warps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,7 +269,7 @@ def _cell_logits(p_xb, p_sb,
 
 
 #: The interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest even): round by hand there.
-_BF16_RTNE_BY_HAND = tl.constexpr(_interpreting())
+_BF16_RTNE_BY_HAND = tl.constexpr(_INTERPRETING)
 
 
 @triton.jit
@@ -411,11 +438,13 @@ def _reduce_kernel(
     snb, snc, snh, snw,
     sdb, sdh, sdw,
     # meta
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NORMALISE: tl.constexpr,
 ):
     """Grid (B * super-token blocks, channel chunks): ``num[:, u, v]`` = the sum over k of slot k
     of cell ``(u - di, v - dj)`` (cells inside the grid only); ``den`` alike (chunk 0). The 9
-    terms are one ``[BLOCK_N, 16, BLOCK_C]`` tile summed over its middle axis: a fixed order."""
+    terms are one ``[BLOCK_N, 16, BLOCK_C]`` tile summed over its middle axis: a fixed order.
+    NORMALISE: ``num / (den + 1e-12)`` (the updated super tokens) instead of ``num``, divided in
+    the accumulation type before the rounding; every chunk then sums ``den`` (in the same order)."""
     pid = tl.program_id(0)
     pc = tl.program_id(1)
     n_cells = hh * ww
@@ -436,7 +465,9 @@ def _reduce_kernel(
 
     b_num = tl.sum(tl.load(p_wnum + o_row[:, :, None] * C + o_c64[None, None, :],
                            mask=m_src[:, :, None] & m_c[None, None, :], other=0.), axis=1)
-    b_den = tl.sum(tl.load(p_wden + o_row, mask=m_src & (pc == 0), other=0.), axis=1)
+    b_den = tl.sum(tl.load(p_wden + o_row, mask=m_src & ((pc == 0) | NORMALISE), other=0.), axis=1)
+    if NORMALISE:
+        b_num = b_num / (b_den + 1e-12)[:, None]
 
     o_uv = o_u.to(tl.int64) * snh + o_v.to(tl.int64) * snw
     m_n = o_n < n_cells
@@ -532,25 +563,31 @@ def _pool_kernel(
 # Host side
 # ------------------------------------------------------------------------------------------------
 
-def _reduce(wnum: torch.Tensor, wden: torch.Tensor, dtype: torch.dtype):
-    """Workspaces ``[B, hh, ww, 9, C]`` and ``[B, hh, ww, 9]`` -> ``num [B, C, hh, ww]``,
-    ``den [B, 1, hh, ww]``."""
+def _workspaces(x: torch.Tensor, hh: int, ww: int):
+    """The per-cell partial sums of an aggregation: ``[B, hh, ww, 9, C]`` and ``[B, hh, ww, 9]``
+    in the accumulation dtype."""
+    B, C = x.shape[0], x.shape[1]
+    acc = _acc_dtype(x.dtype)
+    return _empty((B, hh, ww, 9, C), acc, x.device), _empty((B, hh, ww, 9), acc, x.device)
+
+
+def _reduce(wnum: torch.Tensor, wden: torch.Tensor, dtype: torch.dtype, normalise: bool = False):
+    """Workspaces ``[B, hh, ww, 9, C]`` and ``[B, hh, ww, 9]`` -> ``num [B, C, hh, ww]`` (with
+    ``normalise``: ``num / (den + 1e-12)``), ``den [B, 1, hh, ww]``."""
     B, hh, ww, _, C = wnum.shape
     num = _empty((B, C, hh, ww), dtype, wnum.device)
     den = _empty((B, 1, hh, ww), dtype, wnum.device)
     block_c = max(2, min(_pow2(C), 64))
     block_n = max(2, min(_TILE // (16 * block_c), 64, _pow2(hh * ww)))
-    n_chunks = max(1, triton.cdiv(C, block_c))  # chunk 0 also writes den, even when C == 0
+    n_chunks = max(1, _cdiv(C, block_c))  # chunk 0 also writes den, even when C == 0
 
-    def grid(meta):
-        return (B * triton.cdiv(hh * ww, meta["BLOCK_N"]), n_chunks)
-
-    _reduce_kernel[grid](
+    _reduce_kernel[(B * _cdiv(hh * ww, block_n), n_chunks)](
         p_wnum=wnum, p_wden=wden, p_num=num, p_den=den,
         C=C, hh=hh, ww=ww,
         snb=num.stride(0), snc=num.stride(1), snh=num.stride(2), snw=num.stride(3),
         sdb=den.stride(0), sdh=den.stride(2), sdw=den.stride(3),
-        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4 if block_n * block_c >= 128 else 2,
+        BLOCK_N=block_n, BLOCK_C=block_c, NORMALISE=normalise,
+        num_warps=4 if block_n * block_c >= 128 else 2,
     )
     return num, den
 
@@ -568,10 +605,7 @@ def affinity(x: torch.Tensor, s: torch.Tensor, h: int, w: int, scale: float,
     plan = _plan(x.dtype, C, h, w)
     scale_hi, scale_lo = _split(scale)
 
-    def grid(meta):
-        return (B * hh * ww, triton.cdiv(h * w, meta["BLOCK_P"]))
-
-    _affinity_kernel[grid](
+    _affinity_kernel[(B * hh * ww, plan.N_PB)](
         p_x=x, p_s=s, p_a=A,
         C=C, hh=hh, ww=ww,
         sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
@@ -593,16 +627,10 @@ def aggregate(x: torch.Tensor, A: torch.Tensor, h: int, w: int):
     hh, ww = H // h, W // w
     if B == 0:
         return (_empty((0, C, hh, ww), x.dtype, x.device), _empty((0, 1, hh, ww), x.dtype, x.device))
-    acc = _acc_dtype(x.dtype)
-    wnum = _empty((B, hh, ww, 9, C), acc, x.device)
-    wden = _empty((B, hh, ww, 9), acc, x.device)
+    wnum, wden = _workspaces(x, hh, ww)
     plan = _plan(x.dtype, C, h, w)
-    n_chunks = max(1, triton.cdiv(C, plan.BLOCK_C))
-
-    def grid(meta):
-        return (B * hh * ww, n_chunks)
-
-    _aggregate_kernel[grid](
+    n_chunks = max(1, _cdiv(C, plan.BLOCK_C))
+    _aggregate_kernel[(B * hh * ww, n_chunks)](
         p_x=x, p_a=A, p_wnum=wnum, p_wden=wden,
         C=C, hh=hh, ww=ww,
         sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
@@ -635,12 +663,8 @@ def _upsample(s, A, den, h, w):
     if y.numel() == 0:
         return y
     plan = _plan(s.dtype, C, h, w)
-
-    def grid(meta):
-        return (B * hh * ww, triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))
-
     d = den if den is not None else s  # unused without HAS_DEN
-    _upsample_kernel[grid](
+    _upsample_kernel[(B * hh * ww, plan.N_PB, _cdiv(C, plan.BLOCK_C))](
         p_s=s, p_a=A, p_y=y, p_den=d,
         C=C, hh=hh, ww=ww,
         ssb=s.stride(0), ssc=s.stride(1), ssh=s.stride(2), ssw=s.stride(3),
@@ -653,11 +677,7 @@ def _upsample(s, A, den, h, w):
     return y
 
 
-@_on_tensor_device
-def pool(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """``s [B, C, hh, ww]``, the mean of every ``h x w`` cell (``avg_pool2d``; the module's initial
-    super tokens). A program takes a tile of about ``_POOL_TILE`` elements of one cell row: up to
-    a row of cells, then as many channels as fill it (16 elements per thread at 4 warps)."""
+def _pool(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     B, C, H, W = x.shape
     hh, ww = H // h, W // w
     s = _empty((B, C, hh, ww), x.dtype, x.device)
@@ -666,13 +686,41 @@ def pool(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     block_h, cell_wp = _pow2(h), _pow2(w)
     block_v = max(1, min(_pow2(ww), _POOL_TILE // (block_h * cell_wp)))
     block_c = max(1, min(_pow2(C), _POOL_TILE // (block_h * cell_wp * block_v)))
-    _pool_kernel[(B * triton.cdiv(C, block_c) * hh, triton.cdiv(ww, block_v))](
+    _pool_kernel[(B * _cdiv(C, block_c) * hh, _cdiv(ww, block_v))](
         p_x=x, p_s=s, C=C, hh=hh, ww=ww,
         sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
         CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(x), BLOCK_C=block_c, BLOCK_H=block_h,
         CELL_WP=cell_wp, BLOCK_V=block_v, num_warps=4,
     )
     return s
+
+
+@_on_tensor_device
+def pool(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``s [B, C, hh, ww]``, the mean of every ``h x w`` cell (``avg_pool2d``; the module's initial
+    super tokens). A program takes a tile of about ``_POOL_TILE`` elements of one cell row: up to
+    a row of cells, then as many channels as fill it (16 elements per thread at 4 warps)."""
+    return _pool(x, h, w)
+
+
+def _fused_pass(x: torch.Tensor, s: torch.Tensor, A: torch.Tensor, wnum: torch.Tensor,
+                wden: torch.Tensor, h: int, w: int, scale: float) -> None:
+    """One launch of :func:`_affinity_aggregate_kernel`: ``A`` of ``(x, s)`` into ``A``, the cells'
+    partial sums into the workspaces (:func:`_workspaces`)."""
+    B, C, H, W = x.shape
+    plan = _plan(x.dtype, C, h, w)
+    scale_hi, scale_lo = _split(scale)
+    _affinity_aggregate_kernel[(B * (H // h) * (W // w),)](
+        p_x=x, p_s=s, p_a=A, p_wnum=wnum, p_wden=wden,
+        C=C, hh=H // h, ww=W // w,
+        sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
+        ssb=s.stride(0), ssc=s.stride(1), ssh=s.stride(2), ssw=s.stride(3),
+        sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
+        scale_hi=scale_hi, scale_lo=scale_lo,
+        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(x, A), N_PB=plan.N_PB,
+        BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, N_CC=plan.N_CC,
+        DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
+    )
 
 
 @_on_tensor_device
@@ -684,25 +732,32 @@ def affinity_aggregate(x: torch.Tensor, s: torch.Tensor, h: int, w: int, scale: 
     A = _empty((B, 9, H, W), x.dtype, x.device)
     if B == 0:
         return (A, _empty((0, C, hh, ww), x.dtype, x.device), _empty((0, 1, hh, ww), x.dtype, x.device))
-    acc = _acc_dtype(x.dtype)
-    wnum = _empty((B, hh, ww, 9, C), acc, x.device)
-    wden = _empty((B, hh, ww, 9), acc, x.device)
-    plan = _plan(x.dtype, C, h, w)
-    scale_hi, scale_lo = _split(scale)
-
-    def grid(meta):
-        return (B * hh * ww,)
-
-    _affinity_aggregate_kernel[grid](
-        p_x=x, p_s=s, p_a=A, p_wnum=wnum, p_wden=wden,
-        C=C, hh=hh, ww=ww,
-        sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
-        ssb=s.stride(0), ssc=s.stride(1), ssh=s.stride(2), ssw=s.stride(3),
-        sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
-        scale_hi=scale_hi, scale_lo=scale_lo,
-        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(x, A), N_PB=plan.N_PB,
-        BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, N_CC=plan.N_CC,
-        DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
-    )
+    wnum, wden = _workspaces(x, hh, ww)
+    _fused_pass(x, s, A, wnum, wden, h, w, scale)
     num, den = _reduce(wnum, wden, x.dtype)
     return A, num, den
+
+
+@_on_tensor_device
+def associate(x: torch.Tensor, s, h: int, w: int, scale: float, n_iter: int):
+    """``(stokens, A, den)``, the STA module's association stage (the C++ ``stvit::associate``):
+    ``s`` None starts from the cell means of ``x``; then ``n_iter`` fused passes, each one launch of
+    the fused kernel and one of the reduction, which writes ``num / (den + 1e-12)`` (divided in the
+    accumulation type) as the next super tokens; ``A`` and ``den`` of the last pass. One operator
+    call, one pair of workspaces."""
+    if n_iter < 1:
+        raise ValueError(f"stvit::triton_associate: n_iter must be >= 1, got {n_iter}")
+    B, C, H, W = x.shape
+    hh, ww = H // h, W // w
+    A = _empty((B, 9, H, W), x.dtype, x.device)
+    if B == 0:
+        return (_empty((0, C, hh, ww), x.dtype, x.device), A,
+                _empty((0, 1, hh, ww), x.dtype, x.device))
+    if s is None:
+        s = _pool(x, h, w)
+    wnum, wden = _workspaces(x, hh, ww)
+    den = None
+    for _ in range(n_iter):
+        _fused_pass(x, s, A, wnum, wden, h, w, scale)
+        s, den = _reduce(wnum, wden, x.dtype, normalise=True)
+    return s, A, den

@@ -260,7 +260,8 @@ def test_triton_ops_refuse_cpu_tensors():
         import torch, stvit_kernels
         x, s, A = torch.rand{SHAPES["x"]}, torch.rand{SHAPES["stokens"]}, torch.rand{SHAPES["affinity"]}
         calls = dict(affinity=(x, s, {S}, {S}, 1.0, True), aggregate=(x, A, {S}, {S}),
-                     upsample=(s, A, {S}, {S}), affinity_aggregate=(x, s, {S}, {S}, 1.0))
+                     upsample=(s, A, {S}, {S}), affinity_aggregate=(x, s, {S}, {S}, 1.0),
+                     associate=(x, None, {S}, {S}, 1.0, 1))
         for name, args in calls.items():
             try:
                 getattr(torch.ops.stvit, "triton_" + name)(*args)

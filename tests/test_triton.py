@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not importable: the triton backend cannot run")
 
 import stvit_kernels as sk  # noqa: E402
+from stvit_kernels import _library  # noqa: E402
 from stvit_kernels import reference as ref  # noqa: E402
 from stvit_kernels import triton_kernels as tk  # noqa: E402
 from stvit_kernels._utils import normalise as lib_normalise  # noqa: E402
@@ -151,6 +152,38 @@ def test_associate_backward_divides_as_it_loads(dtype):
         got = torch.ops.stvit.triton_associate_backward(g_in, A, den, h, w)
         assert got.dtype == dtype and got.is_contiguous()
         torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF], ids=str)
+def test_associate_divides_in_the_reduction(dtype):
+    """stvit::triton_associate, the association stage in one call (the pool, then per iteration the
+    fused pass and a reduction that writes num / (den + 1e-12)). float32 / float64: bit for bit the
+    composite of the family's other operators (dividing the unrounded sums is dividing num and den
+    rounded to the same dtype). float16 / bfloat16: it divides before rounding, once, so it is held
+    to the half-precision rule against the float64 truth; a reduction that skipped the division
+    fails every dtype."""
+    B, C, H, W, h, w = 2, 6, 8, 12, 4, 3
+    t = _inputs("triton-associate-op", B, C, H, W, h, w, torch.float64)
+    scale = C ** -0.5
+    ops = torch.ops.stvit
+    composite = _library.composite_associate(ops.triton_affinity_aggregate, ops.triton_pool)
+    ref_composite = _library.composite_associate(REF.affinity_aggregate, REF.pool)
+    for s, n_iter in ((None, 1), (t["s"], 1), (None, 3)):
+        x_in = t["x"].to(dtype)
+        s_in = None if s is None else s.to(dtype)
+        got = dict(zip(("stokens", "A", "den"), ops.triton_associate(x_in, s_in, h, w, scale, n_iter)))
+        if dtype in HALF:
+            truth = dict(zip(got, ref_composite(x_in.double(), None if s is None else s_in.double(),
+                                                h, w, scale, n_iter)))
+            torch_half = dict(zip(got, ref_composite(x_in, s_in, h, w, scale, n_iter)))
+            factor = 4 if dtype == torch.bfloat16 and tk._interpreting() else 2
+            _check_half(got, truth, torch_half, dtype, factor)
+        else:
+            want = composite(x_in, s_in, h, w, scale, n_iter)
+            for name, b in zip(got, want):
+                assert torch.equal(got[name], b), (name, s is None, n_iter)
+    with pytest.raises(ValueError, match="n_iter must be >= 1"):  # as the C++ op's TORCH_CHECK
+        ops.triton_associate(t["x"], None, h, w, scale, 0)
 
 
 def test_strided_inputs():

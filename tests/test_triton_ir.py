@@ -298,6 +298,7 @@ def _record_launches(tk, case):
         tk.upsample(s, A, h, w)
         tk.affinity_aggregate(x, s, h, w, scale)
         tk.pool(x, h, w)
+        tk.associate(x, None, h, w, scale, 1)  # the reduction with NORMALISE
         tk.associate_backward(s, A, s[:, :1].abs(), h, w)  # the upsampling with HAS_DEN
     finally:
         for name, fn in saved.items():
