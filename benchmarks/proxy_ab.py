@@ -16,6 +16,12 @@ by 2x within minutes, and this ratio much less.
 ``--autocast`` runs the module under CPU bfloat16 autocast (float32 parameters and inputs), e.g.
 against the tree before the casts moved into the operators (cded953):
 ``python benchmarks/proxy_ab.py /tmp/base . --autocast --out benchmarks/results/cpu_proxy_ab_autocast.json``.
+
+``--backend triton`` times the ``triton`` backend's host path instead: the children run under
+``TRITON_INTERPRET=1`` (so the Triton operators take CPU tensors) with every Triton kernel's launch
+replaced by a no-op, which leaves what Python and the dispatcher spend around the launches (the
+plans, the workspaces, the arguments, the autograd nodes, the ATen ops between the kernels) and
+leaves out Triton's own launcher, whose cost only a GPU shows.
 """
 from __future__ import annotations
 
@@ -39,7 +45,16 @@ torch.set_num_threads(1)
 import stvit_kernels
 from stvit_kernels import SuperTokenAttention
 torch.manual_seed(0)
-m = SuperTokenAttention({dim}, {stoken}, num_heads={heads}, qkv_bias=True, backend="cpu").eval()
+if "{backend}" == "triton":  # the host path alone: no kernel runs (module docstring)
+    from stvit_kernels import triton_kernels as tk
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+    stubbed = [k for k in vars(tk) if k.endswith("_kernel")]
+    assert stubbed, "no Triton kernels found to stub"
+    for k in stubbed:
+        setattr(tk, k, NoLaunch())
+m = SuperTokenAttention({dim}, {stoken}, num_heads={heads}, qkv_bias=True, backend="{backend}").eval()
 x = torch.randn({batch}, {dim}, {side}, {side})
 xg = x.clone().requires_grad_()
 # --autocast: under CPU bfloat16 autocast (the float32 module and inputs, as in AMP training)
@@ -69,9 +84,11 @@ for line in sys.stdin:
 BURST = {"fwd": 400, "fwd+bwd": 150}
 
 
-def _child(tree: str, autocast: bool = False) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="1")
-    child = CHILD.format(batch=bench_ops.PROXY_BATCH, autocast=autocast, **bench_ops.PROXY)
+def _child(tree: str, autocast: bool = False, backend: str = "cpu") -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="1",
+               TRITON_INTERPRET="1" if backend == "triton" else "0")
+    child = CHILD.format(batch=bench_ops.PROXY_BATCH, autocast=autocast, backend=backend,
+                         **bench_ops.PROXY)
     p = subprocess.Popen([sys.executable, "-c", child], env=env, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True, cwd="/")
     ready = p.stdout.readline().split()
@@ -91,8 +108,8 @@ def _tree(path: str) -> dict:
                                        "stvit_kernels", "csrc")))
 
 
-def measure(a: str, b: str, turns: int, autocast: bool = False) -> dict:
-    children = [_child(a, autocast), _child(b, autocast)]
+def measure(a: str, b: str, turns: int, autocast: bool = False, backend: str = "cpu") -> dict:
+    children = [_child(a, autocast, backend), _child(b, autocast, backend)]
 
     def burst(p, mode):
         p.stdin.write(f"{mode} {BURST[mode]}\n")
@@ -125,15 +142,19 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=40)
     p.add_argument("--autocast", action="store_true",
                    help="the module under CPU bfloat16 autocast (float32 parameters and inputs)")
+    p.add_argument("--backend", choices=("cpu", "triton"), default="cpu",
+                   help="triton: that backend's host path, its kernel launches stubbed out")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    res = measure(args.a, args.b, args.turns, args.autocast)
+    res = measure(args.a, args.b, args.turns, args.autocast, args.backend)
     for mode, r in res.items():
         print(f"{mode:8s} A {r['a_ms']:.4f} ms  B {r['b_ms']:.4f} ms  B/A {r['ratio']:.3f} "
               f"(quartiles {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}, {r['turns']} turns)")
     if args.out:
         meta = common.metadata(torch.device("cpu"))
         meta.update(threads=1, clock="time.thread_time", autocast="bfloat16" if args.autocast else None,
+                    backend=args.backend,
+                    triton_launches="stubbed (no kernel runs)" if args.backend == "triton" else None,
                     shape=dict(batch=bench_ops.PROXY_BATCH, **bench_ops.PROXY),
                     trees={k: _tree(t) for k, t in (("a", args.a), ("b", args.b))})
         with open(args.out, "w") as f:
