@@ -502,10 +502,15 @@ _LIB = torch.library.Library("stvit", "FRAGMENT")
 
 
 def _triton_impl(name: str) -> Callable:
-    def impl(*args):
-        from . import triton_kernels  # imports triton on the first call only
+    fn = None
 
-        return getattr(triton_kernels, name)(*args)
+    def impl(*args):
+        nonlocal fn
+        if fn is None:  # imports triton on the first call only, and looks the function up once
+            from . import triton_kernels
+
+            fn = getattr(triton_kernels, name)
+        return fn(*args)
     return impl
 
 

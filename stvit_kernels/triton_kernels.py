@@ -86,8 +86,8 @@ interpreter runs none of the compiler's passes, hence the IR test.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
+import math
 import os
 from typing import NamedTuple, Tuple
 
@@ -123,8 +123,10 @@ def _on_tensor_device(fn):
     CUDA device, which need not be the one of the tensors."""
     @functools.wraps(fn)
     def wrapper(t, *args, **kwargs):
-        with torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext():
-            return fn(t, *args, **kwargs)
+        if t.is_cuda and t.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)  # (entering torch.cuda.device costs µs: only when needed)
     return wrapper
 
 
@@ -141,17 +143,17 @@ def _split(scale: float) -> Tuple[float, float]:
     return hi, float(torch.tensor(scale - hi, dtype=torch.float32))
 
 
-def _row_vec(*tensors: torch.Tensor) -> int:
-    """The largest power of two, at most 8, that divides the row stride (dim 2) of every tensor: a
-    fact the compiler is told (``tl.multiple_of``), so that it can load and store a cell's row
-    segments with 64- and 128-bit accesses. Triton specialises an integer argument only for
-    divisibility by 16, which a row of 56 (stage 1) or 28 (stage 2) tokens is not; the pointers,
-    batch and channel strides carry their own specialisation, and where those are not aligned the
-    accesses stay scalar."""
-    vec = 8
-    while vec > 1 and any(t.stride(2) % vec for t in tensors):
-        vec //= 2
-    return vec
+def _row_vec(*row_strides: int) -> int:
+    """The largest power of two, at most 8, that divides every row stride (a tensor's stride of
+    dim 2): a fact the compiler is told (``tl.multiple_of``), so that it can load and store a
+    cell's row segments with 64- and 128-bit accesses. Triton specialises an integer argument only
+    for divisibility by 16, which a row of 56 (stage 1) or 28 (stage 2) tokens is not; the
+    pointers, batch and channel strides carry their own specialisation, and where those are not
+    aligned the accesses stay scalar."""
+    g = 0
+    for st in row_strides:
+        g = math.gcd(g, st)
+    return min(8, g & -g) if g else 8  # g & -g: the largest power of two dividing g
 
 
 # Host arithmetic in plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr
@@ -581,11 +583,12 @@ def _reduce(wnum: torch.Tensor, wden: torch.Tensor, dtype: torch.dtype, normalis
     block_n = max(2, min(_TILE // (16 * block_c), 64, _pow2(hh * ww)))
     n_chunks = max(1, _cdiv(C, block_c))  # chunk 0 also writes den, even when C == 0
 
+    st_num, st_den = num.stride(), den.stride()
     _reduce_kernel[(B * _cdiv(hh * ww, block_n), n_chunks)](
         p_wnum=wnum, p_wden=wden, p_num=num, p_den=den,
         C=C, hh=hh, ww=ww,
-        snb=num.stride(0), snc=num.stride(1), snh=num.stride(2), snw=num.stride(3),
-        sdb=den.stride(0), sdh=den.stride(2), sdw=den.stride(3),
+        snb=st_num[0], snc=st_num[1], snh=st_num[2], snw=st_num[3],
+        sdb=st_den[0], sdh=st_den[2], sdw=st_den[3],
         BLOCK_N=block_n, BLOCK_C=block_c, NORMALISE=normalise,
         num_warps=4 if block_n * block_c >= 128 else 2,
     )
@@ -605,14 +608,15 @@ def affinity(x: torch.Tensor, s: torch.Tensor, h: int, w: int, scale: float,
     plan = _plan(x.dtype, C, h, w)
     scale_hi, scale_lo = _split(scale)
 
+    st_x, st_s, st_A = x.stride(), s.stride(), A.stride()
     _affinity_kernel[(B * hh * ww, plan.N_PB)](
         p_x=x, p_s=s, p_a=A,
         C=C, hh=hh, ww=ww,
-        sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
-        ssb=s.stride(0), ssc=s.stride(1), ssh=s.stride(2), ssw=s.stride(3),
-        sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
+        sxb=st_x[0], sxc=st_x[1], sxh=st_x[2], sxw=st_x[3],
+        ssb=st_s[0], ssc=st_s[1], ssh=st_s[2], ssw=st_s[3],
+        sab=st_A[0], sak=st_A[1], sah=st_A[2], saw=st_A[3],
         scale_hi=scale_hi, scale_lo=scale_lo,
-        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(x, A), SOFTMAX=bool(softmax),
+        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(st_x[2], st_A[2]), SOFTMAX=bool(softmax),
         BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, N_CC=plan.N_CC,
         DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
     )
@@ -630,12 +634,13 @@ def aggregate(x: torch.Tensor, A: torch.Tensor, h: int, w: int):
     wnum, wden = _workspaces(x, hh, ww)
     plan = _plan(x.dtype, C, h, w)
     n_chunks = max(1, _cdiv(C, plan.BLOCK_C))
+    st_x, st_A = x.stride(), A.stride()
     _aggregate_kernel[(B * hh * ww, n_chunks)](
         p_x=x, p_a=A, p_wnum=wnum, p_wden=wden,
         C=C, hh=hh, ww=ww,
-        sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
-        sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
-        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(x, A), N_PB=plan.N_PB,
+        sxb=st_x[0], sxc=st_x[1], sxh=st_x[2], sxw=st_x[3],
+        sab=st_A[0], sak=st_A[1], sah=st_A[2], saw=st_A[3],
+        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(st_x[2], st_A[2]), N_PB=plan.N_PB,
         BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C,
         DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
     )
@@ -664,15 +669,17 @@ def _upsample(s, A, den, h, w):
         return y
     plan = _plan(s.dtype, C, h, w)
     d = den if den is not None else s  # unused without HAS_DEN
+    st_s, st_A, st_y, st_d = s.stride(), A.stride(), y.stride(), d.stride()
     _upsample_kernel[(B * hh * ww, plan.N_PB, _cdiv(C, plan.BLOCK_C))](
         p_s=s, p_a=A, p_y=y, p_den=d,
         C=C, hh=hh, ww=ww,
-        ssb=s.stride(0), ssc=s.stride(1), ssh=s.stride(2), ssw=s.stride(3),
-        sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
-        syb=y.stride(0), syc=y.stride(1), syh=y.stride(2), syw=y.stride(3),
-        sdb=d.stride(0), sdh=d.stride(2), sdw=d.stride(3),
-        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(A, y), BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C,
-        DOT_UPCAST=plan.DOT_UPCAST, HAS_DEN=den is not None, num_warps=plan.num_warps,
+        ssb=st_s[0], ssc=st_s[1], ssh=st_s[2], ssw=st_s[3],
+        sab=st_A[0], sak=st_A[1], sah=st_A[2], saw=st_A[3],
+        syb=st_y[0], syc=st_y[1], syh=st_y[2], syw=st_y[3],
+        sdb=st_d[0], sdh=st_d[2], sdw=st_d[3],
+        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(st_A[2], st_y[2]),
+        BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, DOT_UPCAST=plan.DOT_UPCAST,
+        HAS_DEN=den is not None, num_warps=plan.num_warps,
     )
     return y
 
@@ -686,10 +693,11 @@ def _pool(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     block_h, cell_wp = _pow2(h), _pow2(w)
     block_v = max(1, min(_pow2(ww), _POOL_TILE // (block_h * cell_wp)))
     block_c = max(1, min(_pow2(C), _POOL_TILE // (block_h * cell_wp * block_v)))
+    st_x = x.stride()
     _pool_kernel[(B * _cdiv(C, block_c) * hh, _cdiv(ww, block_v))](
         p_x=x, p_s=s, C=C, hh=hh, ww=ww,
-        sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
-        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(x), BLOCK_C=block_c, BLOCK_H=block_h,
+        sxb=st_x[0], sxc=st_x[1], sxh=st_x[2], sxw=st_x[3],
+        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(st_x[2]), BLOCK_C=block_c, BLOCK_H=block_h,
         CELL_WP=cell_wp, BLOCK_V=block_v, num_warps=4,
     )
     return s
@@ -710,14 +718,15 @@ def _fused_pass(x: torch.Tensor, s: torch.Tensor, A: torch.Tensor, wnum: torch.T
     B, C, H, W = x.shape
     plan = _plan(x.dtype, C, h, w)
     scale_hi, scale_lo = _split(scale)
+    st_x, st_s, st_A = x.stride(), s.stride(), A.stride()
     _affinity_aggregate_kernel[(B * (H // h) * (W // w),)](
         p_x=x, p_s=s, p_a=A, p_wnum=wnum, p_wden=wden,
         C=C, hh=H // h, ww=W // w,
-        sxb=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
-        ssb=s.stride(0), ssc=s.stride(1), ssh=s.stride(2), ssw=s.stride(3),
-        sab=A.stride(0), sak=A.stride(1), sah=A.stride(2), saw=A.stride(3),
+        sxb=st_x[0], sxc=st_x[1], sxh=st_x[2], sxw=st_x[3],
+        ssb=st_s[0], ssc=st_s[1], ssh=st_s[2], ssw=st_s[3],
+        sab=st_A[0], sak=st_A[1], sah=st_A[2], saw=st_A[3],
         scale_hi=scale_hi, scale_lo=scale_lo,
-        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(x, A), N_PB=plan.N_PB,
+        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(st_x[2], st_A[2]), N_PB=plan.N_PB,
         BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, N_CC=plan.N_CC,
         DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
     )

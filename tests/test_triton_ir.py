@@ -425,15 +425,18 @@ def test_stage_kernels_fit_several_programs_per_sm_without_spills(compiled, case
 
 def test_row_vec_divides_every_row_stride():
     tk = _load_kernels()
-    t = lambda *shape: torch.empty(shape)  # noqa: E731
+    t = lambda *shape: torch.empty(shape).stride(2)  # noqa: E731 (the row stride of a tensor)
     assert tk._row_vec(t(2, 64, 56, 56), t(2, 9, 56, 56)) == 8
     assert tk._row_vec(t(2, 128, 28, 28)) == 4
     assert tk._row_vec(t(2, 3, 30, 30), t(2, 9, 30, 30)) == 2
     assert tk._row_vec(t(2, 3, 15, 15)) == 1
     assert tk._row_vec(t(2, 64, 56, 56), t(2, 9, 56, 15)) == 1  # the least of the tensors
-    cl = t(2, 3, 8, 8).to(memory_format=torch.channels_last)     # row stride W * C = 24
-    assert tk._row_vec(cl) == 8
-    assert tk._row_vec(t(2, 64, 56, 56)[:, :, :, 1:]) == 8       # a view: its strides count
+    assert tk._row_vec(t(2, 3, 12, 12), t(2, 3, 8, 8)) == 4
+    cl = torch.empty(2, 3, 8, 8).to(memory_format=torch.channels_last)  # row stride W * C = 24
+    assert tk._row_vec(cl.stride(2)) == 8
+    assert tk._row_vec(torch.empty(2, 64, 56, 56)[:, :, :, 1:].stride(2)) == 8  # a view's strides
+    assert tk._row_vec(torch.empty(2, 3, 1, 8).expand(2, 3, 8, 8).stride(2), t(2, 3, 4, 4)) == 4
+    assert tk._row_vec(0) == 8  # an expanded row: every row is the same addresses
 
 
 def test_programs_per_sm_arithmetic():
