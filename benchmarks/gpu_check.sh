@@ -16,7 +16,9 @@
 # not in the default list: bench1_bf16 (bench1 in bfloat16: issue 12's bf16 <= 0.6x fp32), dense
 # and dense_bf16 (B=8, C=64, 56², 128², 256² tokens, cuda and triton against dense SDPA: issue 12's
 # >= 3x / >= 30x and issue 11's time growing with the work), tune (benchmarks/tune_cuda.py: the
-# CUDA kernels' plan limits swept at the stage shapes, fp32 + bf16, about a minute).
+# CUDA kernels' plan limits swept at the stage shapes, fp32 + bf16, about a minute), host_prof
+# (benchmarks/host_profile.py: the host time of a stage-1 call by function and by library, Triton's
+# launcher apart, for triton and cuda, about 40 s).
 # All of them take more than one call's 540 s when the tier runs long: pick with STEPS.
 # GPU_PY: the GPU machine's python (default python3). STEPS: a subset, e.g. STEPS="bench1 ncu".
 set -uo pipefail
@@ -71,6 +73,11 @@ for s in $STEPS; do
            "$PY" benchmarks/ncu_kernels.py run "$be"
          step "${s}_report" 20 "$PY" benchmarks/ncu_kernels.py report "$OUT/$s.log" \
            --out "$OUT/${s}_kernels.json" ;;
+    # where each call's host time goes, triton then cuda (cProfile; Triton's launcher split out)
+    host_prof) for be in triton cuda; do
+                 step "host_profile_$be" 90 "$PY" benchmarks/host_profile.py --device cuda \
+                   --backend "$be" --calls 100 --out "$OUT/host_profile_$be.json"
+               done ;;
     model) step model_small 150 "$PY" benchmarks/bench_model.py --device cuda --models small \
              --compile off --rep-ms 300 --out "$OUT/model_small.json" ;;
     bench_ro) step bench_reduce_overhead 150 "$PY" benchmarks/bench_ops.py --device cuda --ops sta \
@@ -78,7 +85,7 @@ for s in $STEPS; do
                 --no-targets --compile-mode reduce-overhead --sides 56 --dim 64 --heads 1 \
                 --stoken 8 --out "$OUT/sta_stage1_reduce_overhead.json" ;;
     *) echo "unknown step $s (tier sanitize bench1 bench2 bench1_aten bench1_bf16 dense dense_bf16" \
-            "tune ncu model ncu_triton bench_ro)" >&2
+            "tune host_prof ncu model ncu_triton bench_ro)" >&2
        exit 2 ;;
   esac
 done

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -306,13 +307,64 @@ def test_proxy_head_on_target(tmp_path):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
-def test_proxy_ab_script(tmp_path):
-    """proxy_ab.py against the same tree: both children import that tree, the ratio is near 1."""
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_proxy_ab_script(tmp_path, backend):
+    """proxy_ab.py against the same tree: both children import that tree, the ratio is near 1
+    (``triton``: the host path under the interpreter, the kernel launches stubbed out)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     proxy_ab = _load("proxy_ab")
     root = os.path.dirname(BENCH_DIR)
-    res = proxy_ab.measure(root, root, turns=2)
+    res = proxy_ab.measure(root, root, turns=2, backend=backend)
     assert set(res) == {"fwd", "fwd+bwd"}
     assert all(r["a_ms"] > 0 and r["b_ms"] > 0 and 0.2 < r["ratio"] < 5 for r in res.values())
+
+
+def test_host_profile_places():
+    host_profile = _load("host_profile")
+    assert host_profile.place("~") == "C"
+    assert host_profile.place("/x/site-packages/torch/nn/modules/module.py") == "torch"
+    assert host_profile.place("/x/site-packages/triton/runtime/jit.py") == "triton"
+    assert host_profile.place("/work/stvit_kernels/module.py") == "stvit_kernels"
+    assert host_profile.place("/usr/lib/python3.12/contextlib.py") == "other"
+    assert host_profile._is_triton_run(("/x/triton/runtime/jit.py", 600, "run"))
+    assert not host_profile._is_triton_run(("/x/triton/runtime/autotuner.py", 200, "run"))
+
+
+def test_host_profile_script(tmp_path):
+    """host_profile.py on the CPU at a tiny shape: the per-place shares add up to the profile, the
+    module's forward is among the profiled functions, and no Triton launch is counted."""
+    host_profile = _load("host_profile")
+    out = tmp_path / "hp.json"
+    host_profile.main(["--device", "cpu", "--backend", "reference", "--batch", "1", "--dim", "8",
+                       "--side", "8", "--stoken", "4", "--calls", "5", "--out", str(out)])
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"fwd", "fwd+bwd"}
+    for r in res.values():
+        assert r["host_us"] > 0 and r["profiled_us"] > 0
+        assert sum(r["by_place_us"].values()) == pytest.approx(r["profiled_us"])
+        assert r["by_place_us"]["stvit_kernels"] > 0
+        assert any("forward" in t["function"] for t in r["top"])
+        assert r["triton_launches"] == 0 and r["triton_run_us"] == 0
+
+
+def test_host_profile_counts_the_triton_launches(tmp_path):
+    """The Triton path's launches per module call, counted by host_profile.py under the
+    interpreter (a fresh process: TRITON_INTERPRET is read at import): the forward is the pool,
+    the fused pass, the normalising reduction and the upsampling; the backward adds the
+    association's gradient (one normalised upsampling) and the upsampling's gradient into the
+    super tokens (an aggregation and its reduction)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "hp.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, os.path.join(BENCH_DIR, "host_profile.py"), "--device", "cpu",
+                    "--backend", "triton", "--batch", "1", "--dim", "8", "--side", "8",
+                    "--stoken", "4", "--calls", "2", "--out", str(out)],
+                   env=env, check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())["results"]
+    assert res["fwd"]["triton_launches"] == 4
+    assert res["fwd+bwd"]["triton_launches"] == 7
+    assert 0 < res["fwd"]["triton_run_us"] <= res["fwd"]["profiled_us"]
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
