@@ -265,6 +265,25 @@ class Cycle:
         return item
 
 
+def stub_triton_launches() -> List[str]:
+    """Replace every Triton kernel of ``stvit_kernels.triton_kernels`` by one whose launch does
+    nothing (the host path alone, timed on a CPU under ``TRITON_INTERPRET=1``: the plans, the
+    workspaces, the arguments, the autograd nodes, but neither the kernels nor Triton's launcher).
+    Returns the kernels' names; raises if there are none (a renamed module would time nothing)."""
+    from stvit_kernels import triton_kernels as tk
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    names = [k for k in vars(tk) if k.endswith("_kernel")]
+    if not names:
+        raise RuntimeError("no Triton kernels found in stvit_kernels.triton_kernels to stub")
+    for k in names:
+        setattr(tk, k, NoLaunch())
+    return names
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

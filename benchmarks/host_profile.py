@@ -116,12 +116,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=("fwd", "fwd+bwd"))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    ap.add_argument("--stub-triton", action="store_true",
+                    help="every Triton kernel launch a no-op (the host path alone, on a CPU under "
+                         "TRITON_INTERPRET=1; common.stub_triton_launches)")
     ap.add_argument("--out", help="write the JSON here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     import stvit_kernels as sk
+
+    if args.stub_triton:
+        common.stub_triton_launches()
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -152,7 +158,8 @@ def main(argv=None) -> dict:
         meta = common.metadata(device, sys.argv[1:] if argv is None else argv)
         meta.update(backend=sk.explain(x) if args.backend == "auto" else args.backend,
                     shape=dict(batch=args.batch, dim=args.dim, side=args.side, stoken=args.stoken,
-                               heads=args.heads), dtype=args.dtype, calls=args.calls)
+                               heads=args.heads), dtype=args.dtype, calls=args.calls,
+                    triton_launches_stubbed=args.stub_triton)
         with open(args.out, "w") as f:
             json.dump(dict(kind="host_profile", meta=meta, results=results), f, indent=1)
     return results

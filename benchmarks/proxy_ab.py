@@ -46,14 +46,9 @@ import stvit_kernels
 from stvit_kernels import SuperTokenAttention
 torch.manual_seed(0)
 if "{backend}" == "triton":  # the host path alone: no kernel runs (module docstring)
-    from stvit_kernels import triton_kernels as tk
-    class NoLaunch:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-    stubbed = [k for k in vars(tk) if k.endswith("_kernel")]
-    assert stubbed, "no Triton kernels found to stub"
-    for k in stubbed:
-        setattr(tk, k, NoLaunch())
+    sys.path.insert(0, {bench_dir!r})
+    import common
+    common.stub_triton_launches()
 m = SuperTokenAttention({dim}, {stoken}, num_heads={heads}, qkv_bias=True, backend="{backend}").eval()
 x = torch.randn({batch}, {dim}, {side}, {side})
 xg = x.clone().requires_grad_()
@@ -88,7 +83,7 @@ def _child(tree: str, autocast: bool = False, backend: str = "cpu") -> subproces
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="1",
                TRITON_INTERPRET="1" if backend == "triton" else "0")
     child = CHILD.format(batch=bench_ops.PROXY_BATCH, autocast=autocast, backend=backend,
-                         **bench_ops.PROXY)
+                         bench_dir=HERE, **bench_ops.PROXY)
     p = subprocess.Popen([sys.executable, "-c", child], env=env, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True, cwd="/")
     ready = p.stdout.readline().split()
