@@ -311,6 +311,40 @@ class SuperTokenStep(torch.autograd.Function):
         return _drop_absent_biases(grads, *biases) + (None,) * 7
 
 
+class FamilyStep(torch.autograd.Function):
+    """:class:`SuperTokenStep` for a family without a C++ ``sta_forward`` (the Triton kernels): the
+    family's ``associate``, ``stvit::refine_attention_forward``, the family's ``upsample``, as one
+    autograd node; the backward is the same pieces' gradients (the aggregation of the output
+    gradient into the super tokens, ``stvit::refine_attention_backward``, ``associate_backward``)
+    without two more nodes and their Function calls between them."""
+
+    @staticmethod
+    def forward(ctx, fam, x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter,
+                heads, attn_scale):
+        ctx.set_materialize_grads(False)
+        K = family(fam)
+        s, A, den = K.associate(x, None, h, w, scale, n_iter)
+        out, qkvh, attn, o = torch.ops.stvit.refine_attention_forward.default(
+            s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, attn_scale, None)
+        ctx.save_for_backward(A, den, s, qkvh, attn, o, qkv_weight, proj_weight)
+        ctx.args = (fam, h, w, heads, attn_scale, qkv_bias is not None, proj_bias is not None)
+        return K.upsample(out, A, h, w)
+
+    @staticmethod
+    def backward(ctx, gy):
+        if gy is None:
+            return (None,) * 12
+        fam, h, w, heads, attn_scale, *biases = ctx.args
+        A, den, *refine_saved = ctx.saved_tensors
+        K = family(fam)
+        g_out = K.aggregate(gy, A, h, w)[0]
+        grads = torch.ops.stvit.refine_attention_backward.default(g_out, *refine_saved, heads,
+                                                                  attn_scale)
+        d_s, *d_params = _drop_absent_biases(grads, *biases)
+        dx = K.associate_backward(d_s, A, den, h, w) if ctx.needs_input_grad[1] else None
+        return (None, dx, *d_params) + (None,) * 6
+
+
 # ------------------------------------------------------------------------------------------------
 # Fake implementations (output shapes only) for torch.compile / FakeTensor / meta tensors
 # ------------------------------------------------------------------------------------------------

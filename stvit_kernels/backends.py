@@ -42,6 +42,9 @@ class Backend:
     #: Whether the STA module with its attention refine runs as one C++ call on this backend
     #: (``stvit::sta_forward``, SuperTokenAttention._one_step).
     one_step: bool = False
+    #: Whether it runs as one autograd node composed of the backend's kernels in Python instead
+    #: (:class:`stvit_kernels._library.FamilyStep`; not under autocast).
+    composed_step: bool = False
 
     def unavailable_reason(self) -> Optional[str]:
         """None if this backend can run in this process, else why not. Probed once, when
@@ -191,6 +194,7 @@ class TritonBackend(FusedBackend):
     them)."""
 
     name = "triton"
+    composed_step = True
 
     def _probe(self) -> Optional[str]:
         # found, not imported: triton is imported by the first kernel call

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _ext
-from ._library import Refine, SuperTokenStep, needs_grad
+from ._library import FamilyStep, Refine, SuperTokenStep, needs_grad
 from ._utils import (StokenSize, autocast_cast_dtype, autocast_dtype, autocast_inputs, cast,
                      check_n_iter, pair)
 from .backends import resolve
@@ -228,14 +228,26 @@ class SuperTokenAttention(nn.Module):
         autocast parameters that cast to ``x``'s dtype. None otherwise (the per-piece path). The
         refine module's own forward (and its hooks) is not called on this path. Under autocast
         the operator casts ``x`` and the parameters itself (its ``dtype`` argument), where the
-        casts would otherwise be autograd nodes of their own."""
-        if not be.one_step:
+        casts would otherwise be autograd nodes of their own.
+
+        A backend with ``composed_step`` (Triton) runs the same pieces as one autograd node
+        composed in Python (:class:`stvit_kernels._library.FamilyStep`), outside autocast; without
+        a gradient, the three operator calls in a row."""
+        if not (be.one_step or (be.composed_step and _BUILT and not autocast)):
             return None
         r = self._modules["stoken_refine"]
         h, w = self.stoken_size
         if (not r.written_out((x.shape[2] // h) * (x.shape[3] // w))
                 or (self.training and r.proj_drop.p > 0)):
             return None
+        if not be.one_step:
+            K = be.kernels()
+            if needs_grad(x, *params):
+                return FamilyStep.apply(K.name, x, *params, h, w, self.scale, self.n_iter,
+                                        r.num_heads, r.scale)
+            s, A, _ = K.associate(x, None, h, w, self.scale, self.n_iter)
+            s = _REFINE_FORWARD(s, *params, r.num_heads, r.scale, None)[0]
+            return K.upsample(s, A, h, w)
         dtype = None
         if autocast:
             dtype = autocast_dtype(x)

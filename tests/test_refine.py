@@ -17,7 +17,7 @@ import torch
 import stvit_kernels as sk
 import stvit_kernels.module as module_mod
 from stvit_kernels import _library
-from stvit_kernels.backends import CompiledBackend
+from stvit_kernels.backends import CompiledBackend, TritonBackend
 
 from .utils import TOL, autograd_node_names, device_for, rel_error, seed_for
 
@@ -103,22 +103,37 @@ STEP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", _devices())
+def _step_backends():
+    """(device, backend) of the one-node paths: the compiled family's C++ step on each device, the
+    Triton family's composed one (on a GPU, or the interpreter)."""
+    out = [pytest.param(device, "auto", id=device) for device in ("cpu", "cuda")
+           if device in sk.available_backends()]
+    if "triton" in sk.available_backends():
+        out.append(pytest.param(device_for("triton"), "triton", id="triton"))
+    return out
+
+
+@pytest.mark.parametrize("device,backend", _step_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("B,C,heads,H,W,size,n_iter", STEP_CASES)
-def test_module_one_step_matches_per_piece(device, dtype, B, C, heads, H, W, size, n_iter,
+def test_module_one_step_matches_per_piece(device, backend, dtype, B, C, heads, H, W, size, n_iter,
                                            monkeypatch):
     torch.manual_seed(seed_for("one-step", B, C, heads, H, W, size, n_iter, dtype))
-    m = sk.SuperTokenAttention(C, size, n_iter=n_iter, num_heads=heads, qkv_bias=True)
+    m = sk.SuperTokenAttention(C, size, n_iter=n_iter, num_heads=heads, qkv_bias=True,
+                               backend=backend)
     m = m.to(device, dtype)
     x = torch.randn(B, C, H, W, device=device, dtype=dtype)
     g = torch.randn(B, C, H, W, device=device, dtype=dtype)
     y, grads, fn = _grads(m, x, g)
     nodes = autograd_node_names(fn)
-    assert "SuperTokenStepBackward" in nodes and "UpsampleBackward" not in nodes
+    node = "FamilyStepBackward" if backend == "triton" else "SuperTokenStepBackward"
+    assert node in nodes and "UpsampleBackward" not in nodes, nodes
     with torch.no_grad():
         y_nograd = m(x)
-    monkeypatch.setattr(CompiledBackend, "one_step", False)
+    if backend == "triton":
+        monkeypatch.setattr(TritonBackend, "composed_step", False)
+    else:
+        monkeypatch.setattr(CompiledBackend, "one_step", False)
     y_ref, grads_ref, _ = _grads(m, x, g)
     tol = TOL[dtype]
     torch.testing.assert_close(y, y_ref, **tol)
@@ -127,17 +142,23 @@ def test_module_one_step_matches_per_piece(device, dtype, B, C, heads, H, W, siz
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_one_step_gradcheck():
+@pytest.mark.parametrize("step", ["compiled", "triton"])
+def test_one_step_gradcheck(step):
+    if step == "triton" and "triton" not in sk.available_backends():
+        pytest.skip("the triton backend is not available")
+    device = device_for("triton") if step == "triton" else "cpu"
     torch.manual_seed(seed_for("one-step-gradcheck"))
     C, heads, h, w = 4, 2, 2, 3
     m = sk.SuperTokenAttention(C, (h, w), n_iter=2, num_heads=heads, qkv_bias=True).double()
-    r = m.stoken_refine
-    x = torch.randn(1, C, 4, 6, dtype=torch.float64)
+    r = m.stoken_refine.to(device)
+    x = torch.randn(1, C, 4, 6, dtype=torch.float64, device=device)
     params = [r.qkv.weight, r.qkv.bias, r.proj.weight, r.proj.bias]
 
     # the parameters' gradients are true gradients; x's is the module's (A and den constants,
     # as in the official model), checked against the per-piece path above
     def f(*p):
+        if step == "triton":
+            return _library.FamilyStep.apply("triton", x, *p, h, w, m.scale, 2, heads, r.scale)
         return _library.SuperTokenStep.apply(x, *p, h, w, m.scale, 2, heads, r.scale)
 
     torch.autograd.gradcheck(f, params)
@@ -158,6 +179,13 @@ def test_which_path_runs(monkeypatch):
     assert one not in _grad_fn_names(sk.SuperTokenAttention(8, 8, refine=False), x.clone())
     drop = sk.SuperTokenAttention(8, 8, num_heads=2, attn_drop=0.1)
     assert one not in _grad_fn_names(drop, x.clone())
+    if "triton" in sk.available_backends():  # its step composed in Python, not under autocast
+        xt = x.to(device_for("triton"))
+        tm = sk.SuperTokenAttention(8, 8, num_heads=2, backend="triton").to(xt.device)
+        assert "FamilyStepBackward" in _grad_fn_names(tm, xt.clone())
+        with torch.autocast(xt.device.type, dtype=torch.bfloat16):
+            names = _grad_fn_names(tm, xt.clone())
+        assert "FamilyStepBackward" not in names and "AssociateBackward" in names
     assert one in _grad_fn_names(drop.eval(), x.clone())
     # more super tokens than REFINE_FUSED_MAX_TOKENS: SDPA
     monkeypatch.setattr(module_mod, "REFINE_FUSED_MAX_TOKENS", 3)
