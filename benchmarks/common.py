@@ -265,23 +265,30 @@ class Cycle:
         return item
 
 
-def stub_triton_launches() -> List[str]:
+def stub_triton_launches(record: Optional[List] = None) -> Dict[str, object]:
     """Replace every Triton kernel of ``stvit_kernels.triton_kernels`` by one whose launch does
     nothing (the host path alone, timed on a CPU under ``TRITON_INTERPRET=1``: the plans, the
-    workspaces, the arguments, the autograd nodes, but neither the kernels nor Triton's launcher).
-    Returns the kernels' names; raises if there are none (a renamed module would time nothing)."""
+    workspaces, the arguments, the autograd nodes, but neither the kernels nor Triton's launcher);
+    with ``record``, each launch appends ``(kernel, grid, kwargs)`` to it. Returns the kernels
+    replaced, by name (to put back); raises if there are none (a renamed module would time
+    nothing)."""
     from stvit_kernels import triton_kernels as tk
 
     class NoLaunch:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-    names = [k for k in vars(tk) if k.endswith("_kernel")]
-    if not names:
+        def __getitem__(self, grid):
+            if record is None:
+                return lambda *args, **kwargs: None
+            return lambda **kwargs: record.append((self.kernel, grid, kwargs))
+
+    kernels = {k: v for k, v in vars(tk).items() if k.endswith("_kernel")}
+    if not kernels:
         raise RuntimeError("no Triton kernels found in stvit_kernels.triton_kernels to stub")
-    for k in names:
-        setattr(tk, k, NoLaunch())
-    return names
+    for k, v in kernels.items():
+        setattr(tk, k, NoLaunch(v))
+    return kernels
 
 
 def sync(device: torch.device) -> None:

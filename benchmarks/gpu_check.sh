@@ -76,7 +76,7 @@ for s in $STEPS; do
     # where each call's host time goes, triton then cuda (cProfile; Triton's launcher split out)
     host_prof) for be in triton cuda; do
                  step "host_profile_$be" 90 "$PY" benchmarks/host_profile.py --device cuda \
-                   --backend "$be" --calls 100 --out "$OUT/host_profile_$be.json"
+                   --backend "$be" --calls 50 --out "$OUT/host_profile_$be.json"
                done ;;
     model) step model_small 150 "$PY" benchmarks/bench_model.py --device cuda --models small \
              --compile off --rep-ms 300 --out "$OUT/model_small.json" ;;

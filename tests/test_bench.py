@@ -367,6 +367,24 @@ def test_host_profile_counts_the_triton_launches(tmp_path):
     assert 0 < res["fwd"]["triton_run_us"] <= res["fwd"]["profiled_us"]
 
 
+def test_triton_launch_cost_script(tmp_path):
+    """triton_launch_cost.py (a fresh process, without the interpreter): one row per launch of a
+    module forward (4) and backward (3), each timed through Triton's own launcher."""
+    pytest.importorskip("triton")
+    out = tmp_path / "launch.json"
+    code = (f"import sys; sys.path.insert(0, {BENCH_DIR!r}); import triton_launch_cost as t; "
+            f"import json; json.dump(t.measure(n=20, batch=1, side=16), open({str(out)!r}, 'w'))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                   timeout=600)
+    rows = json.loads(out.read_text())
+    assert [(r["step"], r["kernel"]) for r in rows] == [
+        ("fwd", "_pool_kernel"), ("fwd", "_affinity_aggregate_kernel"), ("fwd", "_reduce_kernel"),
+        ("fwd", "_upsample_kernel"), ("bwd", "_aggregate_kernel"), ("bwd", "_reduce_kernel"),
+        ("bwd", "_upsample_kernel")]
+    assert all(r["us"] > 0 and r["args"] > 10 for r in rows)
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
 def test_tune_cuda_script(tmp_path):
     """tune_cuda.py --smoke on the CPU (the knobs change nothing there): every op, both dtypes,
