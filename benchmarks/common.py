@@ -44,6 +44,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -265,6 +266,22 @@ class Cycle:
         return item
 
 
+def per_call_us(fns: Sequence[Callable[[], object]], n: int = 5000, rounds: int = 15) -> List[float]:
+    """Per call of each of ``fns``: the best of ``rounds`` blocks of ``n`` calls, the functions
+    taking turns block by block (so a busy spell of a shared machine hits them all)."""
+    for fn in fns:
+        for _ in range(n // 5):
+            fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t = time.thread_time()
+            for _ in range(n):
+                fn()
+            best[i] = min(best[i], (time.thread_time() - t) / n * 1e6)
+    return best
+
+
 def stub_triton_launches(record: Optional[List] = None) -> Dict[str, object]:
     """Replace every Triton kernel of ``stvit_kernels.triton_kernels`` by one whose launch does
     nothing (the host path alone, timed on a CPU under ``TRITON_INTERPRET=1``: the plans, the
@@ -392,8 +409,6 @@ def host_time(step: Callable[[], object], device: torch.device, calls: int = 10,
     synchronisation between them (the device is synchronised before each block, not inside it);
     median and quartiles over the blocks. ``calls`` should keep the launches of a block well under
     the device's launch queue (~1000), or a full queue makes the host wait for the GPU."""
-    import time
-
     sync(device)
     per_call = []
     for _ in range(blocks):

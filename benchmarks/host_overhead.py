@@ -28,28 +28,11 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-
-
-def per_call_us(fns, n=5000, rounds=15):
-    """Per call of each of ``fns``: the best of ``rounds`` blocks of ``n`` calls, the functions
-    taking turns block by block (so a busy spell of a shared machine hits them all)."""
-    for fn in fns:
-        for _ in range(n // 5):
-            fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t = time.thread_time()
-            for _ in range(n):
-                fn()
-            best[i] = min(best[i], (time.thread_time() - t) / n * 1e6)
-    return best
 
 
 def measure():
@@ -90,7 +73,7 @@ def measure():
         ("autograd.Function.apply(define + impl)", lambda: Fn.apply(x)),
         ("autograd.Function.apply(define + impl), input requires grad", lambda: Fn.apply(xg)),
     ]
-    times = per_call_us([fn for _, fn in rows])
+    times = common.per_call_us([fn for _, fn in rows])
     out = [dict(name=name, us=us) for (name, _), us in zip(rows, times)]
     floor = out[0]["us"]
     for r in out:
@@ -141,7 +124,7 @@ def measure_paths():
 
     rows = []
     for mode in ("fwd", "fwd+bwd"):
-        times = per_call_us([call(cfg, mode) for cfg in paths.values()], n=200, rounds=25)
+        times = common.per_call_us([call(cfg, mode) for cfg in paths.values()], n=200, rounds=25)
         rows += [dict(path=name, mode=mode, us=us) for name, us in zip(paths, times)]
     return rows
 

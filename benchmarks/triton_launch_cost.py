@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     raise SystemExit("run without TRITON_INTERPRET: the interpreter has a launcher of its own")
@@ -72,20 +71,12 @@ def record_launches(batch: int, dim: int, side: int, stoken: int):
     return launches
 
 
-def per_launch_us(kernel, grid, kwargs, n=2000, rounds=7) -> float:
-    """Best of ``rounds`` blocks of ``n`` launches, thread CPU time, µs per launch."""
+def per_launch_us(kernel, grid, kwargs, n=2000) -> float:
+    """µs per launch through Triton's launcher (:func:`common.per_call_us`: thread CPU time)."""
     # on a cache miss Triton would compile: store the stand-in under Triton's own key instead
     kernel._do_compile = lambda key, *args: kernel.device_caches[0][0].setdefault(key, _Kernel())
     launch = kernel[grid]
-    for _ in range(50):
-        launch(**kwargs)
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.thread_time()
-        for _ in range(n):
-            launch(**kwargs)
-        best = min(best, (time.thread_time() - t) / n * 1e6)
-    return best
+    return common.per_call_us([lambda: launch(**kwargs)], n=n, rounds=7)[0]
 
 
 #: The STViT-S stage-1 shape (B=64, C=64, 56² tokens, 8x8 super tokens).
@@ -111,9 +102,10 @@ def measure(n: int = 2000, **shape):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--launches", type=int, default=2000, help="launches per timed block")
     ap.add_argument("--out", help="write the JSON here")
     args = ap.parse_args(argv)
-    rows = measure()
+    rows = measure(n=args.launches)
     for r in rows:
         print(f"{r['step']:4s} {r['kernel']:28s} {r['args']:3d} arguments {r['us']:7.2f} µs per launch")
     fwd = sum(r["us"] for r in rows if r["step"] == "fwd")
