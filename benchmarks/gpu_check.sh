@@ -16,7 +16,8 @@
 # not in the default list: bench1_bf16 (bench1 in bfloat16: issue 12's bf16 <= 0.6x fp32), dense
 # and dense_bf16 (B=8, C=64, 56², 128², 256² tokens, cuda and triton against dense SDPA: issue 12's
 # >= 3x / >= 30x and issue 11's time growing with the work), tune (benchmarks/tune_cuda.py: the
-# CUDA kernels' plan limits swept at the stage shapes, fp32 + bf16, about a minute), host_prof
+# CUDA kernels' plan limits swept at the stage shapes, fp32 + bf16, about a minute), tune_triton
+# (benchmarks/tune_triton.py: the same for the Triton kernels' plan, most of it compiling), host_prof
 # (benchmarks/host_profile.py: the host time of a stage-1 call by function and by library, Triton's
 # launcher apart, for triton and cuda, about 40 s).
 # All of them take more than one call's 540 s when the tier runs long: pick with STEPS.
@@ -61,6 +62,7 @@ for s in $STEPS; do
     bench1_bf16) step bench_stage1_bf16 60 "${STA[@]}" --sides 56 --dim 64 --heads 1 --stoken 8 \
               --dtype bfloat16 --out "$OUT/sta_stage1_bf16.json" ;;
     tune) step tune_cuda 150 "$PY" benchmarks/tune_cuda.py --out "$OUT/tune_cuda.json" ;;
+    tune_triton) step tune_triton 240 "$PY" benchmarks/tune_triton.py --out "$OUT/tune_triton.json" ;;
     dense|dense_bf16)
          dt=float32; [ "$s" = dense_bf16 ] && dt=bfloat16
          step "sta_$s" 120 "$PY" benchmarks/bench_ops.py --device cuda --ops sta \
@@ -85,7 +87,7 @@ for s in $STEPS; do
                 --no-targets --compile-mode reduce-overhead --sides 56 --dim 64 --heads 1 \
                 --stoken 8 --out "$OUT/sta_stage1_reduce_overhead.json" ;;
     *) echo "unknown step $s (tier sanitize bench1 bench2 bench1_aten bench1_bf16 dense dense_bf16" \
-            "tune host_prof ncu model ncu_triton bench_ro)" >&2
+            "tune tune_triton host_prof ncu model ncu_triton bench_ro)" >&2
        exit 2 ;;
   esac
 done

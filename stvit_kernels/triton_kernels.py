@@ -86,6 +86,7 @@ interpreter runs none of the compiler's passes, hence the IR test.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -102,6 +103,35 @@ _MAX_BLOCK_P = 256
 _TILE = 4096
 #: Elements of the pooling's tile (x read, masked lanes included).
 _POOL_TILE = 2048
+#: Warps of a matrix-product kernel's program; 0: from the tile's work (:func:`_plan`).
+_NUM_WARPS = 0
+
+#: The plan's limits above, by the names :func:`plan_overrides` takes.
+_PLAN_LIMITS = {"max_block_p": "_MAX_BLOCK_P", "tile": "_TILE", "pool_tile": "_POOL_TILE",
+                "num_warps": "_NUM_WARPS"}
+
+
+@contextlib.contextmanager
+def plan_overrides(**limits: int):
+    """Within the block, the plan's limits set to ``limits`` (``max_block_p``, ``tile``,
+    ``pool_tile``: powers of two; ``num_warps``: 1, 2, 4, 8 or 0 for the default rule), for every
+    launch in this process; restored after. For tuning (``benchmarks/tune_triton.py``): the
+    results change by float rounding only (the sums' order follows the tiles)."""
+    for name, value in limits.items():
+        if name not in _PLAN_LIMITS:
+            raise ValueError(f"unknown plan limit {name!r}; one of {sorted(_PLAN_LIMITS)}")
+        if name == "num_warps":
+            ok = value in (0, 1, 2, 4, 8)
+        else:
+            ok = isinstance(value, int) and value >= 16 and not value & (value - 1)
+        if not ok:
+            raise ValueError(f"plan limit {name}={value!r} is not allowed")
+    saved = {name: globals()[_PLAN_LIMITS[name]] for name in limits}
+    try:
+        globals().update({_PLAN_LIMITS[name]: value for name, value in limits.items()})
+        yield
+    finally:
+        globals().update({_PLAN_LIMITS[name]: value for name, value in saved.items()})
 
 
 def _interpreting() -> bool:
@@ -183,21 +213,22 @@ def _plan(dtype: torch.dtype, C: int, h: int, w: int) -> _Plan:
     """Block sizes for a cell of ``h x w`` pixels and ``C`` channels (every kernel but the
     reduction multiplies a ``[P, C]`` tile with ``[C, 16]``, ``[16, P]`` with ``[P, C]``, or
     ``[P, 16]`` with ``[16, C]``). Every dimension of a tl.dot is >= 16: fewer pixels or channels
-    are padded with masked (zero) rows, which add exactly 0. Cached per shape (and per
-    ``_MAX_BLOCK_P``, which tests lower)."""
-    return _plan_for(dtype, C, h, w, _MAX_BLOCK_P)
+    are padded with masked (zero) rows, which add exactly 0. Cached per shape and limits
+    (``_MAX_BLOCK_P``, ``_TILE``, ``_NUM_WARPS``: tests lower them, tuning sweeps them)."""
+    return _plan_for(dtype, C, h, w, _MAX_BLOCK_P, _TILE, _NUM_WARPS)
 
 
 @functools.lru_cache(maxsize=256)
-def _plan_for(dtype: torch.dtype, C: int, h: int, w: int, max_block_p: int) -> _Plan:
+def _plan_for(dtype: torch.dtype, C: int, h: int, w: int, max_block_p: int, tile: int,
+              warps: int) -> _Plan:
     P = h * w
     block_p = max(16, min(_pow2(P), max_block_p))
     n_pb = _cdiv(P, block_p)
-    block_c = max(16, min(_pow2(C), _TILE // block_p, 128))
+    block_c = max(16, min(_pow2(C), tile // block_p, 128))
     work = block_p * (block_c + 16)
     if dtype in (torch.float32, torch.float64):
         work *= 2  # an exact float32 tl.dot is FMAs on CUDA cores; float64 runs on slow DMMA
-    num_warps = 8 if work >= 8192 else 4 if work >= 2048 else 2
+    num_warps = warps or (8 if work >= 8192 else 4 if work >= 2048 else 2)
     upcast = dtype == torch.bfloat16 and _INTERPRETING
     return _Plan(block_p, n_pb, block_c, _cdiv(C, block_c), upcast, num_warps)
 

@@ -402,6 +402,28 @@ def test_tune_cuda_script(tmp_path):
     assert tune.configs("pool", smoke=False) == [tune.DEFAULT]
 
 
+@pytest.mark.skipif("triton" not in sk.available_backends(), reason="the triton backend is not available")
+def test_tune_triton_script():
+    """tune_triton.py --smoke (the interpreter on the CPU, or a GPU): every op, both dtypes, each
+    configuration's output within the tolerance of the default's; a configuration whose plan is
+    the default's at that shape is skipped, not timed twice."""
+    from .utils import device_for
+    tune = _load("tune_triton")
+    device = torch.device(device_for("triton"))
+    res = tune.run(device, [torch.float32, torch.bfloat16], smoke=True, copy_gbs=None)
+    assert {(s["op"], s["dtype"]) for s in res["summary"]} == {
+        (op, dt) for op in tune.OPS for dt in ("float32", "bfloat16")}
+    assert all(r["ok"] and r["ms"] > 0 for r in res["rows"]), res["rows"]
+    assert sum(r["default"] for r in res["rows"]) == 8
+    # at the smoke shape (C=16, 4x4 cells) num_warps=2, tile=1024 is the upsampling's default plan
+    ran = {(r["op"], r["dtype"]): 0 for r in res["rows"]}
+    for r in res["rows"]:
+        ran[r["op"], r["dtype"]] += 1
+    assert ran["upsample", "float32"] == 1 and ran["affinity_aggregate", "float32"] == 2
+    full = tune.configs("affinity_aggregate", smoke=False)
+    assert full[0] == tune.DEFAULT and len(full) == 4 * 3 * 2 and len(set(map(str, full))) == len(full)
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS or not _C_CUDA, reason="needs the CUDA build")
 def test_cuda_plan_overrides_are_checked_and_restored():
     from stvit_kernels import _C

@@ -136,6 +136,31 @@ def test_cells_larger_than_one_pixel_block(monkeypatch, B, C, H, W, h, w, dtype)
     _check_all(_outputs(TRITON, t, h, w, scale), _outputs(REF, t, h, w, scale), **TOL[dtype])
 
 
+@pytest.mark.parametrize("limits", [
+    pytest.param(dict(num_warps=1, tile=256, pool_tile=16), id="small-tiles-1-warp"),
+    pytest.param(dict(num_warps=8, max_block_p=16, tile=8192, pool_tile=8192), id="big-tiles-8-warps"),
+])
+def test_plan_overrides(limits):
+    """plan_overrides (the tuning knobs): every primitive agrees with the reference under other
+    tiles and warps (loops over pixel blocks and channel chunks where they no longer fit), the
+    plan follows the limits, and they are restored afterwards; unknown names and values refuse."""
+    B, C, H, W, h, w = 2, 40, 8, 12, 4, 3
+    t = _inputs("triton-plan-overrides", B, C, H, W, h, w)
+    before = tk._plan(torch.float32, C, h, w)
+    with tk.plan_overrides(**limits):
+        plan = tk._plan(torch.float32, C, h, w)
+        assert plan.num_warps == limits["num_warps"]
+        assert plan.BLOCK_C == max(16, min(64, limits["tile"] // plan.BLOCK_P))
+        got = _outputs(TRITON, t, h, w, 0.7)
+    assert tk._plan(torch.float32, C, h, w) == before
+    assert (tk._MAX_BLOCK_P, tk._TILE, tk._POOL_TILE, tk._NUM_WARPS) == (256, 4096, 2048, 0)
+    _check_all(got, _outputs(REF, t, h, w, 0.7), **TOL[torch.float32])
+    for bad in (dict(warps=2), dict(num_warps=3), dict(tile=100), dict(max_block_p=8)):
+        with pytest.raises(ValueError, match="plan limit"):
+            with tk.plan_overrides(**bad):
+                pass
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF], ids=str)
 def test_associate_backward_divides_as_it_loads(dtype):
     """stvit::triton_associate_backward, upsample(g / (den + 1e-12), A) in one kernel: against
