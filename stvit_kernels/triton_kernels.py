@@ -66,10 +66,12 @@ H200 that made the float32 affinity ~5e-4 wrong for 5..15 channels and 0.6 wrong
 on TF32 tensor cores). ``tests/test_triton_ir.py`` compiles every kernel for sm_90 without a GPU and
 checks its IR for TF32 and for dots the source did not write. Outputs are in the input dtype;
 offsets that scale with ``B*C*H*W`` are int64. No autotuning: block sizes follow from ``(C, h, w)``
-(:func:`_plan`).
+(:func:`_plan`), whose limits :func:`plan_overrides` sets for a sweep (``benchmarks/tune_triton.py``).
 
 Layouts and determinism. Inputs are read through their strides (any layout, channels_last included,
-without a copy); outputs are contiguous. Results are bitwise identical run to run for the same
+without a copy); outputs are contiguous, and their strides, which follow from the sizes, are not
+passed (every argument costs Triton's launcher a specialisation at each launch:
+``benchmarks/triton_launch_cost.py``). Results are bitwise identical run to run for the same
 inputs on the same device and Triton version (no atomics, fixed loop orders). They are not bitwise
 identical across input layouts: Triton compiles one kernel per stride specialisation (a stride equal
 to 1, strides and pointers divisible by 16), the compiler picks each kernel's register layouts from
@@ -255,6 +257,13 @@ def _cell_of(pid, hh, ww):
 
 
 @triton.jit
+def _dense_offset(b, o_c, C, H, W):
+    """The offset of plane ``(b, o_c)`` of a contiguous ``[B, C, H, W]`` tensor (the outputs, whose
+    strides are not passed): int64, as ``b`` is."""
+    return (b * C + o_c) * H * W
+
+
+@triton.jit
 def _cell_pixels(ci, cj, pb, CELL_H: tl.constexpr, CELL_W: tl.constexpr, BLOCK_P: tl.constexpr):
     """Pixel block ``pb`` of cell (ci, cj), pixels flattened row-major inside the cell: image rows
     and columns (int64) and the in-cell mask."""
@@ -326,10 +335,9 @@ def _affinity_kernel(
     p_x, p_s, p_a,
     # sizes
     C, hh, ww,
-    # strides
+    # strides (A is contiguous: its strides follow from the sizes)
     sxb, sxc, sxh, sxw,
     ssb, ssc, ssh, ssw,
-    sab, sak, sah, saw,
     # scalars
     scale_hi, scale_lo,
     # meta
@@ -340,12 +348,12 @@ def _affinity_kernel(
     b, ci, cj, o_k, o_u, o_v, m_k = _cell_of(tl.program_id(0), hh, ww)
     o_i, o_j, m_p = _cell_pixels(ci, cj, tl.program_id(1), CELL_H, CELL_W, BLOCK_P)
     o_xpix = tl.multiple_of(o_i * sxh, ROW_VEC) + o_j * sxw
-    o_apix = tl.multiple_of(o_i * sah, ROW_VEC) + o_j * saw
+    o_apix = tl.multiple_of(o_i * (ww * CELL_W), ROW_VEC) + o_j
     b_a, _ = _cell_logits(p_x + b * sxb, p_s + b * ssb,
                           C, o_xpix, m_p, o_u * ssh + o_v * ssw, o_k, m_k,
                           sxc, ssc, scale_hi, scale_lo,
                           SOFTMAX, BLOCK_P, BLOCK_C, N_CC, DOT_UPCAST)
-    p_out = p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + o_apix[:, None]
+    p_out = p_a + _dense_offset(b, o_k, 9, hh * CELL_H, ww * CELL_W)[None, :] + o_apix[:, None]
     tl.store(p_out, _rounded(b_a, p_a), mask=m_p[:, None] & (o_k < 9)[None, :])
 
 
@@ -400,10 +408,9 @@ def _affinity_aggregate_kernel(
     p_x, p_s, p_a, p_wnum, p_wden,
     # sizes
     C, hh, ww,
-    # strides
+    # strides (A is contiguous: its strides follow from the sizes)
     sxb, sxc, sxh, sxw,
     ssb, ssc, ssh, ssw,
-    sab, sak, sah, saw,
     # scalars
     scale_hi, scale_lo,
     # meta
@@ -428,8 +435,8 @@ def _affinity_aggregate_kernel(
                                     True, BLOCK_P, BLOCK_C, N_CC, DOT_UPCAST)
         # A as stored (input dtype); pixels past the cell must not add to the sums
         b_a = _rounded(tl.where(m_p[:, None], b_a, 0.), p_a)
-        o_apix = tl.multiple_of(o_i * sah, ROW_VEC) + o_j * saw
-        p_out = p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + o_apix[:, None]
+        o_apix = tl.multiple_of(o_i * (ww * CELL_W), ROW_VEC) + o_j
+        p_out = p_a + _dense_offset(b, o_k, 9, hh * CELL_H, ww * CELL_W)[None, :] + o_apix[:, None]
         tl.store(p_out, b_a, mask=m_p[:, None] & m_row[None, :])
 
         den = tl.sum(b_a.to(ACC), axis=0)
@@ -467,9 +474,7 @@ def _reduce_kernel(
     p_wnum, p_wden, p_num, p_den,
     # sizes
     C, hh, ww,
-    # strides
-    snb, snc, snh, snw,
-    sdb, sdh, sdw,
+    # (num and den are contiguous: their strides follow from the sizes)
     # meta
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NORMALISE: tl.constexpr,
 ):
@@ -502,12 +507,10 @@ def _reduce_kernel(
     if NORMALISE:
         b_num = b_num / (b_den + 1e-12)[:, None]
 
-    o_uv = o_u.to(tl.int64) * snh + o_v.to(tl.int64) * snw
-    m_n = o_n < n_cells
-    tl.store(p_num + b * snb + o_c64[None, :] * snc + o_uv[:, None], _rounded(b_num, p_num),
-             mask=m_n[:, None] & m_c[None, :])
-    o_uv = o_u.to(tl.int64) * sdh + o_v.to(tl.int64) * sdw
-    tl.store(p_den + b * sdb + o_uv, _rounded(b_den, p_den), mask=m_n & (pc == 0))
+    m_n = o_n < n_cells  # o_n = o_u * ww + o_v: the offset within a channel plane
+    tl.store(p_num + _dense_offset(b, o_c64, C, hh, ww)[None, :] + o_n[:, None],
+             _rounded(b_num, p_num), mask=m_n[:, None] & m_c[None, :])
+    tl.store(p_den + b * n_cells + o_n, _rounded(b_den, p_den), mask=m_n & (pc == 0))
 
 
 @triton.jit
@@ -519,8 +522,7 @@ def _upsample_kernel(
     # strides
     ssb, ssc, ssh, ssw,
     sab, sak, sah, saw,
-    syb, syc, syh, syw,
-    sdb, sdh, sdw,
+    sdb, sdh, sdw,  # (y is contiguous: its strides follow from the sizes)
     # meta
     CELL_H: tl.constexpr, CELL_W: tl.constexpr, ROW_VEC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -537,7 +539,7 @@ def _upsample_kernel(
     o_c64 = o_c.to(tl.int64)
 
     o_apix = tl.multiple_of(o_i * sah, ROW_VEC) + o_j * saw
-    o_ypix = tl.multiple_of(o_i * syh, ROW_VEC) + o_j * syw
+    o_ypix = tl.multiple_of(o_i * (ww * CELL_W), ROW_VEC) + o_j
     b_a = tl.load(p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + o_apix[:, None],
                   mask=m_p[:, None] & m_k[None, :], other=0.)              # [BLOCK_P, 16]
     b_s = tl.load(p_s + b * ssb + (o_u * ssh + o_v * ssw)[:, None] + o_c64[None, :] * ssc,
@@ -551,7 +553,7 @@ def _upsample_kernel(
         b_s = b_s.to(tl.float32)
     b_y = tl.dot(b_a, b_s, input_precision="ieee")
 
-    p_out = p_y + b * syb + o_c64[None, :] * syc + o_ypix[:, None]
+    p_out = p_y + _dense_offset(b, o_c64, C, hh * CELL_H, ww * CELL_W)[None, :] + o_ypix[:, None]
     tl.store(p_out, _rounded(b_y, p_y), mask=m_p[:, None] & m_c[None, :])
 
 
@@ -614,12 +616,9 @@ def _reduce(wnum: torch.Tensor, wden: torch.Tensor, dtype: torch.dtype, normalis
     block_n = max(2, min(_TILE // (16 * block_c), 64, _pow2(hh * ww)))
     n_chunks = max(1, _cdiv(C, block_c))  # chunk 0 also writes den, even when C == 0
 
-    st_num, st_den = num.stride(), den.stride()
     _reduce_kernel[(B * _cdiv(hh * ww, block_n), n_chunks)](
         p_wnum=wnum, p_wden=wden, p_num=num, p_den=den,
         C=C, hh=hh, ww=ww,
-        snb=st_num[0], snc=st_num[1], snh=st_num[2], snw=st_num[3],
-        sdb=st_den[0], sdh=st_den[2], sdw=st_den[3],
         BLOCK_N=block_n, BLOCK_C=block_c, NORMALISE=normalise,
         num_warps=4 if block_n * block_c >= 128 else 2,
     )
@@ -639,15 +638,14 @@ def affinity(x: torch.Tensor, s: torch.Tensor, h: int, w: int, scale: float,
     plan = _plan(x.dtype, C, h, w)
     scale_hi, scale_lo = _split(scale)
 
-    st_x, st_s, st_A = x.stride(), s.stride(), A.stride()
+    st_x, st_s = x.stride(), s.stride()
     _affinity_kernel[(B * hh * ww, plan.N_PB)](
         p_x=x, p_s=s, p_a=A,
         C=C, hh=hh, ww=ww,
         sxb=st_x[0], sxc=st_x[1], sxh=st_x[2], sxw=st_x[3],
         ssb=st_s[0], ssc=st_s[1], ssh=st_s[2], ssw=st_s[3],
-        sab=st_A[0], sak=st_A[1], sah=st_A[2], saw=st_A[3],
         scale_hi=scale_hi, scale_lo=scale_lo,
-        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(st_x[2], st_A[2]), SOFTMAX=bool(softmax),
+        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(st_x[2], W), SOFTMAX=bool(softmax),
         BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, N_CC=plan.N_CC,
         DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
     )
@@ -700,15 +698,14 @@ def _upsample(s, A, den, h, w):
         return y
     plan = _plan(s.dtype, C, h, w)
     d = den if den is not None else s  # unused without HAS_DEN
-    st_s, st_A, st_y, st_d = s.stride(), A.stride(), y.stride(), d.stride()
+    st_s, st_A, st_d = s.stride(), A.stride(), d.stride()
     _upsample_kernel[(B * hh * ww, plan.N_PB, _cdiv(C, plan.BLOCK_C))](
         p_s=s, p_a=A, p_y=y, p_den=d,
         C=C, hh=hh, ww=ww,
         ssb=st_s[0], ssc=st_s[1], ssh=st_s[2], ssw=st_s[3],
         sab=st_A[0], sak=st_A[1], sah=st_A[2], saw=st_A[3],
-        syb=st_y[0], syc=st_y[1], syh=st_y[2], syw=st_y[3],
         sdb=st_d[0], sdh=st_d[2], sdw=st_d[3],
-        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(st_A[2], st_y[2]),
+        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(st_A[2], W),
         BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, DOT_UPCAST=plan.DOT_UPCAST,
         HAS_DEN=den is not None, num_warps=plan.num_warps,
     )
@@ -749,15 +746,14 @@ def _fused_pass(x: torch.Tensor, s: torch.Tensor, A: torch.Tensor, wnum: torch.T
     B, C, H, W = x.shape
     plan = _plan(x.dtype, C, h, w)
     scale_hi, scale_lo = _split(scale)
-    st_x, st_s, st_A = x.stride(), s.stride(), A.stride()
+    st_x, st_s = x.stride(), s.stride()
     _affinity_aggregate_kernel[(B * (H // h) * (W // w),)](
         p_x=x, p_s=s, p_a=A, p_wnum=wnum, p_wden=wden,
         C=C, hh=H // h, ww=W // w,
         sxb=st_x[0], sxc=st_x[1], sxh=st_x[2], sxw=st_x[3],
         ssb=st_s[0], ssc=st_s[1], ssh=st_s[2], ssw=st_s[3],
-        sab=st_A[0], sak=st_A[1], sah=st_A[2], saw=st_A[3],
         scale_hi=scale_hi, scale_lo=scale_lo,
-        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(st_x[2], st_A[2]), N_PB=plan.N_PB,
+        CELL_H=h, CELL_W=w, ROW_VEC=_row_vec(st_x[2], W), N_PB=plan.N_PB,
         BLOCK_P=plan.BLOCK_P, BLOCK_C=plan.BLOCK_C, N_CC=plan.N_CC,
         DOT_UPCAST=plan.DOT_UPCAST, num_warps=plan.num_warps,
     )
