@@ -38,6 +38,13 @@ def _load(name: str):
     return mod
 
 
+def _with_root(pythonpath):
+    """PYTHONPATH with this tree first, for a script run in a child process (a tree that is not
+    installed, as CI's torch 2.11 pass, is found only that way)."""
+    root = os.path.dirname(BENCH_DIR)
+    return root if not pythonpath else root + os.pathsep + pythonpath
+
+
 def _cpu_backends():
     """The reference and every fused backend that runs CPU tensors natively (not Triton's
     interpreter, which the test session turns on)."""
@@ -356,7 +363,7 @@ def test_host_profile_counts_the_triton_launches(tmp_path):
     super tokens (an aggregation and its reduction)."""
     pytest.importorskip("triton")
     out = tmp_path / "hp.json"
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=_with_root(os.environ.get("PYTHONPATH")))
     subprocess.run([sys.executable, os.path.join(BENCH_DIR, "host_profile.py"), "--device", "cpu",
                     "--backend", "triton", "--batch", "1", "--dim", "8", "--side", "8",
                     "--stoken", "4", "--calls", "2", "--out", str(out)],
@@ -375,6 +382,7 @@ def test_triton_launch_cost_script(tmp_path):
     code = (f"import sys; sys.path.insert(0, {BENCH_DIR!r}); import triton_launch_cost as t; "
             f"import json; json.dump(t.measure(n=20, batch=1, side=16), open({str(out)!r}, 'w'))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = _with_root(env.get("PYTHONPATH"))
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
                    timeout=600)
     rows = json.loads(out.read_text())
