@@ -185,7 +185,8 @@ def test_which_path_runs(monkeypatch):
         assert "FamilyStepBackward" in _grad_fn_names(tm, xt.clone())
         with torch.autocast(xt.device.type, dtype=torch.bfloat16):
             names = _grad_fn_names(tm, xt.clone())
-        assert "FamilyStepBackward" not in names and "AssociateBackward" in names
+        # (the per-piece path ends in the upsampling's node; torch 2.11 walks no further)
+        assert "FamilyStepBackward" not in names and "UpsampleBackward" in names
     assert one in _grad_fn_names(drop.eval(), x.clone())
     # more super tokens than REFINE_FUSED_MAX_TOKENS: SDPA
     monkeypatch.setattr(module_mod, "REFINE_FUSED_MAX_TOKENS", 3)
