@@ -311,38 +311,52 @@ class SuperTokenStep(torch.autograd.Function):
         return _drop_absent_biases(grads, *biases) + (None,) * 7
 
 
+def family_step_forward(K: Kernels, x, params, h, w, scale, n_iter, heads, attn_scale, dtype=None):
+    """The STA module with its written-out refine on a family's kernels: ``(y, A, den, the refine's
+    saved tensors)``. ``dtype``: the autocast dtype, or None; then ``x`` is cast as autocast would
+    (:func:`autocast_cast_dtype`) and the refine casts its parameters itself."""
+    x = cast(x, autocast_cast_dtype(x, dtype))
+    s, A, den = K.associate(x, None, h, w, scale, n_iter)
+    out, qkvh, attn, o = torch.ops.stvit.refine_attention_forward.default(s, *params, heads,
+                                                                          attn_scale, dtype)
+    return K.upsample(cast(out, A.dtype), A, h, w), A, den, (s, qkvh, attn, o)
+
+
 class FamilyStep(torch.autograd.Function):
     """:class:`SuperTokenStep` for a family without a C++ ``sta_forward`` (the Triton kernels): the
-    family's ``associate``, ``stvit::refine_attention_forward``, the family's ``upsample``, as one
-    autograd node; the backward is the same pieces' gradients (the aggregation of the output
-    gradient into the super tokens, ``stvit::refine_attention_backward``, ``associate_backward``)
-    without two more nodes and their Function calls between them."""
+    family's ``associate``, ``stvit::refine_attention_forward``, the family's ``upsample``
+    (:func:`family_step_forward`), as one autograd node, autocast's cast of ``x`` included; the
+    backward is the same pieces' gradients (the aggregation of the output gradient into the super
+    tokens, ``stvit::refine_attention_backward``, ``associate_backward``, then the cast back into
+    ``x``'s dtype), without the nodes and Function calls between them."""
 
     @staticmethod
     def forward(ctx, fam, x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter,
-                heads, attn_scale):
+                heads, attn_scale, dtype=None):
         ctx.set_materialize_grads(False)
-        K = family(fam)
-        s, A, den = K.associate(x, None, h, w, scale, n_iter)
-        out, qkvh, attn, o = torch.ops.stvit.refine_attention_forward.default(
-            s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, attn_scale, None)
-        ctx.save_for_backward(A, den, s, qkvh, attn, o, qkv_weight, proj_weight)
-        ctx.args = (fam, h, w, heads, attn_scale, qkv_bias is not None, proj_bias is not None)
-        return K.upsample(out, A, h, w)
+        params = (qkv_weight, qkv_bias, proj_weight, proj_bias)
+        y, A, den, refine_saved = family_step_forward(family(fam), x, params, h, w, scale, n_iter,
+                                                      heads, attn_scale, dtype)
+        ctx.save_for_backward(A, den, *refine_saved, qkv_weight, proj_weight)
+        ctx.args = (fam, h, w, heads, attn_scale, x.dtype, qkv_bias is not None,
+                    proj_bias is not None)
+        return y
 
     @staticmethod
     def backward(ctx, gy):
         if gy is None:
-            return (None,) * 12
-        fam, h, w, heads, attn_scale, *biases = ctx.args
+            return (None,) * 13
+        fam, h, w, heads, attn_scale, x_dtype, *biases = ctx.args
         A, den, *refine_saved = ctx.saved_tensors
         K = family(fam)
-        g_out = K.aggregate(gy, A, h, w)[0]
+        g_out = K.aggregate(cast(gy, A.dtype), A, h, w)[0]
         grads = torch.ops.stvit.refine_attention_backward.default(g_out, *refine_saved, heads,
                                                                   attn_scale)
         d_s, *d_params = _drop_absent_biases(grads, *biases)
-        dx = K.associate_backward(d_s, A, den, h, w) if ctx.needs_input_grad[1] else None
-        return (None, dx, *d_params) + (None,) * 6
+        dx = None
+        if ctx.needs_input_grad[1]:
+            dx = cast(K.associate_backward(d_s, A, den, h, w), x_dtype)
+        return (None, dx, *d_params) + (None,) * 7
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _ext
-from ._library import FamilyStep, Refine, SuperTokenStep, needs_grad
+from ._library import FamilyStep, Refine, SuperTokenStep, family_step_forward, needs_grad
 from ._utils import (StokenSize, autocast_cast_dtype, autocast_dtype, autocast_inputs, cast,
                      check_n_iter, pair)
 from .backends import resolve
@@ -231,23 +231,15 @@ class SuperTokenAttention(nn.Module):
         casts would otherwise be autograd nodes of their own.
 
         A backend with ``composed_step`` (Triton) runs the same pieces as one autograd node
-        composed in Python (:class:`stvit_kernels._library.FamilyStep`), outside autocast; without
-        a gradient, the three operator calls in a row."""
-        if not (be.one_step or (be.composed_step and _BUILT and not autocast)):
+        composed in Python (:class:`stvit_kernels._library.FamilyStep`), the cast of ``x`` under
+        autocast inside it; without a gradient, the same operator calls in a row."""
+        if not (be.one_step or (be.composed_step and _BUILT)):
             return None
         r = self._modules["stoken_refine"]
         h, w = self.stoken_size
         if (not r.written_out((x.shape[2] // h) * (x.shape[3] // w))
                 or (self.training and r.proj_drop.p > 0)):
             return None
-        if not be.one_step:
-            K = be.kernels()
-            if needs_grad(x, *params):
-                return FamilyStep.apply(K.name, x, *params, h, w, self.scale, self.n_iter,
-                                        r.num_heads, r.scale)
-            s, A, _ = K.associate(x, None, h, w, self.scale, self.n_iter)
-            s = _REFINE_FORWARD(s, *params, r.num_heads, r.scale, None)[0]
-            return K.upsample(s, A, h, w)
         dtype = None
         if autocast:
             dtype = autocast_dtype(x)
@@ -256,6 +248,11 @@ class SuperTokenAttention(nn.Module):
             if any(p is not None and autocast_cast_dtype(p, dtype) != cast_to for p in params):
                 return None
         args = (h, w, self.scale, self.n_iter, r.num_heads, r.scale, dtype)
+        if not be.one_step:
+            K = be.kernels()
+            if needs_grad(x, *params):
+                return FamilyStep.apply(K.name, x, *params, *args)
+            return family_step_forward(K, x, params, *args)[0]
         if needs_grad(x, *params):
             return SuperTokenStep.apply(x, *params, *args)
         return _STA_INFERENCE(x, *params, *args)

@@ -179,13 +179,16 @@ def test_which_path_runs(monkeypatch):
     assert one not in _grad_fn_names(sk.SuperTokenAttention(8, 8, refine=False), x.clone())
     drop = sk.SuperTokenAttention(8, 8, num_heads=2, attn_drop=0.1)
     assert one not in _grad_fn_names(drop, x.clone())
-    if "triton" in sk.available_backends():  # its step composed in Python, not under autocast
+    if "triton" in sk.available_backends():  # its step composed in Python, autocast included
         xt = x.to(device_for("triton"))
         tm = sk.SuperTokenAttention(8, 8, num_heads=2, backend="triton").to(xt.device)
         assert "FamilyStepBackward" in _grad_fn_names(tm, xt.clone())
+        tdrop = sk.SuperTokenAttention(8, 8, num_heads=2, attn_drop=0.1, backend="triton")
         with torch.autocast(xt.device.type, dtype=torch.bfloat16):
-            names = _grad_fn_names(tm, xt.clone())
-        # (the per-piece path ends in the upsampling's node; torch 2.11 walks no further)
+            assert "FamilyStepBackward" in _grad_fn_names(tm, xt.clone())
+            # dropout in training: the per-piece path (which ends in the upsampling's node;
+            # torch 2.11 walks no further)
+            names = _grad_fn_names(tdrop.to(xt.device), xt.clone())
         assert "FamilyStepBackward" not in names and "UpsampleBackward" in names
     assert one in _grad_fn_names(drop.eval(), x.clone())
     # more super tokens than REFINE_FUSED_MAX_TOKENS: SDPA
