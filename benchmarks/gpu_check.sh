@@ -9,7 +9,7 @@
 #   run(carry=[".gpu"], timeout_s=540,
 #       command="cd .gpu/tree && PYTHONPATH=$PWD bash benchmarks/gpu_check.sh $OUT")
 #
-# Steps, in order of need: tier, sanitize, bench1, bench2 (issues 10, 11), bench1_aten (bench1 with
+# Steps, in order of need: tier, sanitize, bench1, bench2, host_prof (issues 10, 11), bench1_aten (bench1 with
 # the refine attention on ATen's operators: STVIT_REFINE_KERNELS=0), ncu (issue 12), model
 # (STViT-S img/s, fp32 + bf16, inference + training, eager, with the STA's share of the step),
 # ncu_triton, bench_ro (stage 1 under torch.compile mode="reduce-overhead", official and cuda);
@@ -26,7 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
 PY=${GPU_PY:-python3}
-STEPS=${STEPS:-"tier sanitize bench1 bench2 ncu model ncu_triton bench_ro"}
+STEPS=${STEPS:-"tier sanitize bench1 bench2 host_prof ncu model ncu_triton bench_ro"}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
