@@ -9,7 +9,9 @@
 #   run(carry=[".gpu"], timeout_s=540,
 #       command="cd .gpu/tree && PYTHONPATH=$PWD bash benchmarks/gpu_check.sh $OUT")
 #
-# Steps, in order of need: tier, sanitize, bench1, bench2, host_prof (issues 10, 11), bench1_aten (bench1 with
+# Steps, in order of need: tier, sanitize, bench1, bench2, host_prof (issues 10, 11; host_prof:
+# benchmarks/host_profile.py, the host time of a stage-1 call by function and by library, Triton's
+# launcher apart, for triton and cuda, about 40 s), bench1_aten (bench1 with
 # the refine attention on ATen's operators: STVIT_REFINE_KERNELS=0), ncu (issue 12), model
 # (STViT-S img/s, fp32 + bf16, inference + training, eager, with the STA's share of the step),
 # ncu_triton, bench_ro (stage 1 under torch.compile mode="reduce-overhead", official and cuda);
@@ -17,9 +19,7 @@
 # and dense_bf16 (B=8, C=64, 56², 128², 256² tokens, cuda and triton against dense SDPA: issue 12's
 # >= 3x / >= 30x and issue 11's time growing with the work), tune (benchmarks/tune_cuda.py: the
 # CUDA kernels' plan limits swept at the stage shapes, fp32 + bf16, about a minute), tune_triton
-# (benchmarks/tune_triton.py: the same for the Triton kernels' plan, most of it compiling), host_prof
-# (benchmarks/host_profile.py: the host time of a stage-1 call by function and by library, Triton's
-# launcher apart, for triton and cuda, about 40 s).
+# (benchmarks/tune_triton.py: the same for the Triton kernels' plan, most of it compiling).
 # All of them take more than one call's 540 s when the tier runs long: pick with STEPS.
 # GPU_PY: the GPU machine's python (default python3). STEPS: a subset, e.g. STEPS="bench1 ncu".
 set -uo pipefail
