@@ -87,9 +87,10 @@ def cfg_str(cfg: Dict[str, int], default: Dict[str, int]) -> str:
 
 
 def sweep(tuner: Tuner, device: torch.device, dtypes, smoke: bool, copy_gbs: Optional[float],
-          stages: Sequence[str] = ()) -> Dict:
+          stages: Sequence[str] = (), save: Optional[Callable[[Dict], None]] = None) -> Dict:
     """Every (stage, dtype, op, configuration) in turn; ``stages`` picks stages by name (all if
-    empty). Each row is printed as it is measured."""
+    empty). Each row is printed as it is measured, and ``save`` (if given) gets the results so far
+    after each op, so that a sweep cut short by a time box still leaves its JSON."""
     rows = []
     chosen = SMOKE_STAGES if smoke else [s for s in STAGES if not stages or s[0] in stages]
     batch = 2 if smoke else BATCH
@@ -126,7 +127,9 @@ def sweep(tuner: Tuner, device: torch.device, dtypes, smoke: bool, copy_gbs: Opt
                       f"{ms * 1e3:8.1f} us {gbps:7.0f} GB/s"
                       + (f" {100 * gbps / copy_gbs:5.1f}%" if copy_gbs else "")
                       + ("" if rows[-1]["ok"] else f"  WRONG (rel err {err:.2e})"), flush=True)
-    return dict(rows=rows, summary=summarise(rows))
+            if save is not None:
+                save(dict(rows=rows, summary=summarise(rows), partial=True))
+    return dict(rows=rows, summary=summarise(rows), partial=False)
 
 
 def summarise(rows: List[Dict]) -> List[Dict]:
@@ -174,8 +177,13 @@ def main(tuner: Tuner, doc: str, check: Callable[[torch.device], None] = lambda 
     check(device)
     copy = common.copy_bandwidth(device) if device.type == "cuda" else None
     copy_gbs = copy["gbps"] if copy else None
-    result = sweep(tuner, device, [getattr(torch, d) for d in a.dtypes], a.smoke, copy_gbs, a.stages)
-    result["meta"] = dict(common.metadata(device, sys.argv if argv is None else argv), copy_gbs=copy_gbs)
+    meta = dict(common.metadata(device, sys.argv if argv is None else argv), copy_gbs=copy_gbs)
+
+    def save(result: Dict) -> None:
+        if a.out:
+            common.save_json(a.out, dict(result, meta=meta))
+
+    result = sweep(tuner, device, [getattr(torch, d) for d in a.dtypes], a.smoke, copy_gbs,
+                   a.stages, save)
     print(table(result["summary"]))
-    if a.out:
-        common.save_json(a.out, result)
+    save(result)

@@ -410,6 +410,25 @@ def test_tune_cuda_script(tmp_path):
     assert tune.configs("pool", smoke=False) == [tune.DEFAULT]
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
+def test_tuning_saves_as_it_goes(tmp_path):
+    """The sweep's JSON is written after every op (a GPU step's time box may cut it short), marked
+    partial until the end; the command line writes the last one whole, with its metadata."""
+    tune = _load("tune_cuda")
+    tuning = sys.modules["tuning"]
+    saved = []
+    res = tuning.sweep(tune.TUNER, torch.device("cpu"), [torch.float32], True, None,
+                       save=lambda r: saved.append(dict(r)))
+    assert len(saved) == len(tune.OPS) and all(s["partial"] for s in saved)
+    assert [len(s["rows"]) for s in saved] == sorted(len(s["rows"]) for s in saved)
+    assert saved[-1]["rows"] == res["rows"] and not res["partial"]
+    out = tmp_path / "tune.json"
+    tuning.main(tune.TUNER, "doc", argv=["--device", "cpu", "--smoke", "--dtypes", "float32",
+                                         "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["partial"] is False and data["meta"]["device"] and len(data["summary"]) == len(tune.OPS)
+
+
 @pytest.mark.skipif("triton" not in sk.available_backends(), reason="the triton backend is not available")
 def test_tune_triton_script():
     """tune_triton.py --smoke (the interpreter on the CPU, or a GPU): every op, both dtypes, each
