@@ -349,7 +349,7 @@ class FamilyStep(torch.autograd.Function):
         fam, h, w, heads, attn_scale, x_dtype, *biases = ctx.args
         A, den, *refine_saved = ctx.saved_tensors
         K = family(fam)
-        g_out = K.aggregate(cast(gy, A.dtype), A, h, w)[0]
+        g_out = K.aggregate(gy, A, h, w)[0]  # gy is in y's dtype, A's
         grads = torch.ops.stvit.refine_attention_backward.default(g_out, *refine_saved, heads,
                                                                   attn_scale)
         d_s, *d_params = _drop_absent_biases(grads, *biases)

@@ -43,7 +43,7 @@ class Backend:
     #: (``stvit::sta_forward``, SuperTokenAttention._one_step).
     one_step: bool = False
     #: Whether it runs as one autograd node composed of the backend's kernels in Python instead
-    #: (:class:`stvit_kernels._library.FamilyStep`; not under autocast).
+    #: (:class:`stvit_kernels._library.FamilyStep`, autocast's cast of x included).
     composed_step: bool = False
 
     def unavailable_reason(self) -> Optional[str]:

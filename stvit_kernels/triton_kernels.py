@@ -744,12 +744,13 @@ def _fused_pass(x: torch.Tensor, s: torch.Tensor, A: torch.Tensor, wnum: torch.T
     """One launch of :func:`_affinity_aggregate_kernel`: ``A`` of ``(x, s)`` into ``A``, the cells'
     partial sums into the workspaces (:func:`_workspaces`)."""
     B, C, H, W = x.shape
+    hh, ww = H // h, W // w
     plan = _plan(x.dtype, C, h, w)
     scale_hi, scale_lo = _split(scale)
     st_x, st_s = x.stride(), s.stride()
-    _affinity_aggregate_kernel[(B * (H // h) * (W // w),)](
+    _affinity_aggregate_kernel[(B * hh * ww,)](
         p_x=x, p_s=s, p_a=A, p_wnum=wnum, p_wden=wden,
-        C=C, hh=H // h, ww=W // w,
+        C=C, hh=hh, ww=ww,
         sxb=st_x[0], sxc=st_x[1], sxh=st_x[2], sxw=st_x[3],
         ssb=st_s[0], ssc=st_s[1], ssh=st_s[2], ssw=st_s[3],
         scale_hi=scale_hi, scale_lo=scale_lo,
