@@ -64,7 +64,10 @@ There is deliberately no broadcast-multiply-``tl.sum`` fallback: Triton's combin
 into a ``tt.dot`` of its own, with TF32 input precision up to Triton 3.6 and no check of K; on an
 H200 that made the float32 affinity ~5e-4 wrong for 5..15 channels and 0.6 wrong for 1..4 (K < 8
 on TF32 tensor cores). ``tests/test_triton_ir.py`` compiles every kernel for sm_90 without a GPU and
-checks its IR for TF32 and for dots the source did not write. Outputs are in the input dtype;
+checks its IR for TF32 and for dots the source did not write. Divisions outside the softmax (the
+pool's mean, ``num / (den + 1e-12)``) are IEEE (:func:`_div`): Triton's float32 ``/`` is the
+approximate ``div.full.f32`` on a GPU, which made ``associate`` differ from ATen's division of the
+same sums in the last bit on an H200; the IR test checks the PTX for it. Outputs are in the input dtype;
 offsets that scale with ``B*C*H*W`` are int64. No autotuning: block sizes follow from ``(C, h, w)``
 (:func:`_plan`), whose limits :func:`plan_overrides` sets for a sweep (``benchmarks/tune_triton.py``).
 
@@ -315,6 +318,16 @@ _BF16_RTNE_BY_HAND = tl.constexpr(_INTERPRETING)
 
 
 @triton.jit
+def _div(a, b):
+    """``a / b`` rounded to nearest (IEEE), as ATen and the C++ kernels divide. Triton's ``/`` on
+    float32 compiles to the approximate ``div.full.f32`` on a GPU (up to 2 ulp off; the
+    interpreter divides exactly, so only a GPU shows it); float64 division is IEEE already."""
+    if a.dtype == tl.float32:
+        return tl.math.div_rn(a, b)
+    return a / b
+
+
+@triton.jit
 def _rounded(v, p_out):
     """``v`` (an accumulator tile) in the element type of ``p_out``, rounded to nearest even."""
     OUT: tl.constexpr = p_out.dtype.element_ty
@@ -505,7 +518,7 @@ def _reduce_kernel(
                            mask=m_src[:, :, None] & m_c[None, None, :], other=0.), axis=1)
     b_den = tl.sum(tl.load(p_wden + o_row, mask=m_src & ((pc == 0) | NORMALISE), other=0.), axis=1)
     if NORMALISE:
-        b_num = b_num / (b_den + 1e-12)[:, None]
+        b_num = _div(b_num, (b_den + 1e-12)[:, None])
 
     m_n = o_n < n_cells  # o_n = o_u * ww + o_v: the offset within a channel plane
     tl.store(p_num + _dense_offset(b, o_c64, C, hh, ww)[None, :] + o_n[:, None],
@@ -547,7 +560,7 @@ def _upsample_kernel(
     if HAS_DEN:
         ACC: tl.constexpr = tl.float64 if p_s.dtype.element_ty == tl.float64 else tl.float32
         b_den = tl.load(p_den + b * sdb + o_u * sdh + o_v * sdw, mask=m_k, other=0.).to(ACC)
-        b_s = _rounded(b_s.to(ACC) / (b_den + 1e-12)[:, None], p_s)
+        b_s = _rounded(_div(b_s.to(ACC), (b_den + 1e-12)[:, None]), p_s)
     if DOT_UPCAST:
         b_a = b_a.to(tl.float32)
         b_s = b_s.to(tl.float32)
@@ -590,7 +603,7 @@ def _pool_kernel(
     tot = tl.sum(tl.reshape(tot, (BLOCK_C, BLOCK_V, CELL_WP)), axis=2)  # [BLOCK_C, BLOCK_V]
     o_out = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     p_out = p_s + ((b * C + o_c).to(tl.int64) * hh + u)[:, None] * ww + o_out[None, :]
-    tl.store(p_out, _rounded(tot / (CELL_H * CELL_W), p_s),
+    tl.store(p_out, _rounded(_div(tot, CELL_H * CELL_W + 0.), p_s),
              mask=(o_c < C)[:, None] & (o_out < ww)[None, :])
 
 

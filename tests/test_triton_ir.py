@@ -60,6 +60,9 @@ DOTS_WRITTEN = {
     "_affinity_kernel": 1, "_aggregate_kernel": 1, "_affinity_aggregate_kernel": 2,
     "_upsample_kernel": 1, "_reduce_kernel": 0, "_pool_kernel": 0,
 }
+#: kernels whose divisions must be IEEE (the pool's mean, num / (den + 1e-12): the C++ family and
+#: ATen divide so, and associate is bitwise their composite); the softmax's is not checked
+EXACT_DIVISION = ("_reduce_kernel", "_upsample_kernel", "_pool_kernel", "_control_div_kernel")
 UNROLLED_OVER_CHUNKS = ("_affinity_kernel", "_affinity_aggregate_kernel")
 
 
@@ -137,7 +140,15 @@ CONTROLS = {
     "broadcast-K4": ("_control_broadcast_kernel", dict(BLOCK_P=16, BLOCK_C=4), 0),
     "dot-tf32": ("_control_dot_kernel", dict(PRECISION="tf32"), 1),
     "dot-ieee": ("_control_dot_kernel", dict(PRECISION="ieee"), 1),
+    "div-f32": ("_control_div_kernel", {}, 0),
 }
+
+
+@triton.jit
+def _control_div_kernel(p_x, p_s, p_o):
+    """Triton's own float32 ``/``: div.full.f32 on a GPU, which the check must flag."""
+    o = tl.arange(0, 16)
+    tl.store(p_o + o, tl.load(p_x + o) / tl.load(p_s + o))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,6 +205,9 @@ def violations(report: dict, dots_intended: int):
     mma = sorted(set(re.findall(r"\b(?:mma|wgmma\.mma_async)\.[\w.]+", report["ptx"])))
     if any("tf32" in i for i in mma):
         bad.append(f"TF32 tensor-core instructions in the PTX: {mma}")
+    approx = sorted(set(re.findall(r"\bdiv\.(?:full|approx)\.f32\b", report["ptx"])))
+    if approx and report["kernel"] in EXACT_DIVISION:
+        bad.append(f"approximate float32 division in the PTX ({approx}): _div, not /")
     if dots_intended == 0 and mma:
         bad.append(f"tensor-core instructions in the PTX of a kernel without tl.dot: {mma}")
     return bad
@@ -460,6 +474,12 @@ def test_check_flags_a_tf32_dot(compiled):
     problems = violations(report, CONTROLS["dot-tf32"][2])
     assert any("inputPrecision = tf32" in p for p in problems), problems
     assert any("TF32 tensor-core instructions in the PTX" in p for p in problems), problems
+
+
+def test_check_flags_an_approximate_division(compiled):
+    report = compiled["controls"]["div-f32"]
+    problems = violations(report, CONTROLS["div-f32"][2])
+    assert any("approximate float32 division" in p for p in problems), problems
 
 
 def test_check_passes_an_ieee_dot(compiled):
