@@ -25,6 +25,7 @@ import argparse
 import csv
 import io
 import json
+import re
 import os
 import sys
 from collections import defaultdict
@@ -68,6 +69,22 @@ def _num(v: str) -> float:
     return float(v.replace(",", "")) if v not in ("", "n/a") else float("nan")
 
 
+#: ncu's metric units (as --csv prints them, e.g. "ns", "byte", "Kbyte", "%") in seconds / bytes
+UNITS = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "ns": 1e-9, "nsecond": 1e-9,
+         "us": 1e-6, "usecond": 1e-6, "ms": 1e-3, "msecond": 1e-3, "s": 1, "second": 1, "%": 1}
+
+
+def _nvtx_range(row: dict) -> str:
+    """The NVTX range a launch ran in (``--nvtx``): the column ncu names after the push/pop domain
+    (``thread Domain:Push/Pop_Range:...``), whose value reads ``<default domain>:NAME:...``."""
+    for k, v in row.items():
+        if k and k.startswith("thread Domain") and v:
+            m = re.search(r"<default domain>:([^:]+):", v)
+            if m:
+                return m.group(1)
+    return row.get("NVTX", "") or ""
+
+
 def report(path: str, copy_gbs: float, out: str | None) -> None:
     text = open(path).read()
     start = text.find('"ID"')
@@ -77,10 +94,13 @@ def report(path: str, copy_gbs: float, out: str | None) -> None:
     # one row per (kernel launch, metric); units as ncu prints them
     launches = defaultdict(dict)
     for r in rows:
-        key = (r["ID"], r.get("Kernel Name", ""), r.get("NVTX", "") or r.get("thread Domain:Push/Pop_Range", ""))
-        scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "nsecond": 1e-9,
-                 "usecond": 1e-6, "msecond": 1e-3, "second": 1, "%": 1}.get(r["Metric Unit"], 1)
-        launches[key][r["Metric Name"]] = _num(r["Metric Value"]) * scale
+        if not r.get("Metric Name"):
+            continue
+        unit = r["Metric Unit"]
+        if unit not in UNITS:
+            raise SystemExit(f"{path}: unknown ncu unit {unit!r} for {r['Metric Name']}")
+        key = (r["ID"], r.get("Kernel Name", ""), _nvtx_range(r))
+        launches[key][r["Metric Name"]] = _num(r["Metric Value"]) * UNITS[unit]
     result = []
     for (lid, kernel, nvtx), m in sorted(launches.items(), key=lambda kv: int(kv[0][0])):
         t = m.get("gpu__time_duration.sum", float("nan"))

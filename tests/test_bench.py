@@ -492,24 +492,35 @@ def test_cuda_plan_overrides_keep_results(cfg):
 
 
 def test_ncu_report_parses_ncu_csv(tmp_path):
-    """ncu_kernels.py report: per launch, time, DRAM bytes and share of the copy bandwidth."""
+    """ncu_kernels.py report: per launch, time, DRAM bytes and share of the copy bandwidth, on rows
+    as ncu 2025 prints them with --csv --nvtx on the H200 (benchmarks/results/h200-2026-12-04/
+    ncu.log: units "ns" and "byte", values with thousands separators, the NVTX range inside the
+    push/pop column); an unknown unit stops the report instead of being read as 1."""
     ncu = _load("ncu_kernels")
-    head = ('"ID","Process ID","Process Name","Host Name","thread Domain:Push/Pop_Range","Kernel Name",'
-            '"Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name",'
-            '"Metric Unit","Metric Value"')
-    row = '"0","1","python","h","stage1-float32","cell_kernel<float, 2, true>","1","7","(128, 1, 1)",' \
-          '"(448, 1, 1)","0","9.0","Command line profiler metrics","{}","{}","{}"'
-    lines = ["==PROF== Connected", head] + [row.format(*m) for m in (
-        ("dram__bytes_read.sum", "Mbyte", "30.00"), ("dram__bytes_write.sum", "Mbyte", "10.00"),
-        ("gpu__time_duration.sum", "usecond", "20.00"),
-        ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "%", "42.5"))]
+    lines = ["==PROF== Connected to process 4143", *NCU_ROWS]
     csv_path, out = tmp_path / "ncu.csv", tmp_path / "ncu.json"
     csv_path.write_text("\n".join(lines) + "\n")
     ncu.report(str(csv_path), 4000.0, str(out))
     (r,) = json.loads(out.read_text())["launches"]
-    assert r["case"] == "stage1-float32" and r["us"] == pytest.approx(20.0)
-    assert r["dram_mb"] == pytest.approx(40.0) and r["dram_gbs"] == pytest.approx(2000.0)
-    assert r["share_of_copy"] == pytest.approx(0.5) and r["dram_pct_of_peak"] == pytest.approx(42.5)
+    assert r["case"] == "stage1-cuda-float32" and r["kernel"].startswith("void stvit::pool_kernel")
+    assert r["us"] == pytest.approx(17.568)
+    assert r["dram_mb"] == pytest.approx((51398656 + 2380544) / 1e6)
+    assert r["dram_gbs"] == pytest.approx((51398656 + 2380544) / 17.568e-6 / 1e9)
+    assert r["share_of_copy"] == pytest.approx(r["dram_gbs"] / 4000.0)
+    assert r["dram_pct_of_peak"] == pytest.approx(63.76)
+    csv_path.write_text("\n".join(lines).replace('"ns","17,568"', '"furlong","17,568"') + "\n")
+    with pytest.raises(SystemExit, match="unknown ncu unit 'furlong'"):
+        ncu.report(str(csv_path), 4000.0, None)
+
+
+#: the header and the first launch's four metric rows of the H200 run's ncu.log (2026-12-04)
+NCU_ROWS = [
+    '"ID","Process ID","Process Name","Host Name","thread Domain:Push/Pop_Range:PL_Type:PL_Value:CLR_Type:Color:Msg_Type:Msg","Id:Domain:Start/Stop_Range:PL_Type:PL_Value:CLR_Type:Color:Msg_Type:Msg","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"',
+    '"0","4143","python3.12","127.0.0.1","4143  ""<default domain>:stage1-cuda-float32:none:none:none:none:none:none"" ","","void stvit::pool_kernel<float, 4, float>(stvit::PoolParams<T1, T3>)","1","7","(256, 1, 1)","(784, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","51,398,656"',
+    '"0","4143","python3.12","127.0.0.1","4143  ""<default domain>:stage1-cuda-float32:none:none:none:none:none:none"" ","","void stvit::pool_kernel<float, 4, float>(stvit::PoolParams<T1, T3>)","1","7","(256, 1, 1)","(784, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_write.sum","byte","2,380,544"',
+    '"0","4143","python3.12","127.0.0.1","4143  ""<default domain>:stage1-cuda-float32:none:none:none:none:none:none"" ","","void stvit::pool_kernel<float, 4, float>(stvit::PoolParams<T1, T3>)","1","7","(256, 1, 1)","(784, 1, 1)","0","9.0","Command line profiler metrics","dram__throughput.avg.pct_of_peak_sustained_elapsed","%","63.76"',
+    '"0","4143","python3.12","127.0.0.1","4143  ""<default domain>:stage1-cuda-float32:none:none:none:none:none:none"" ","","void stvit::pool_kernel<float, 4, float>(stvit::PoolParams<T1, T3>)","1","7","(256, 1, 1)","(784, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","ns","17,568"',
+]
 
 
 def test_committed_proxy_baseline():
@@ -713,12 +724,21 @@ def test_official_no_super_model_leaves_out_the_super_token_stages_only():
 def test_gpu_per_call_guards_each_part(monkeypatch):
     """The GPU per-call breakdown (no GPU here: its parts are stubbed) records what each part
     measured, and the reason where one failed, without failing the row; a failed CUDA-graph capture
-    reports its first error, not the one raised on leaving the capture."""
+    reports its first error, not the one raised on leaving the capture. The profiler (the kernel
+    count) runs last, after the host and graph timings."""
     common = _load("bench_ops").common
-    monkeypatch.setattr(common, "count_kernels", lambda step, device: dict(kernels=27.0, memops=0.0,
-                                                                           gpu_busy_ms=0.4))
-    monkeypatch.setattr(common, "host_time", lambda step, device, calls=10: dict(
-        host_ms=1.0, host_ms_lo=0.9, host_ms_hi=1.1, host_calls=calls))
+    order = []
+
+    def count(step, device):
+        order.append("count")
+        return dict(kernels=27.0, memops=0.0, gpu_busy_ms=0.4)
+
+    def host(step, device, calls=10):
+        order.append("host")
+        return dict(host_ms=1.0, host_ms_lo=0.9, host_ms_hi=1.1, host_calls=calls)
+
+    monkeypatch.setattr(common, "count_kernels", count)
+    monkeypatch.setattr(common, "host_time", host)
 
     def failing_capture(step, device):
         try:
@@ -727,9 +747,10 @@ def test_gpu_per_call_guards_each_part(monkeypatch):
             raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
 
     monkeypatch.setattr(common, "graph_time", failing_capture)
-    out = common.gpu_per_call(lambda: None, torch.device("cpu"))
+    out = common.gpu_per_call(lambda: None, torch.device("cpu"), launches_hint=27)
     assert out["kernels"] == 27 and out["host_ms"] == 1.0 and "gpu_ms" not in out
     assert out["host_calls"] == 500 // 27   # blocks of calls kept under ~500 launches
+    assert order == ["host", "count"]       # the capture failed in between
     assert out["gpu_note"].startswith("CUDA-graph capture failed: RuntimeError: operation not permitted")
     out = common.gpu_per_call(lambda: None, torch.device("cpu"), graphable=False, not_graphable_note="bwd")
     assert out["gpu_note"] == "bwd"
@@ -737,7 +758,7 @@ def test_gpu_per_call_guards_each_part(monkeypatch):
     monkeypatch.setattr(common, "graph_time", lambda step, device: dict(gpu_ms=0.2))
     out = common.gpu_per_call(lambda: None, torch.device("cpu"))
     assert out["kernels_note"].startswith("ZeroDivisionError") and out["gpu_ms"] == 0.2
-    assert out["host_calls"] == 500 // 30   # no kernel count: assumes 30 launches per call
+    assert out["host_calls"] == 500 // 30   # the default hint: 30 launches per call
 
 
 def test_host_time_counts_calls():
