@@ -547,6 +547,8 @@ def _run_case(case: Case, providers: Sequence[str], modes: Sequence[str], prov: 
             for mode in case_modes:
                 rows.append(dict(base, provider=provider, mode=mode, status=status, note=note))
             print(f"  {provider:18s} {note}", file=sys.stderr)
+            if provider.endswith("+compile"):  # inductor's failures need their frames to be read
+                traceback.print_exception(type(e), e, e.__traceback__, limit=-12, file=sys.stderr)
             _free(device)
             continue
         _zero_grads(pool, params)
@@ -562,8 +564,8 @@ def _run_case(case: Case, providers: Sequence[str], modes: Sequence[str], prov: 
             status = "skipped" if _is_oom(e) or provider.endswith("compile") else "error"
             mode_rows[provider].update(status=status, note=_failure_note(e, provider))
             print(f"  {provider:18s} {mode:8s} {mode_rows[provider]['note']}", file=sys.stderr)
-            if status == "error":
-                traceback.print_exception(type(e), e, e.__traceback__, limit=4, file=sys.stderr)
+            if status == "error" or provider.endswith("compile"):
+                traceback.print_exception(type(e), e, e.__traceback__, limit=-12, file=sys.stderr)
 
         for provider, (fn, params, saved, out_specs) in ready.items():
             mode_rows[provider] = dict(base, provider=provider, mode=mode, saved_bytes=saved)
@@ -578,7 +580,7 @@ def _run_case(case: Case, providers: Sequence[str], modes: Sequence[str], prov: 
                         # host time, CUDA-graph replay, kernels per call; each part guarded on its own
                         _zero_grads(pool, params)
                         mode_rows[provider].update(common.gpu_per_call(
-                            step, device, graphable=mode != "bwd",
+                            step, device, graphable=mode != "bwd", launches_hint=30 if mode == "fwd" else 60,
                             not_graphable_note="bwd replays a graph recorded before the capture: "
                                                "see the fwd+bwd row"))
                 except Exception as e:  # noqa: BLE001

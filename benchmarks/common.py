@@ -47,7 +47,12 @@ import sys
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import torch
+# torch.profiler (count_kernels) leaves NVIDIA's CUPTI attached after it stops unless Kineto tears it
+# down, and an attached CUPTI slows every later CUDA call of the process: host times measured
+# after a profiled call read high (pytorch/pytorch#144455). Teardown, unless the caller chose.
+os.environ.setdefault("TEARDOWN_CUPTI", "1")
+
+import torch  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -494,11 +499,13 @@ def root_cause(e: BaseException) -> BaseException:
 
 
 def gpu_per_call(step: Callable[[], object], device: torch.device, graphable: bool = True,
-                 not_graphable_note: Optional[str] = None) -> Dict:
-    """GPU: the per-call breakdown of one timed step, each part guarded on its own: ``kernels``,
-    ``memops``, ``gpu_busy_ms`` (:func:`count_kernels`); ``host_ms`` (:func:`host_time`, with blocks
-    of at most ~500 launches); ``gpu_ms`` (:func:`graph_time`). A part that fails records
-    ``<part>_note`` instead; ``graphable=False`` skips the capture with ``not_graphable_note``."""
+                 not_graphable_note: Optional[str] = None, launches_hint: int = 30) -> Dict:
+    """GPU: the per-call breakdown of one timed step, each part guarded on its own: ``host_ms``
+    (:func:`host_time`, with blocks of at most ~500 launches), ``gpu_ms`` (:func:`graph_time`),
+    then ``kernels``, ``memops``, ``gpu_busy_ms`` (:func:`count_kernels`) last: the profiler's CUPTI
+    would slow the host's CUDA calls timed after it (the TEARDOWN_CUPTI note above). A part that
+    fails records ``<part>_note`` instead; ``graphable=False`` skips the capture with
+    ``not_graphable_note``; ``launches_hint``: kernels + copies per call, for the host blocks."""
     out: Dict = {}
 
     def note(e: BaseException) -> str:
@@ -507,12 +514,7 @@ def gpu_per_call(step: Callable[[], object], device: torch.device, graphable: bo
         return f"{type(r).__name__}: {msg[:200]}"
 
     try:
-        out.update(count_kernels(step, device))
-    except Exception as e:  # noqa: BLE001
-        out["kernels_note"] = note(e)
-    launches = max(1.0, (out.get("kernels") or 30) + (out.get("memops") or 0))
-    try:
-        out.update(host_time(step, device, calls=int(max(2, min(20, 500 // launches)))))
+        out.update(host_time(step, device, calls=int(max(2, min(20, 500 // launches_hint)))))
     except Exception as e:  # noqa: BLE001
         out["host_note"] = note(e)
     if not graphable:
@@ -522,6 +524,10 @@ def gpu_per_call(step: Callable[[], object], device: torch.device, graphable: bo
             out.update(graph_time(step, device))
         except Exception as e:  # noqa: BLE001
             out["gpu_note"] = "CUDA-graph capture failed: " + note(e)
+    try:
+        out.update(count_kernels(step, device))
+    except Exception as e:  # noqa: BLE001
+        out["kernels_note"] = note(e)
     sync(device)
     return out
 
