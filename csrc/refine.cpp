@@ -3,8 +3,9 @@
 // output channels are [heads, (q, k, v), head_dim]; proj: a 1x1 conv). Three operators, all
 // compositions of ATen ops, so one C++ body serves both devices (except where a kernel takes the
 // call, see refine.h: on the CPU those of cpu/sta_cpu.cpp for a small float / double forward or
-// backward; on CUDA those of cuda/refine_kernels.cuh, the whole forward and the attention core of
-// the backward, one block per image, wherever that fits in shared memory):
+// backward; on CUDA those of cuda/refine_kernels.cuh, the attention core of the forward (its
+// weight products batched BLAS products) and of the backward, one block per (image, head),
+// wherever that fits in shared memory):
 //
 //   refine_attention(s, ...) -> out
 //       the path beyond REFINE_FUSED_MAX_TOKENS tokens or with attention dropout: the 1x1 convolutions as matrix products on the token-major
@@ -188,7 +189,8 @@ Tensor4 refine_attention_forward(const at::Tensor& s_in, const at::Tensor& qkv_w
   const at::ScalarType dt = s.scalar_type(), acc = acc_of(dt);
   const bool on_cpu = refine_cpu_takes(s, qkv_weight, qkv_bias, proj_weight, proj_bias);
 #ifdef STVIT_WITH_CUDA
-  const bool on_cuda = !on_cpu && refine_cuda_takes(s, qkv_weight, qkv_bias, proj_weight, proj_bias);
+  const bool on_cuda = !on_cpu && refine_cuda_takes(s, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                                                          heads);
 #else
   constexpr bool on_cuda = false;
 #endif

@@ -63,17 +63,17 @@ Tensor5 refine_backward_cpu(const at::Tensor& grad, const at::Tensor& s, const a
                             int64_t heads, double scale);
 #ifdef STVIT_WITH_CUDA
 // The CUDA kernels of the same two steps (cuda/refine_kernels.cuh, cuda/refine_cuda.cu), for
-// every floating dtype, where one block's working set fits in the device's shared memory (the
-// STViT stages with super tokens: 49 tokens of 64 channels, 16 of 128, ...; the forward up to
-// 256 channels):
-//   refine_forward_cuda fills refine_attention_forward's four outputs, as refine_forward_cpu;
+// every floating dtype, where one (image, head) block's working set fits in the device's shared
+// memory (the STViT stages with super tokens: 49 tokens of 64 channels per head, ...):
+//   refine_forward_cuda fills refine_attention_forward's four outputs, as refine_forward_cpu (its
+//   weight products batched BLAS products, the attention core one kernel);
 //   refine_core_backward_cuda the attention core of the backward: from go [B * N, C] (the
 //   gradient of o) and the forward's qkvh and attn, dqkv [B * N, 3C] (token-major, the qkv
 //   channel order, go's dtype), where the ATen path takes two matrix products per input of the
 //   core, the softmax backward and two layout copies.
 bool refine_cuda_takes(const at::Tensor& s, const at::Tensor& qkv_weight,
                        const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
-                       const std::optional<at::Tensor>& proj_bias);
+                       const std::optional<at::Tensor>& proj_bias, int64_t heads);
 void refine_forward_cuda(const at::Tensor& s, const at::Tensor& qkv_weight,
                          const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
                          const std::optional<at::Tensor>& proj_bias, int64_t heads, double scale,

@@ -22,11 +22,6 @@ bool plain_cuda(const at::Tensor& t, const at::Tensor& like) {
 
 int acc_bytes(at::ScalarType dt) { return dt == at::kDouble ? 8 : 4; }
 
-// The most channels the forward kernel takes: its products cost 4 C^2 N multiply-adds per block
-// (one block per image), which beyond a few hundred channels ATen's batch-wide matrix products
-// should do faster (an estimate; STViT's super-token stages have at most 192 channels).
-constexpr int64_t kMaxForwardChannels = 256;
-
 // The device's opt-in limit of dynamic shared memory per block.
 size_t smem_optin(const at::Tensor& t) {
   return static_cast<size_t>(at::cuda::getDeviceProperties(t.device().index())->sharedMemPerBlockOptin);
@@ -40,7 +35,7 @@ const at::Tensor* bias_ptr(const std::optional<at::Tensor>& b) {
 
 bool refine_cuda_takes(const at::Tensor& s, const at::Tensor& qkv_weight,
                        const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
-                       const std::optional<at::Tensor>& proj_bias) {
+                       const std::optional<at::Tensor>& proj_bias, int64_t heads) {
   if (!refine_kernels_enabled() || !s.is_cuda() || !half_or_float(s.scalar_type()) ||
       s.numel() == 0 || !s.is_contiguous() || s.size(0) > 0x7fffffffLL) {
     return false;
@@ -48,10 +43,11 @@ bool refine_cuda_takes(const at::Tensor& s, const at::Tensor& qkv_weight,
   const auto bias_ok = [&](const std::optional<at::Tensor>& b) {
     return !b.has_value() || !b->defined() || plain_cuda(*b, s);
   };
+  // the attention core's block holds one head's q, k, v and scores: d = C / heads channels
   const int64_t C = s.size(1), N = s.size(2) * s.size(3);
-  return C <= kMaxForwardChannels && plain_cuda(qkv_weight, s) && plain_cuda(proj_weight, s) &&
-         bias_ok(qkv_bias) && bias_ok(proj_bias) &&
-         cuda::refine_forward_smem(C, N, acc_bytes(s.scalar_type())) <= smem_optin(s);
+  return plain_cuda(qkv_weight, s) && plain_cuda(proj_weight, s) && bias_ok(qkv_bias) &&
+         bias_ok(proj_bias) &&
+         cuda::refine_forward_smem(C / heads, N, acc_bytes(s.scalar_type())) <= smem_optin(s);
 }
 
 void refine_forward_cuda(const at::Tensor& s, const at::Tensor& qkv_weight,

@@ -1,11 +1,14 @@
 // CUDA kernels of the refine attention (csrc/refine.cpp) where the super tokens are few: one
-// thread block does a whole image (forward) or a whole (image, head) (the attention core of the
-// backward) in shared memory, one launch where ATen takes six or seven (matrix products, softmax,
-// layout copies), each with its own launch and host dispatch.
+// thread block does a whole (image, head) of the attention core in shared memory, where ATen takes
+// a chain of launches (scores, softmax, weighted sum, layout copies), each with its own host
+// dispatch. The weight products, which sum over C channels for every token of every image, are
+// the BLAS's batched products (refine_forward_impl): a kernel that did them as well, one block per
+// image, took 84 us at stage 1 and 239 us at stage 2 on an H200 (B=64; 64 blocks for 132 SMs,
+// the weights read from global memory inside the product loops), most of the module's forward.
 //
-//   refine_forward_kernel        one block per image b; s_b [C, N] -> qkv = Wqkv s_b + bqkv (kept
-//                                [3C, N] on chip, written head-major to qkvh), per head the scores,
-//                                softmax (-> attn) and o = attn v (-> o), out = Wproj o + bproj
+//   refine_core_forward_kernel   one block per (b, head): the head's rows of qkv = Wqkv s_b (a
+//                                batched product, [B, 3C, N]) plus bqkv, written head-major to
+//                                qkvh; the scores, softmax (-> attn) and o = attn v (-> o)
 //   refine_core_backward_kernel  one block per (b, head): from go (the gradient of o), q, k, v and
 //                                attn, the gradients of q, k, v written token-major in the qkv
 //                                channel order, dqkv [B * N, 3C] (the input of the weight products)
@@ -15,13 +18,17 @@
 // shared-memory words, and shared rows read along the tile's columns have an odd stride (no bank
 // conflicts). Accumulation in at::opmath_type (float, double for double).
 //
-// Shared memory (acc_t elements), forward: S/O N x (C+1) | QKV 3C x N | P N x odd(N);
-// backward: G, Q, K, V N x odd(d) each | P, D N x odd(N) each. refine_*_smem gives the bytes; the
-// caller (refine_cuda.cu) takes the kernels only where they fit in a block's opt-in limit.
+// Shared memory (acc_t elements), forward: QKV 3d x N | P N x odd(N); backward: G, Q, K, V
+// N x odd(d) each | P, D N x odd(N) each. refine_*_smem gives the bytes; the caller
+// (refine_cuda.cu) takes the kernels only where they fit in a block's opt-in limit.
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/mm.h>
 
 #include "sta_kernels.cuh"
 
@@ -35,14 +42,9 @@ template <typename scalar_t>
 struct RefineParams {
   using acc_t = at::opmath_type<scalar_t>;
   // forward
-  const scalar_t* s = nullptr;      // [B, C, N] (s [B, C, H, W] contiguous)
-  const scalar_t* wqkv = nullptr;   // [3C, C]
+  const scalar_t* qkv = nullptr;    // [B, 3C, N]: Wqkv s_b, channel j = (head, q / k / v, dim)
   const scalar_t* bqkv = nullptr;   // [3C] or null
-  const scalar_t* wproj = nullptr;  // [C, C]
-  const scalar_t* bproj = nullptr;  // [C] or null
   scalar_t* o = nullptr;            // [B * N, C] the attention output before proj
-  scalar_t* out = nullptr;          // out[b, c, n] at b * C * N + c * out_sc + n * out_sn
-  int64_t out_sc = 0, out_sn = 0;
   // both: q, k, v head-major: element e of token n of (t, b * heads + h) at
   // t * q_st + (b * heads + h) * q_sbh + n * q_sn + e
   acc_t* qkvh = nullptr;
@@ -56,9 +58,8 @@ struct RefineParams {
 };
 
 // Shared-memory bytes of the two kernels (acc_bytes: sizeof(acc_t)).
-inline size_t refine_forward_smem(int64_t C, int64_t N, int acc_bytes) {
-  return static_cast<size_t>(N * (C + 1) + 3 * C * N + N * odd_stride(static_cast<int>(N))) *
-         acc_bytes;
+inline size_t refine_forward_smem(int64_t d, int64_t N, int acc_bytes) {
+  return static_cast<size_t>(3 * d * N + N * odd_stride(static_cast<int>(N))) * acc_bytes;
 }
 inline size_t refine_backward_smem(int64_t d, int64_t N, int acc_bytes) {
   return static_cast<size_t>(4 * N * odd_stride(static_cast<int>(d)) +
@@ -141,66 +142,43 @@ __device__ __forceinline__ void block_softmax(acc_t* P, int ld, int N, acc_t* __
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kRefineThreads) refine_forward_kernel(
+__global__ void __launch_bounds__(kRefineThreads) refine_core_forward_kernel(
     const RefineParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   STVIT_DYNAMIC_SMEM(smem);
-  const int C = p.C, N = p.N, d = p.d, C3 = 3 * C;
-  const int ldo = C + 1, ldp = odd_stride(N);
-  acc_t* S = reinterpret_cast<acc_t*>(smem);  // s_b [C, N]; later O [N, C + 1]
-  acc_t* QKV = S + N * ldo;                   // [3C, N]
-  acc_t* P = QKV + C3 * N;                    // [N, ldp]
-  const int64_t b = blockIdx.x;
+  const int C = p.C, N = p.N, d = p.d, ldp = odd_stride(N);
+  acc_t* QKV = reinterpret_cast<acc_t*>(smem);  // [3d, N]: the head's q, k, v rows
+  acc_t* P = QKV + 3 * d * N;                   // [N, ldp]
+  const int64_t bh = blockIdx.x, b = bh / p.heads;
+  const int h = static_cast<int>(bh % p.heads);
 
-  const scalar_t* s_b = p.s + b * C * N;
-  for (int i = threadIdx.x; i < C * N; i += blockDim.x) S[i] = static_cast<acc_t>(s_b[i]);
-  __syncthreads();
-
-  // qkv[j, n] = bqkv[j] + sum_c Wqkv[j, c] s[c, n]; channel j = (h, t, e) (head, q / k / v, dim)
-  block_gemm<acc_t>(
-      C3, N, C, [&](int j, int c) { return static_cast<acc_t>(p.wqkv[j * C + c]); },
-      [&](int c, int n) { return S[c * N + n]; },
-      [&](int j, int n, acc_t v) {
-        if (p.bqkv != nullptr) v += static_cast<acc_t>(p.bqkv[j]);
-        QKV[j * N + n] = v;
-        const int h = j / (3 * d), t = (j / d) % 3, e = j % d;
-        p.qkvh[t * p.q_st + (b * p.heads + h) * p.q_sbh + n * p.q_sn + e] = v;
-      });
-  __syncthreads();
-
-  acc_t* O = S;  // s is no longer needed
-  for (int h = 0; h < p.heads; ++h) {
-    const acc_t* Q = QKV + (h * 3) * d * N;  // [d, N]
-    const acc_t* Kt = Q + d * N;
-    const acc_t* V = Kt + d * N;
-    block_gemm<acc_t>(
-        N, N, d, [&](int i, int e) { return Q[e * N + i]; },
-        [&](int e, int j) { return Kt[e * N + j]; },
-        [&](int i, int j, acc_t v) { P[i * ldp + j] = v * p.scale; });
-    __syncthreads();
-    block_softmax(P, ldp, N, p.attn + (b * p.heads + h) * N * N);
-    __syncthreads();
-    // o[n, h d + e] = sum_j attn[n, j] v[e, j], rounded to the input dtype (proj reads it so)
-    block_gemm<acc_t>(
-        d, N, N, [&](int e, int j) { return V[e * N + j]; },
-        [&](int j, int n) { return P[n * ldp + j]; },
-        [&](int e, int n, acc_t v) {
-          const scalar_t r = static_cast<scalar_t>(v);
-          O[n * ldo + h * d + e] = static_cast<acc_t>(r);
-          p.o[(b * N + n) * C + h * d + e] = r;
-        });
-    __syncthreads();  // P is rewritten by the next head
+  // the head's 3d rows of qkv (contiguous: channel j = (h, t, e)) plus the bias, to QKV and qkvh
+  const scalar_t* src = p.qkv + (b * 3 * C + static_cast<int64_t>(h) * 3 * d) * N;
+  const scalar_t* bias = p.bqkv == nullptr ? nullptr : p.bqkv + h * 3 * d;
+  for (int i = threadIdx.x; i < 3 * d * N; i += blockDim.x) {
+    const int j = i / N, n = i - j * N, t = j / d, e = j - t * d;
+    acc_t v = static_cast<acc_t>(src[i]);
+    if (bias != nullptr) v += static_cast<acc_t>(bias[j]);
+    QKV[i] = v;
+    p.qkvh[t * p.q_st + bh * p.q_sbh + n * p.q_sn + e] = v;
   }
+  __syncthreads();
 
-  // out[c, n] = bproj[c] + sum_k Wproj[c, k] o[n, k]
-  scalar_t* out_b = p.out + b * C * N;
+  const acc_t* Q = QKV;  // [d, N]
+  const acc_t* Kt = Q + d * N;
+  const acc_t* V = Kt + d * N;
   block_gemm<acc_t>(
-      C, N, C, [&](int c, int k) { return static_cast<acc_t>(p.wproj[c * C + k]); },
-      [&](int k, int n) { return O[n * ldo + k]; },
-      [&](int c, int n, acc_t v) {
-        if (p.bproj != nullptr) v += static_cast<acc_t>(p.bproj[c]);
-        out_b[c * p.out_sc + n * p.out_sn] = static_cast<scalar_t>(v);
-      });
+      N, N, d, [&](int i, int e) { return Q[e * N + i]; },
+      [&](int e, int j) { return Kt[e * N + j]; },
+      [&](int i, int j, acc_t v) { P[i * ldp + j] = v * p.scale; });
+  __syncthreads();
+  block_softmax(P, ldp, N, p.attn + bh * N * N);
+  __syncthreads();
+  // o[n, h d + e] = sum_j attn[n, j] v[e, j], in the input dtype (proj reads it so)
+  block_gemm<acc_t>(
+      d, N, N, [&](int e, int j) { return V[e * N + j]; },
+      [&](int j, int n) { return P[n * ldp + j]; },
+      [&](int e, int n, acc_t v) { p.o[(b * N + n) * C + h * d + e] = static_cast<scalar_t>(v); });
 }
 
 template <typename scalar_t>
@@ -297,29 +275,46 @@ const T* data_or_null(const at::Tensor* t) {
 // s [B, C, H, W] contiguous, weights [3C, C(, 1, 1)] / [C, C(, 1, 1)] contiguous, biases
 // contiguous or null; fills qkvh [3, B * heads, N, d] (accumulation type, rows contiguous),
 // attn [B * heads, N, N] and o [B * N, C] (contiguous), out [B, C, H, W] (contiguous or the
-// token-major strides of channels_last).
+// token-major strides of channels_last). Three launches: qkv = Wqkv s_b for every image (one
+// batched product, the weight's batch stride 0), the attention core (one block per (image,
+// head)), out = Wproj o_b^T + bproj (one batched product, or one addmm into a token-major out).
 template <class RT>
 void refine_forward_impl(RT& rt, const at::Tensor& s, const at::Tensor& wqkv,
                          const at::Tensor* bqkv, const at::Tensor& wproj, const at::Tensor* bproj,
                          int64_t heads, double scale, const at::Tensor& qkvh,
                          const at::Tensor& attn, const at::Tensor& o, const at::Tensor& out) {
   const int64_t B = s.size(0), C = s.size(1), N = s.size(2) * s.size(3);
+  const at::Tensor qkv =
+      at::bmm(wqkv.reshape({1, 3 * C, C}).expand({B, 3 * C, C}), s.reshape({B, C, N}));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "stvit_refine_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     RefineParams<scalar_t> p = refine_params<scalar_t>(C, N, heads, scale, qkvh);
-    p.s = s.const_data_ptr<scalar_t>();
-    p.wqkv = wqkv.const_data_ptr<scalar_t>();
+    p.qkv = qkv.const_data_ptr<scalar_t>();
     p.bqkv = data_or_null<scalar_t>(bqkv);
-    p.wproj = wproj.const_data_ptr<scalar_t>();
-    p.bproj = data_or_null<scalar_t>(bproj);
     p.attn = attn.data_ptr<acc_t>();
     p.o = o.data_ptr<scalar_t>();
-    p.out = out.data_ptr<scalar_t>();
-    p.out_sc = out.stride(1);
-    p.out_sn = out.stride(3);
-    rt.launch(refine_forward_kernel<scalar_t>, B, kRefineThreads,
-              refine_forward_smem(C, N, sizeof(acc_t)), p);
+    rt.launch(refine_core_forward_kernel<scalar_t>, B * heads, kRefineThreads,
+              refine_forward_smem(C / heads, N, sizeof(acc_t)), p);
   });
+  const at::Tensor w = wproj.reshape({C, C});
+  const bool has_bias = bproj != nullptr && bproj->defined();
+  if (out.is_contiguous()) {  // out [B, C, N] = Wproj o_b^T (+ bproj over the tokens)
+    at::Tensor out3 = out.view({B, C, N});
+    const at::Tensor wb = w.unsqueeze(0).expand({B, C, C});
+    const at::Tensor ot = o.view({B, N, C}).transpose(1, 2);
+    if (has_bias) {
+      at::baddbmm_out(out3, bproj->view({1, C, 1}).expand({B, C, N}), wb, ot);
+    } else {
+      at::bmm_out(out3, wb, ot);
+    }
+  } else {  // token-major: out [B * N, C] = o Wproj^T + bproj
+    at::Tensor out2 = out.view({B, C, N}).transpose(1, 2).view({B * N, C});
+    if (has_bias) {
+      at::addmm_out(out2, *bproj, o, w.t());
+    } else {
+      at::mm_out(out2, o, w.t());
+    }
+  }
 }
 
 // go [B * N, C] (the input dtype, contiguous), qkvh and attn as refine_forward_impl wrote them;
