@@ -551,8 +551,8 @@ def _run_case(case: Case, providers: Sequence[str], modes: Sequence[str], prov: 
             for mode in case_modes:
                 rows.append(dict(base, provider=provider, mode=mode, status=status, note=note))
             print(f"  {provider:18s} {note}", file=sys.stderr)
-            if provider.endswith("+compile"):  # inductor's failures need their frames to be read
-                traceback.print_exception(type(e), e, e.__traceback__, limit=-12, file=sys.stderr)
+            if provider.endswith("compile"):  # inductor's failures need their frames to be read
+                _print_frames(e)
             _free(device)
             continue
         _zero_grads(pool, params)
@@ -569,7 +569,7 @@ def _run_case(case: Case, providers: Sequence[str], modes: Sequence[str], prov: 
             mode_rows[provider].update(status=status, note=_failure_note(e, provider))
             print(f"  {provider:18s} {mode:8s} {mode_rows[provider]['note']}", file=sys.stderr)
             if status == "error" or provider.endswith("compile"):
-                traceback.print_exception(type(e), e, e.__traceback__, limit=-12, file=sys.stderr)
+                _print_frames(e)
 
         for provider, (fn, params, saved, out_specs) in ready.items():
             mode_rows[provider] = dict(base, provider=provider, mode=mode, saved_bytes=saved)
@@ -655,6 +655,11 @@ def _failure_note(e: BaseException, provider: str) -> str:
     what = "out of memory" if _is_oom(e) else ("torch.compile failed" if provider.endswith("compile")
                                                else "failed")
     return f"{what}: {type(e).__name__}: {msg[:300]}"
+
+
+def _print_frames(e: BaseException) -> None:
+    """A failure's innermost frames, to stderr (where inductor raised, not only what)."""
+    traceback.print_exception(type(e), e, e.__traceback__, limit=-12, file=sys.stderr)
 
 
 def _free(device) -> None:
