@@ -337,9 +337,31 @@ class Providers:
             if key not in self._compiled:
                 # static shapes: a graph per size (automatic dynamic shapes hit an inductor error on
                 # the reference's index arithmetic in torch 2.14)
-                self._compiled[key] = torch.compile(fn, dynamic=False, mode=self.compile_mode)
+                self._compiled[key] = _graph_steps(
+                    torch.compile(fn, dynamic=False, mode=self.compile_mode), self.compile_mode)
             fn = self._compiled[key]
         return fn, params, None
+
+    def graphed(self, provider: str) -> bool:
+        """Whether the provider's calls are CUDA-graph replays already (``+compile`` under
+        ``mode="reduce-overhead"``): its wall time is its GPU time, and a capture of it in a graph
+        of the benchmark's own would nest CUDA-graph trees' capture in ours."""
+        return provider.endswith("compile") and self.compile_mode == "reduce-overhead"
+
+
+def _graph_steps(fn: Callable, mode: Optional[str]) -> Callable:
+    """Under ``mode="reduce-overhead"``: every call starts a new step of CUDA-graph trees
+    (``torch.compiler.cudagraph_mark_step_begin``), the documented way for a caller whose calls do
+    not follow one forward / backward per iteration (the benchmark interleaves no-grad forwards,
+    forward + backward, and discards outputs): without it the trees' warm-up asserted on the H200
+    (results/h200-2026-12-04/bench_reduce_overhead.log)."""
+    if mode != "reduce-overhead":
+        return fn
+
+    def step(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn(*args)
+    return step
 
 
 # ------------------------------------------------------------------------------------------------
@@ -519,10 +541,10 @@ def _run_case(case: Case, providers: Sequence[str], modes: Sequence[str], prov: 
         out_specs, saved = [], None
         try:
             compiled = provider.endswith("compile")
-            if compiled or not any(m != "fwd" for m in case_modes):
+            if not any(m != "fwd" for m in case_modes):
                 with torch.no_grad():
                     fn(*pool[0])
-            if any(m != "fwd" for m in case_modes):
+            else:
                 box = []
                 if compiled:   # compile without hooks first; count the saved bytes afterwards
                     box.append(fn(*pool[0]))
@@ -533,11 +555,14 @@ def _run_case(case: Case, providers: Sequence[str], modes: Sequence[str], prov: 
                 if outs:
                     sum(o.float().sum() for o in outs).backward()
                 del outs
+                if compiled:   # the no-grad graph after the training one, as tests/test_cuda_graphs.py
+                    with torch.no_grad():
+                        fn(*pool[0])
                 # not under CUDA graphs: a recorded forward whose backward never runs, inside
                 # saved-tensor hooks, is where cuda+compile failed with mode="reduce-overhead" on
                 # the H200 (CUDA-graph trees' assertion; results/h200-2026-12-04/
-                # bench_reduce_overhead.log); official+compile failed before, in inductor itself
-                if compiled and prov.compile_mode != "reduce-overhead":
+                # bench_reduce_overhead.log)
+                if compiled and not prov.graphed(provider):
                     try:
                         saved = common.saved_bytes(lambda: fn(*pool[0]), exclude=list(pool[0]) + params)
                     except Exception as e:  # noqa: BLE001
@@ -583,9 +608,13 @@ def _run_case(case: Case, providers: Sequence[str], modes: Sequence[str], prov: 
                     if _per_call_wanted(case, args):
                         # host time, CUDA-graph replay, kernels per call; each part guarded on its own
                         _zero_grads(pool, params)
+                        graphed = prov.graphed(provider)
                         mode_rows[provider].update(common.gpu_per_call(
-                            step, device, graphable=mode != "bwd", launches_hint=30 if mode == "fwd" else 60,
-                            not_graphable_note="bwd replays a graph recorded before the capture: "
+                            step, device, graphable=mode != "bwd" and not graphed,
+                            launches_hint=30 if mode == "fwd" else 60,
+                            not_graphable_note="a CUDA-graph replay already (reduce-overhead): its "
+                                               "wall time is its GPU time" if graphed else
+                                               "bwd replays a graph recorded before the capture: "
                                                "see the fwd+bwd row"))
                 except Exception as e:  # noqa: BLE001
                     fail(provider, e)
@@ -1000,6 +1029,12 @@ def parse_args(argv=None):
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                    help="torch.compile mode of the <provider>+compile providers (reference+compile, "
                         "official+compile, cuda+compile, ...)")
+    p.add_argument("--inductor-layout-opt", choices=("off", "auto"), default="off",
+                   help="inductor's layout optimisation (channels-last convolutions) for the +compile "
+                        "providers: off (default; torch 2.11's inductor asserted on cuDNN's strides "
+                        "of the official algorithm's identity-kernel convolution_backward on the "
+                        "H200, results/h200-2026-12-04/bench_reduce_overhead.log; the same setting "
+                        "for every provider) or auto (inductor's own choice)")
     p.add_argument("--compile-sides", nargs="+", type=int, default=None,
                    help="sweep sides at which the +compile providers run (default: 56 128 256 with the "
                         "preset's sides, every side given with --sides); target shapes always")
@@ -1040,6 +1075,10 @@ def main(argv=None) -> Dict:
         device = torch.device("cuda", torch.cuda.current_device())
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.inductor_layout_opt == "off":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.layout_optimization = False
     for name in ("recompile_limit", "cache_size_limit"):   # one compiled function serves a sweep
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
@@ -1132,7 +1171,7 @@ def main(argv=None) -> Dict:
                     compile=dict(providers=["reference+compile", "official+compile"],
                                  options=f"torch.compile(fn, dynamic=False, mode={args.compile_mode!r})",
                                  sweep_sides=sorted(prov.compile_sides) if prov.compile_sides else "all",
-                                 donated_buffer=False)),
+                                 donated_buffer=False, layout_optimization=args.inductor_layout_opt)),
         copy_bandwidth=copy_bw, results=rows, targets=targets)
     if baseline is not None:
         payload["baseline"] = baseline

@@ -51,6 +51,37 @@ def test_module_reduce_overhead(backend):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_module_reduce_overhead_interleaved(backend):
+    """The benchmark's sequence of calls (benchmarks/bench_ops.py under --compile-mode
+    reduce-overhead): no-grad forwards and forward + backward steps interleaved, outputs dropped,
+    each call a new step of CUDA-graph trees (cudagraph_mark_step_begin). Eager results throughout,
+    no recompilation after the first two calls."""
+    torch._dynamo.reset()
+    m = _module(backend)
+    compiled = torch.compile(m, mode="reduce-overhead", fullgraph=True)
+    xs = [torch.randn(4, 64, 48, 40, device="cuda", requires_grad=True) for _ in range(3)]
+    g = torch.randn(4, 64, 48, 40, device="cuda")
+
+    def call(x):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(x)
+
+    _fwd_bwd(call, xs[0], g)
+    with torch.no_grad():
+        call(xs[0])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(6):
+            x = xs[i % len(xs)]
+            with torch.no_grad():
+                torch.testing.assert_close(call(x).clone(), m(x), rtol=1e-4, atol=1e-5)
+                call(x)   # an output nobody reads
+            y, gx = _fwd_bwd(call, x, g)
+            y_e, gx_e = _fwd_bwd(m, x, g)
+            torch.testing.assert_close(y, y_e, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(gx, gx_e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_module_make_graphed_callables(backend):
     m = _module(backend)
     ref = copy.deepcopy(m)
