@@ -17,7 +17,8 @@
 # ncu_triton, bench_ro (stage 1 under torch.compile mode="reduce-overhead", official and cuda);
 # not in the default list: bench1_bf16 (bench1 in bfloat16: issue 12's bf16 <= 0.6x fp32), dense
 # and dense_bf16 (B=8, C=64, 56², 128², 256² tokens, cuda and triton against dense SDPA: issue 12's
-# >= 3x / >= 30x and issue 11's time growing with the work), tune (benchmarks/tune_cuda.py: the
+# >= 3x / >= 30x and issue 11's time growing with the work), ncu_detail (ncu --set detailed on the
+# CUDA pixel-side kernels at stage 1: why each is short of the bandwidth), tune (benchmarks/tune_cuda.py: the
 # CUDA kernels' plan limits swept at the stage shapes, fp32 + bf16, about a minute), tune_triton
 # (benchmarks/tune_triton.py: the same for the Triton kernels' plan, most of it compiling).
 # All of them take more than one call's 540 s when the tier runs long: pick with STEPS.
@@ -69,6 +70,12 @@ for s in $STEPS; do
            --providers cuda triton dense-sdpa --batch 8 --dim 64 --heads 1 --stoken 8 \
            --sides 56 128 256 --modes fwd fwd+bwd --no-targets --dtype "$dt" \
            --out "$OUT/sta_$s.json" ;;
+    # why a kernel is short of the bandwidth: ncu's detailed sections (occupancy, warp stalls,
+    # shared-memory / L1 / L2 traffic, instruction mix, its hints) for the CUDA pixel-side kernels
+    # at stage 1, fp32 and bf16, forward and backward (about a minute)
+    ncu_detail) step ncu_detail 180 ncu --profile-from-start off --set detailed \
+                  -k 'regex:cell_kernel|upsample_kernel|pool_kernel|reduce_kernel' \
+                  "$PY" benchmarks/ncu_kernels.py run cuda --cases stage1 ;;
     ncu|ncu_triton)
          be=cuda; [ "$s" = ncu_triton ] && be=triton
          step "$s" 150 ncu --profile-from-start off --nvtx --csv --metrics "$NCU_METRICS" \
@@ -87,7 +94,7 @@ for s in $STEPS; do
                 --no-targets --compile-mode reduce-overhead --sides 56 --dim 64 --heads 1 \
                 --stoken 8 --out "$OUT/sta_stage1_reduce_overhead.json" ;;
     *) echo "unknown step $s (tier sanitize bench1 bench2 bench1_aten bench1_bf16 dense dense_bf16" \
-            "tune tune_triton host_prof ncu model ncu_triton bench_ro)" >&2
+            "tune tune_triton host_prof ncu ncu_detail model ncu_triton bench_ro)" >&2
        exit 2 ;;
   esac
 done

@@ -17,7 +17,10 @@ dram__throughput.avg.pct_of_peak_sustained_elapsed \\
         python benchmarks/ncu_kernels.py run [cuda] [triton] > ncu.csv
     python benchmarks/ncu_kernels.py report ncu.csv --out ncu_kernels.json
 
-(``benchmarks/gpu_check.sh`` steps ``ncu`` and ``ncu_triton`` run both, one backend each.)
+(``benchmarks/gpu_check.sh`` steps ``ncu`` and ``ncu_triton`` run both, one backend each; step
+``ncu_detail`` runs ``ncu --set detailed`` on the CUDA pixel-side kernels of stage 1 alone, ``run
+cuda --cases stage1``: occupancy, warp stall reasons, shared-memory and L1/L2 traffic, the
+instruction mix, ncu's own hints, as text.)
 """
 from __future__ import annotations
 
@@ -40,16 +43,18 @@ BACKENDS = ("cuda", "triton")
 BATCH = 64
 
 
-def run(backends=BACKENDS) -> None:
+def run(backends=BACKENDS, cases=None, dtypes=DTYPES) -> None:
+    """``cases``: names of :data:`CASES` (default: all)."""
     import torch
     from stvit_kernels import SuperTokenAttention
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    for (name, C, side, stoken, heads), backend in ((c, b) for c in CASES for b in backends):
+    chosen = [c for c in CASES if cases is None or c[0] in cases]
+    for (name, C, side, stoken, heads), backend in ((c, b) for c in chosen for b in backends):
         m = SuperTokenAttention(C, stoken, n_iter=1, num_heads=heads, backend=backend).cuda()
         x = torch.randn(BATCH, C, side, side, device="cuda", requires_grad=True)
-        for dt in DTYPES:
+        for dt in dtypes:
             def step():
                 # gradients set to None: no accumulation kernels (x.grad's add moved 128 MB at
                 # stage 1); the backward on this thread, inside the case's NVTX range (NVTX ranges
@@ -128,6 +133,8 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="the profiled driver (run it under ncu)")
     r.add_argument("backends", nargs="*", default=list(BACKENDS), choices=BACKENDS)
+    r.add_argument("--cases", nargs="+", default=None, choices=[c[0] for c in CASES])
+    r.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     r = sub.add_parser("report", help="summarise ncu's CSV")
     r.add_argument("csv")
     r.add_argument("--copy-gbs", type=float, default=4250.0,
@@ -135,7 +142,7 @@ def main() -> None:
     r.add_argument("--out", default=None)
     a = p.parse_args()
     if a.cmd == "run":
-        run(tuple(a.backends))
+        run(tuple(a.backends), a.cases, tuple(a.dtypes))
     else:
         report(a.csv, a.copy_gbs, a.out)
 

@@ -116,11 +116,19 @@ struct CpuKernels {
   static Tensor2 aggregate(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w) {
     return aggregate_cpu(x, A, h, w);
   }
+  // num in the layout the refine attention's backward reads best (CudaKernels: token-major);
+  // contiguous, as the CPU kernels write it
+  static at::Tensor aggregate_for_refine(const at::Tensor& x, const at::Tensor& A, int64_t h,
+                                         int64_t w) {
+    return std::get<0>(aggregate_cpu(x, A, h, w));
+  }
   static at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
     return upsample_cpu(s, A, h, w);
   }
+  // tokens_last (the super tokens token-major where the kernels write them so): not here
   static Tensor3 affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h,
-                                    int64_t w, double scale, bool normalise) {
+                                    int64_t w, double scale, bool normalise,
+                                    bool /*tokens_last*/ = false) {
     return affinity_aggregate_cpu(x, s, h, w, scale, normalise);
   }
   static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) { return pool_cpu(x, h, w); }
@@ -137,7 +145,8 @@ struct CpuKernels {
   // affinity_aggregate(x, pool(x)), the pooling in the same pass over x
   static Tensor3 pooled_affinity_aggregate(const at::Tensor& x, int64_t h, int64_t w,
                                            double scale, bool normalise,
-                                           std::optional<at::ScalarType>) {
+                                           std::optional<at::ScalarType>,
+                                           bool /*tokens_last*/ = false) {
     return affinity_aggregate_cpu(x, at::Tensor(), h, w, scale, normalise);
   }
 };
@@ -156,12 +165,20 @@ struct CudaKernels {
   static Tensor2 aggregate(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w) {
     return aggregate_cuda(x, A, h, w);
   }
+  // num token-major: the refine's products read it as [B * N, C] without a copy (refine.cpp,
+  // tokens_of), and the reduction writes it coalesced
+  static at::Tensor aggregate_for_refine(const at::Tensor& x, const at::Tensor& A, int64_t h,
+                                         int64_t w) {
+    return std::get<0>(aggregate_cuda(x, A, h, w, /*tokens_last=*/true));
+  }
   static at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
     return upsample_cuda(s, A, h, w);
   }
+  // tokens_last: num token-major (sta_forward's super tokens, read so by the refine)
   static Tensor3 affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h,
-                                    int64_t w, double scale, bool normalise) {
-    return affinity_aggregate_cuda(x, s, h, w, scale, normalise);
+                                    int64_t w, double scale, bool normalise,
+                                    bool tokens_last = false) {
+    return affinity_aggregate_cuda(x, s, h, w, scale, normalise, tokens_last);
   }
   static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) { return pool_cuda(x, h, w); }
   // upsample(g / (den + 1e-12), A): the division while the kernel stages g, which it reads
@@ -182,8 +199,10 @@ struct CudaKernels {
   // dtype: s (and so A, num, den) in it, x read as if cast to it (reads_cast)
   static Tensor3 pooled_affinity_aggregate(const at::Tensor& x, int64_t h, int64_t w,
                                            double scale, bool normalise,
-                                           std::optional<at::ScalarType> dtype) {
-    return affinity_aggregate_cuda(x, pool_cuda(x, h, w, dtype), h, w, scale, normalise);
+                                           std::optional<at::ScalarType> dtype,
+                                           bool tokens_last = false) {
+    return affinity_aggregate_cuda(x, pool_cuda(x, h, w, dtype), h, w, scale, normalise,
+                                   tokens_last);
   }
 };
 #endif
@@ -225,10 +244,13 @@ Tensor3 affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, 
 // `dtype` (sta_forward under autocast, s None): the computation in it, x cast to it (cast_input),
 // or, where the kernels read float32 x for it (K::reads_cast), x read as it is and each value
 // rounded to dtype as the kernels load it (the same results, one pass over x fewer).
+// `tokens_last` (sta_forward): the final super tokens token-major where the kernels write them so
+// (K::affinity_aggregate), the layout in which the refine attention reads them without a copy.
 template <typename K>
 Tensor3 associate_impl(const at::Tensor& x, const std::optional<at::Tensor>& s, int64_t h,
                        int64_t w, double scale, int64_t n_iter,
-                       std::optional<at::ScalarType> dtype = std::nullopt) {
+                       std::optional<at::ScalarType> dtype = std::nullopt,
+                       bool tokens_last = false) {
   TORCH_CHECK(n_iter >= 1, "stvit::associate: n_iter must be >= 1, got ", n_iter);
   if (s.has_value()) {
     check_pixels_stokens("associate", x, *s, h, w);
@@ -241,11 +263,14 @@ Tensor3 associate_impl(const at::Tensor& x, const std::optional<at::Tensor>& s, 
   const at::Tensor xc = (fold ? x : cast_input(x, dtype)).contiguous();
   // without s: the first iteration starts from the cell means (pooled in the same pass, CPU)
   Tensor3 r = s.has_value()
-                  ? K::affinity_aggregate(xc, s->contiguous(), h, w, scale, /*normalise=*/true)
+                  ? K::affinity_aggregate(xc, s->contiguous(), h, w, scale, /*normalise=*/true,
+                                          tokens_last && n_iter == 1)
                   : K::pooled_affinity_aggregate(xc, h, w, scale, /*normalise=*/true,
-                                                 fold ? dtype : std::nullopt);
+                                                 fold ? dtype : std::nullopt,
+                                                 tokens_last && n_iter == 1);
   for (int64_t i = 1; i < n_iter; ++i) {
-    r = K::affinity_aggregate(xc, std::get<1>(r), h, w, scale, /*normalise=*/true);
+    r = K::affinity_aggregate(xc, std::get<1>(r), h, w, scale, /*normalise=*/true,
+                              tokens_last && i == n_iter - 1);
   }
   auto [A, stokens, den] = r;
   return {stokens, A, den};
@@ -293,9 +318,10 @@ using Tensor7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 // The STA module (stvit_kernels.SuperTokenAttention with its attention refine, padding aside) in
 // one call: associate (initial pooling, n_iter passes), the refine attention written out, and the
 // upsampling. Returns (y, then what sta_backward needs: A, den, the super tokens s that entered
-// the refine, and the refine's qkvh, attn, o). `dtype` (the module under autocast): x and the
-// parameters cast to it first (cast_input, refine.h), inside this call rather than as autograd
-// nodes of their own.
+// the refine (token-major on CUDA: a [B, hh, ww, C] tensor viewed as [B, C, hh, ww], which the
+// refine's products read without a copy, forward and backward), and the refine's qkvh, attn, o).
+// `dtype` (the module under autocast): x and the parameters cast to it first (cast_input,
+// refine.h), inside this call rather than as autograd nodes of their own.
 template <typename K>
 Tensor7 sta_forward(const at::Tensor& x, const at::Tensor& qkv_weight,
                     const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
@@ -303,7 +329,8 @@ Tensor7 sta_forward(const at::Tensor& x, const at::Tensor& qkv_weight,
                     int64_t n_iter, int64_t heads, double attn_scale,
                     std::optional<at::ScalarType> dtype) {
   typename K::Guard guard(x);
-  auto [s, A, den] = associate_impl<K>(x, std::nullopt, h, w, scale, n_iter, dtype);
+  auto [s, A, den] =
+      associate_impl<K>(x, std::nullopt, h, w, scale, n_iter, dtype, /*tokens_last=*/true);
   auto [r, qkvh, attn, o] =
       refine_attention_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, attn_scale,
                                /*contiguous_out=*/true, dtype);
@@ -336,7 +363,8 @@ Tensor5 sta_backward(const at::Tensor& grad, const at::Tensor& A, const at::Tens
                      const at::Tensor& proj_weight, int64_t h, int64_t w, int64_t heads,
                      double attn_scale, std::optional<at::ScalarType> x_dtype) {
   typename K::Guard guard(grad);
-  const at::Tensor gr = std::get<0>(aggregate<K>(grad, A, h, w));
+  check_pixels_affinity("sta_backward", grad, A, h, w);
+  const at::Tensor gr = K::aggregate_for_refine(grad.contiguous(), A.contiguous(), h, w);
   auto [gs, dqkv_w, dqkv_b, dproj_w, dproj_b] =
       refine_attention_backward(gr, s, qkvh, attn, o, qkv_weight, proj_weight, heads, attn_scale);
   return {associate_backward_impl<K>(gs, A, den, h, w, x_dtype), dqkv_w, dqkv_b, dproj_w,

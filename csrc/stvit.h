@@ -49,7 +49,10 @@ at::Tensor pool_cpu(const at::Tensor& x, int64_t h, int64_t w);
 #ifdef STVIT_WITH_CUDA
 at::Tensor affinity_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
                          double scale, bool softmax);
-Tensor2 aggregate_cuda(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w);
+// tokens_last: num token-major (a [B, hh, ww, C] tensor viewed as [B, C, hh, ww]), the layout the
+// refine attention's backward reads without a copy (sta_backward)
+Tensor2 aggregate_cuda(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w,
+                       bool tokens_last = false);
 // s in any layout (copied to contiguous unless it is, or, with den, token-major: channels_last
 // strides); with den [B, 1, hh, ww] defined, the upsampling of s / (den + 1e-12)
 // (associate_backward), the division in the accumulation type, and y in `out_dtype` if given
@@ -59,9 +62,10 @@ at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, in
                          const at::Tensor& den = at::Tensor(),
                          std::optional<at::ScalarType> out_dtype = std::nullopt);
 // x may be float32 where s is float16 / bfloat16 (each value of x rounded to s's dtype as it is
-// read: autocast's cast of x folded in); A, num, den in s's dtype
+// read: autocast's cast of x folded in); A, num, den in s's dtype; num token-major with
+// `tokens_last` (as aggregate_cuda's)
 Tensor3 affinity_aggregate_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
-                                double scale, bool normalise);
+                                double scale, bool normalise, bool tokens_last = false);
 // s in `dtype` if given (float16 / bfloat16 for float32 x, the same folding)
 at::Tensor pool_cuda(const at::Tensor& x, int64_t h, int64_t w,
                      std::optional<at::ScalarType> dtype = std::nullopt);

@@ -461,6 +461,8 @@ def _fake_sta_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, sca
         x, qkv_weight, proj_weight = _cast_inputs(dtype, x, qkv_weight, proj_weight)
     _check_fake(x, qkv_weight, proj_weight)
     s, A, den = _fake_associate(x, None, h, w, scale, n_iter)
+    if x.device.type == "cuda":   # the CUDA kernels write the super tokens token-major (ops.cpp)
+        s = _token_major_map(s, *s.shape)
     _, qkvh, attn, o = _fake_refine_forward(s, qkv_weight, qkv_bias, proj_weight, proj_bias, heads,
                                             attn_scale)
     return x.new_empty(x.shape), A, den, s, qkvh, attn, o

@@ -10,6 +10,7 @@ which path runs.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -239,6 +240,25 @@ def test_opcheck_step_and_refine_ops(device, dtype, B, heads):
         ]
     for op, args in samples:
         torch.library.opcheck(op, args)
+
+
+def test_fake_sta_forward_lays_out_the_super_tokens_as_each_device_does():
+    """sta_forward's super tokens: contiguous from the CPU kernels, token-major (channels_last
+    strides, what the refine's products read without a copy) from the CUDA ones; the fake says
+    which, so torch.compile's stride checks hold (the real CUDA layout against this fake:
+    test_opcheck_step_and_refine_ops on a GPU). Fake CUDA tensors need no GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        for dev in ("cpu", "cuda"):
+            x = torch.empty(2, 6, 4, 9, device=dev)
+            wq, bq = torch.empty(18, 6, 1, 1, device=dev), torch.empty(18, device=dev)
+            wp, bp = torch.empty(6, 6, 1, 1, device=dev), torch.empty(6, device=dev)
+            y, A, den, s, qkvh, attn, o = torch.ops.stvit.sta_forward(
+                x, wq, bq, wp, bp, 2, 3, 0.4, 1, 2, 0.5)
+            assert s.shape == (2, 6, 2, 3) and y.shape == x.shape
+            assert s.is_contiguous() == (dev == "cpu"), (dev, s.stride())
+            assert s.permute(0, 2, 3, 1).is_contiguous() == (dev == "cuda"), (dev, s.stride())
 
 
 def test_half_inputs_keep_the_attention_core_in_float32():
@@ -531,3 +551,39 @@ def test_cuda_refine_kernels_match_aten(B, C, heads, H, W, bias, dtype):
             eps = _EPS[torch.float32 if i in (1, 2) else dtype]  # qkvh, attn: float32 for all
             err, err_aten = rel_error(a, t), rel_error(w, t)
             assert err <= (2 if i < 4 else 3) * max(err_aten, eps), (name, err, err_aten)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("heads", [1, 2])
+def test_cuda_sta_step_copies_nothing(heads):
+    """The CUDA module step in float32 relays out nothing: the super tokens come out of the
+    reduction token-major (sta_forward) and so does the aggregated gradient of the refine output
+    (sta_backward), the layouts the refine's products read as they are; before, each backward
+    copied both to token-major ([B * N, C]) first."""
+    torch.manual_seed(seed_for("cuda-step-copies", heads))
+    C, h, w = 16, 4, 4
+    m = sk.SuperTokenAttention(C, (h, w), num_heads=heads, qkv_bias=True).cuda()
+    r = m.stoken_refine
+    W = (r.qkv.weight.detach(), r.qkv.bias.detach(), r.proj.weight.detach(), r.proj.bias.detach())
+    x = torch.randn(2, C, 12, 16, device="cuda")
+    ops = torch.ops.stvit
+
+    def fwd():
+        return ops.sta_forward(x, *W, h, w, m.scale, 1, heads, r.scale)
+
+    y, A, den, s, qkvh, attn, o = fwd()
+    assert s.permute(0, 2, 3, 1).is_contiguous(), s.stride()
+    g = torch.randn_like(y)
+
+    def bwd():
+        return ops.sta_backward(g, A, den, s, qkvh, attn, o, W[0], W[2], h, w, heads, r.scale)
+
+    assert _copies(fwd) == 0
+    assert _copies(bwd) == 0
+    # and the results: the step against the module's composite path, float64 on the CPU
+    m64 = copy.deepcopy(m).double().cpu()
+    x64 = x.double().cpu().requires_grad_()
+    y64 = m64(x64)
+    (gx64,) = torch.autograd.grad(y64, x64, g.double().cpu())
+    torch.testing.assert_close(y.double().cpu(), y64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bwd()[0].double().cpu(), gx64, rtol=1e-4, atol=1e-5)

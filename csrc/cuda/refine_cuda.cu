@@ -36,8 +36,12 @@ const at::Tensor* bias_ptr(const std::optional<at::Tensor>& b) {
 bool refine_cuda_takes(const at::Tensor& s, const at::Tensor& qkv_weight,
                        const std::optional<at::Tensor>& qkv_bias, const at::Tensor& proj_weight,
                        const std::optional<at::Tensor>& proj_bias, int64_t heads) {
+  // s contiguous or token-major (sta_forward's): [B, C, N] either way a view the batched
+  // product reads as it is
   if (!refine_kernels_enabled() || !s.is_cuda() || !half_or_float(s.scalar_type()) ||
-      s.numel() == 0 || !s.is_contiguous() || s.size(0) > 0x7fffffffLL) {
+      s.numel() == 0 ||
+      !(s.is_contiguous() || s.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+      s.size(0) > 0x7fffffffLL) {
     return false;
   }
   const auto bias_ok = [&](const std::optional<at::Tensor>& b) {

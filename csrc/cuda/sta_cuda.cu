@@ -17,10 +17,11 @@ at::Tensor affinity_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, in
   return cuda::affinity_impl(rt, x, s, h, w, scale, softmax);
 }
 
-Tensor2 aggregate_cuda(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w) {
+Tensor2 aggregate_cuda(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w,
+                       bool tokens_last) {
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   CudaRuntime rt;
-  return cuda::aggregate_impl(rt, x, A, h, w);
+  return cuda::aggregate_impl(rt, x, A, h, w, tokens_last);
 }
 
 at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w,
@@ -31,10 +32,10 @@ at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, in
 }
 
 Tensor3 affinity_aggregate_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
-                                double scale, bool normalise) {
+                                double scale, bool normalise, bool tokens_last) {
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   CudaRuntime rt;
-  return cuda::affinity_aggregate_impl(rt, x, s, h, w, scale, normalise);
+  return cuda::affinity_aggregate_impl(rt, x, s, h, w, scale, normalise, tokens_last);
 }
 
 at::Tensor pool_cuda(const at::Tensor& x, int64_t h, int64_t w,

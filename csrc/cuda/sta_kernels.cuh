@@ -571,13 +571,17 @@ __global__ void __launch_bounds__(kMaxThreads) upsample_kernel(
 // num[b, c, u, v] (c < C) and den[b, 0, u, v] (c == C): the sum of the workspace slots that point
 // at super token (u, v), in a fixed order: source cell row u+1, u, u-1; within a row, the tile to
 // the left (when v is its tile's first column), v's own tile, the tile to the right (when v is
-// its tile's last column). One thread per output, consecutive threads along c (coalesced reads).
+// its tile's last column). One thread per output, consecutive threads along c (coalesced reads,
+// and coalesced writes where num is token-major).
 template <typename scalar_t>
 struct ReduceParams {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t* ws = nullptr;
   scalar_t* num = nullptr;
   scalar_t* den = nullptr;
+  // num's strides (elements) of a channel and of a token of the hh x ww grid: (hh * ww, 1)
+  // contiguous, (1, C) token-major (channels_last, the layout the refine's products read)
+  int64_t num_sc = 0, num_sn = 1;
   int64_t B = 0;
   int C = 0, hh = 0, ww = 0, NC = 1, NT = 1, CW = 0;
   // write num / (den + 1e-12) (the updated super tokens, divided in acc_t) instead of num
@@ -619,7 +623,8 @@ __global__ void __launch_bounds__(kMaxThreads) reduce_kernel(const ReduceParams<
     acc_t sum = slot_sum(c);
     if (c < p.C) {
       if (p.normalise) sum = sum / (slot_sum(p.C) + acc_t(1e-12));
-      p.num[((b * p.C + c) * p.hh + u) * p.ww + v] = static_cast<scalar_t>(sum);
+      p.num[b * p.C * p.hh * p.ww + c * p.num_sc + (static_cast<int64_t>(u) * p.ww + v) * p.num_sn] =
+          static_cast<scalar_t>(sum);
     } else {
       p.den[(b * p.hh + u) * p.ww + v] = static_cast<scalar_t>(sum);
     }

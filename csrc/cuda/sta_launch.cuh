@@ -115,8 +115,17 @@ at::Tensor workspace(const at::Tensor& like, int64_t B, int64_t hh, const Plan& 
   return at::empty({n}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
-// Adds the workspace slots into num [B, C, hh, ww] and den [B, 1, hh, ww]; with `normalise`,
-// num / (den + 1e-12) goes into `num` instead.
+// num [B, C, hh, ww] of an aggregation: contiguous, or token-major (a [B, hh, ww, C] tensor
+// viewed as [B, C, hh, ww]: the strides of channels_last) with `tokens_last`, the layout in which
+// the refine attention's products read it without a copy (csrc/refine.cpp, tokens_of).
+inline at::Tensor new_stokens(const at::Tensor& like, int64_t B, int64_t C, int64_t hh, int64_t ww,
+                              bool tokens_last) {
+  if (!tokens_last) return at::empty({B, C, hh, ww}, like.options());
+  return at::empty({B, hh, ww, C}, like.options()).permute({0, 3, 1, 2});
+}
+
+// Adds the workspace slots into num [B, C, hh, ww] (contiguous or token-major: new_stokens) and
+// den [B, 1, hh, ww]; with `normalise`, num / (den + 1e-12) goes into `num` instead.
 template <typename scalar_t, class RT>
 void launch_reduce(RT& rt, const at::Tensor& ws, at::Tensor& num, at::Tensor& den, int64_t B,
                    int64_t C, int64_t hh, int64_t ww, const Plan& pl, bool normalise = false) {
@@ -124,6 +133,8 @@ void launch_reduce(RT& rt, const at::Tensor& ws, at::Tensor& num, at::Tensor& de
   ReduceParams<scalar_t> r;
   r.ws = ws.data_ptr<acc_t>();
   r.num = C > 0 ? num.data_ptr<scalar_t>() : nullptr;
+  r.num_sc = num.stride(1);
+  r.num_sn = num.stride(3);
   r.den = den.data_ptr<scalar_t>();
   r.B = B;
   r.C = static_cast<int>(C);
@@ -167,7 +178,7 @@ at::Tensor affinity_impl(RT& rt, const at::Tensor& x, const at::Tensor& s, int64
 
 template <class RT>
 std::tuple<at::Tensor, at::Tensor> aggregate_impl(RT& rt, const at::Tensor& x, const at::Tensor& A,
-                                                  int64_t h, int64_t w) {
+                                                  int64_t h, int64_t w, bool tokens_last = false) {
   constexpr const char* op = "stvit::aggregate (CUDA)";
   check_grid(op, x, "x", h, w);
   check_pair(op, x, "x", A, "A");
@@ -175,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> aggregate_impl(RT& rt, const at::Tensor& x, c
   const int64_t hh = H / h, ww = W / w;
   TORCH_CHECK(A.size(0) == B && A.size(1) == 9 && A.size(2) == H && A.size(3) == W, op,
               ": A.shape=", A.sizes(), " does not match x.shape=", x.sizes());
-  at::Tensor num = at::empty({B, C, hh, ww}, x.options());
+  at::Tensor num = new_stokens(x, B, C, hh, ww, tokens_last);
   at::Tensor den = at::empty({B, 1, hh, ww}, x.options());
   if (den.numel() == 0) return {num, den};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stvit_aggregate_cuda", [&] {
@@ -306,11 +317,11 @@ at::Tensor pool_impl(RT& rt, const at::Tensor& x, int64_t h, int64_t w,
 
 // (A, num, den); with `normalise`, (A, num / (den + 1e-12), den): the updated super tokens. x in
 // s's dtype, or float32 for 16-bit s (each value of x rounded to s's dtype as it is read: the cast
-// of x folded in); A, num and den in s's dtype.
+// of x folded in); A, num and den in s's dtype; num token-major with `tokens_last` (new_stokens).
 template <class RT>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_aggregate_impl(
     RT& rt, const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale,
-    bool normalise = false) {
+    bool normalise = false, bool tokens_last = false) {
   constexpr const char* op = "stvit::affinity_aggregate (CUDA)";
   check_grid(op, x, "x", h, w);
   TORCH_CHECK(s.dim() == 4 && s.is_contiguous(), op, ": s must be a contiguous 4-D tensor, got "
@@ -323,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_aggregate_impl(
   TORCH_CHECK(s.size(0) == B && s.size(1) == C && s.size(2) == hh && s.size(3) == ww, op,
               ": s.shape=", s.sizes(), " does not match x.shape=", x.sizes());
   at::Tensor A = at::empty({B, 9, H, W}, s.options());
-  at::Tensor num = at::empty({B, C, hh, ww}, s.options());
+  at::Tensor num = new_stokens(s, B, C, hh, ww, tokens_last);
   at::Tensor den = at::empty({B, 1, hh, ww}, s.options());
   if (A.numel() == 0) return {A, num, den};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "stvit_affinity_aggregate_cuda", [&] {

@@ -58,14 +58,15 @@ EmuRuntime make_rt(int max_threads, int64_t smem_soft, int64_t smem_max, int64_t
 at::Tensor affinity(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale, bool softmax, CFG) {
   RT; return stvit::cuda::affinity_impl(rt, x, s, h, w, scale, softmax);
 }
-std::tuple<at::Tensor, at::Tensor> aggregate(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w, CFG) {
-  RT; return stvit::cuda::aggregate_impl(rt, x, A, h, w);
+// tokens_last: num token-major (channels_last strides), as sta_backward asks for it
+std::tuple<at::Tensor, at::Tensor> aggregate(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w, bool tokens_last, CFG) {
+  RT; return stvit::cuda::aggregate_impl(rt, x, A, h, w, tokens_last);
 }
 at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w, CFG) {
   RT; return stvit::cuda::upsample_impl(rt, s, A, h, w);
 }
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale, bool normalise, CFG) {
-  RT; return stvit::cuda::affinity_aggregate_impl(rt, x, s, h, w, scale, normalise);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_aggregate(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale, bool normalise, bool tokens_last, CFG) {
+  RT; return stvit::cuda::affinity_aggregate_impl(rt, x, s, h, w, scale, normalise, tokens_last);
 }
 // out_dtype / dtype (optional): the float32 pixels of the folded casts (sta_launch.cuh, pixel_t)
 at::Tensor upsample_normalised(const at::Tensor& s, const at::Tensor& A, const at::Tensor& den, int64_t h, int64_t w, std::optional<at::ScalarType> out_dtype, CFG) {

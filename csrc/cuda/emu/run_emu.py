@@ -81,15 +81,21 @@ def run_case(B, C, H, W, h, w, dtype, cfg_name, order, seed):
         Ao = emu.affinity(xd, sd, h, w, scale, sm, *cfg)
         ok &= check(f"affinity(softmax={sm})", Ao, ref.affinity(x64, s64, h, w, scale, sm), dtype, info)
     # aggregate
-    num, den = emu.aggregate(xd, Ad, h, w, *cfg)
+    num, den = emu.aggregate(xd, Ad, h, w, False, *cfg)
     n_ref, d_ref = ref.aggregate(x64, A64, h, w)
     if C: ok &= check("aggregate.num", num, n_ref, dtype, info)
     ok &= check("aggregate.den", den, d_ref, dtype, info)
-    # aggregate with an arbitrary (signed) A, as the backward passes call it
+    # aggregate with an arbitrary (signed) A, as the backward passes call it; num token-major, as
+    # sta_backward asks for it (the same values, channels_last strides)
     Ag = torch.randn(B, 9, H, W, generator=g, dtype=torch.float64).to(dtype)
-    num2, den2 = emu.aggregate(xd, Ag, h, w, *cfg)
+    num2, den2 = emu.aggregate(xd, Ag, h, w, True, *cfg)
     n2, d2 = ref.aggregate(x64, Ag.double(), h, w)
-    if C: ok &= check("aggregate(signed A).num", num2, n2, dtype, info)
+    if C:
+        ok &= check("aggregate(signed A, token-major).num", num2, n2, dtype, info)
+        tm = num2.permute(0, 2, 3, 1)
+        if not tm.is_contiguous():
+            print(f"FAIL aggregate(token-major): num strides {num2.stride()} [{info}]")
+            ok = False
     ok &= check("aggregate(signed A).den", den2, d2, dtype, info)
     # upsample
     if C:
@@ -118,12 +124,12 @@ def run_case(B, C, H, W, h, w, dtype, cfg_name, order, seed):
             ok &= same("pool(float32 x)", emu.pool(xp, h, w, dtype, *cfg),
                        emu.pool(xp.to(dtype), h, w, None, *cfg), info)
         for norm in (False, True):
-            got = emu.affinity_aggregate(x32, sd, h, w, scale, norm, *cfg)
-            want = emu.affinity_aggregate(x32.to(dtype), sd, h, w, scale, norm, *cfg)
+            got = emu.affinity_aggregate(x32, sd, h, w, scale, norm, False, *cfg)
+            want = emu.affinity_aggregate(x32.to(dtype), sd, h, w, scale, norm, False, *cfg)
             for name, a, b in zip(("A", "num", "den"), got, want):
                 ok &= same(f"fused(float32 x, normalise={norm}).{name}", a, b, info)
     # fused
-    Af, nf, df = emu.affinity_aggregate(xd, sd, h, w, scale, False, *cfg)
+    Af, nf, df = emu.affinity_aggregate(xd, sd, h, w, scale, False, False, *cfg)
     Aa = emu.affinity(xd, sd, h, w, scale, True, *cfg)
     if not torch.equal(Af, Aa):
         print(f"FAIL fused A != affinity A {info}"); ok = False
@@ -132,11 +138,17 @@ def run_case(B, C, H, W, h, w, dtype, cfg_name, order, seed):
     nr, dr = ref.aggregate(x64, Af.double(), h, w)
     if C: ok &= check("fused.num", nf, nr, dtype, info)
     ok &= check("fused.den", df, dr, dtype, info)
-    # fused with the normalising reduction (associate): num / (den + 1e-12), den unchanged
-    An, sn, dn = emu.affinity_aggregate(xd, sd, h, w, scale, True, *cfg)
+    # fused with the normalising reduction (associate): num / (den + 1e-12), den unchanged; the
+    # super tokens token-major as sta_forward asks for them, then contiguous (the same values)
+    An, sn, dn = emu.affinity_aggregate(xd, sd, h, w, scale, True, True, *cfg)
     if not (torch.equal(An, Af) and torch.equal(dn, df)):
         print(f"FAIL normalised fused A / den != fused {info}"); ok = False
-    if C: ok &= check("fused.normalised", sn, nr / (dr + 1e-12), dtype, info)
+    if C:
+        ok &= check("fused.normalised (token-major)", sn, nr / (dr + 1e-12), dtype, info)
+        if not sn.permute(0, 2, 3, 1).is_contiguous():
+            print(f"FAIL fused.normalised (token-major): strides {sn.stride()} [{info}]"); ok = False
+        sc = emu.affinity_aggregate(xd, sd, h, w, scale, True, False, *cfg)[1]
+        ok &= sc.is_contiguous() and same("fused.normalised contiguous", sc, sn.contiguous(), info)
     return ok
 
 def refine_truth(s, wqkv, bqkv, wproj, bproj, heads, scale):
@@ -165,7 +177,9 @@ def run_refine_case(B, C, H, W, heads, bias, dtype, order, seed):
     info = f"refine B{B} C{C} {H}x{W} heads{heads} bias{int(bias)} {str(dtype)[6:]} order{order}"
     ok = True
     for contiguous in (True, False):
-        got = emu.refine_forward(s, wqkv, bqkv, wproj, bproj, heads, scale, contiguous, *cfg)
+        # s token-major (sta_forward's super tokens) with a token-major out, contiguous with the other
+        s_in = s if contiguous else s.contiguous(memory_format=torch.channels_last)
+        got = emu.refine_forward(s_in, wqkv, bqkv, wproj, bproj, heads, scale, contiguous, *cfg)
         if got[0].is_contiguous() != (contiguous or N == 1):
             print(f"FAIL refine out layout {info}"); ok = False
         for name, a, b in zip(("out", "qkvh", "attn", "o"), got, want):
@@ -241,9 +255,9 @@ def main():
     x = torch.randn(0, 4, 8, 8); s = torch.randn(0, 4, 2, 2); A = torch.randn(0, 9, 8, 8)
     cfg = CONFIGS["prod"] + (0, 0)
     assert emu.affinity(x, s, 4, 4, 0.5, True, *cfg).shape == (0, 9, 8, 8)
-    n, d = emu.aggregate(x, A, 4, 4, *cfg); assert n.shape == (0, 4, 2, 2) and d.shape == (0, 1, 2, 2)
+    n, d = emu.aggregate(x, A, 4, 4, False, *cfg); assert n.shape == (0, 4, 2, 2) and d.shape == (0, 1, 2, 2)
     assert emu.upsample(s, A, 4, 4, *cfg).shape == (0, 4, 8, 8)
-    a, n, d = emu.affinity_aggregate(x, s, 4, 4, 0.5, True, *cfg); assert a.shape == (0, 9, 8, 8) and n.shape == (0, 4, 2, 2)
+    a, n, d = emu.affinity_aggregate(x, s, 4, 4, 0.5, True, False, *cfg); assert a.shape == (0, 9, 8, 8) and n.shape == (0, 4, 2, 2)
     print(f"{total - fails}/{total} cases passed, {time.time() - t0:.0f}s")
     sys.exit(1 if fails else 0)
 
