@@ -146,6 +146,15 @@ at::Tensor linear2d(const at::Tensor& x, const at::Tensor& weight,
   return at::mm(x, weight.t());
 }
 
+// The sums over the rows of a [M, n] matrix (a bias gradient): on CUDA a matrix-vector product
+// (row_sums_cuda), on the CPU ATen's reduction.
+at::Tensor row_sums(const at::Tensor& t) {
+#ifdef STVIT_WITH_CUDA
+  if (t.is_cuda()) return row_sums_cuda(t);
+#endif
+  return t.sum(0);
+}
+
 // A fresh [B * heads, N, N or d] result of alpha * a @ b (baddbmm ignores `self` when beta = 0).
 at::Tensor scaled_bmm(const at::Tensor& a, const at::Tensor& b, double alpha) {
   return at::baddbmm(at::empty({a.size(0), a.size(1), b.size(2)}, a.options()), a, b, 0.0, alpha);
@@ -293,12 +302,12 @@ Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s_in
   // proj: out = o @ Wp^T + bp
   const at::Tensor gout = tokens_of(grad.to(dt), g).reshape({BN, g.C});
   const at::Tensor dproj_w = at::mm(gout.t(), o);
-  const at::Tensor dproj_b = gout.sum(0);
+  const at::Tensor dproj_b = row_sums(gout);
   const at::Tensor dqkv = attention_core_backward(
       at::mm(gout, proj_weight.reshape({g.C, g.C})), qkvh, attn, g, scale, dt, acc);
   // qkv: qkv = tokens @ Wqkv^T + bqkv
   const at::Tensor dqkv_w = at::mm(dqkv.t(), tokens_of(s, g).reshape({BN, g.C}));
-  const at::Tensor dqkv_b = dqkv.sum(0);
+  const at::Tensor dqkv_b = row_sums(dqkv);
   const at::Tensor ds = at::mm(dqkv, qkv_weight.reshape({3 * g.C, g.C})).view({g.B, g.N, g.C});
   return {map_of(ds, g), dqkv_w.view(qkv_weight.sizes()), dqkv_b,
           dproj_w.view(proj_weight.sizes()), dproj_b};

@@ -84,6 +84,11 @@ bool refine_core_cuda_takes(const at::Tensor& go, const at::Tensor& qkvh, const 
 void refine_core_backward_cuda(const at::Tensor& go, const at::Tensor& qkvh,
                                const at::Tensor& attn, int64_t B, int64_t N, int64_t heads,
                                double scale, const at::Tensor& dqkv);
+// The sums over the rows of a [M, n] CUDA matrix (the bias gradients of the refine's products):
+// one matrix-vector product with a vector of ones, where ATen's reduction over the outer
+// dimension runs few blocks (an H200 at stage 1, B=64: 11.6 us for [3136, 64], 16.2 us for
+// [3136, 192], float32).
+at::Tensor row_sums_cuda(const at::Tensor& t);
 #endif
 
 // Whether the refine kernels (CPU and CUDA) may take a call at all, and its setter (returns the

@@ -580,10 +580,15 @@ def test_cuda_sta_step_copies_nothing(heads):
 
     assert _copies(fwd) == 0
     assert _copies(bwd) == 0
-    # and the results: the step against the module's composite path, float64 on the CPU
+    # and the results: the step against the module in float64 on the CPU, the gradients of x and
+    # of the four refine parameters (the bias gradients: row_sums_cuda's matrix-vector products)
     m64 = copy.deepcopy(m).double().cpu()
     x64 = x.double().cpu().requires_grad_()
     y64 = m64(x64)
-    (gx64,) = torch.autograd.grad(y64, x64, g.double().cpu())
+    r64 = m64.stoken_refine
+    want = torch.autograd.grad(y64, (x64, r64.qkv.weight, r64.qkv.bias, r64.proj.weight,
+                                     r64.proj.bias), g.double().cpu())
     torch.testing.assert_close(y.double().cpu(), y64, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bwd()[0].double().cpu(), gx64, rtol=1e-4, atol=1e-5)
+    for name, a, b in zip(("x", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias"), bwd(), want):
+        torch.testing.assert_close(a.double().cpu().view(b.shape), b, rtol=1e-4, atol=1e-4,
+                                   msg=lambda e, name=name: f"{name}: {e}")
