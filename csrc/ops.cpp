@@ -116,11 +116,12 @@ struct CpuKernels {
   static Tensor2 aggregate(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w) {
     return aggregate_cpu(x, A, h, w);
   }
-  // num in the layout the refine attention's backward reads best (CudaKernels: token-major);
-  // contiguous, as the CPU kernels write it
-  static at::Tensor aggregate_for_refine(const at::Tensor& x, const at::Tensor& A, int64_t h,
-                                         int64_t w) {
-    return std::get<0>(aggregate_cpu(x, A, h, w));
+  // (num in the layout the refine attention's backward reads best, a vector of ones for its bias
+  // gradients or undefined: refine_attention_backward's `ones`): here num contiguous, as the CPU
+  // kernels write it, and no ones (ATen's row sums)
+  static Tensor2 aggregate_for_refine(const at::Tensor& x, const at::Tensor& A, int64_t h,
+                                      int64_t w) {
+    return {std::get<0>(aggregate_cpu(x, A, h, w)), at::Tensor()};
   }
   static at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
     return upsample_cpu(s, A, h, w);
@@ -166,10 +167,11 @@ struct CudaKernels {
     return aggregate_cuda(x, A, h, w);
   }
   // num token-major: the refine's products read it as [B * N, C] without a copy (refine.cpp,
-  // tokens_of), and the reduction writes it coalesced
-  static at::Tensor aggregate_for_refine(const at::Tensor& x, const at::Tensor& A, int64_t h,
-                                         int64_t w) {
-    return std::get<0>(aggregate_cuda(x, A, h, w, /*tokens_last=*/true));
+  // tokens_of), and the reduction writes it coalesced; ones written by the reduction in place of
+  // den, which the backward does not use
+  static Tensor2 aggregate_for_refine(const at::Tensor& x, const at::Tensor& A, int64_t h,
+                                      int64_t w) {
+    return aggregate_cuda(x, A, h, w, /*tokens_last=*/true, /*den_ones=*/true);
   }
   static at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
     return upsample_cuda(s, A, h, w);
@@ -364,9 +366,9 @@ Tensor5 sta_backward(const at::Tensor& grad, const at::Tensor& A, const at::Tens
                      double attn_scale, std::optional<at::ScalarType> x_dtype) {
   typename K::Guard guard(grad);
   check_pixels_affinity("sta_backward", grad, A, h, w);
-  const at::Tensor gr = K::aggregate_for_refine(grad.contiguous(), A.contiguous(), h, w);
-  auto [gs, dqkv_w, dqkv_b, dproj_w, dproj_b] =
-      refine_attention_backward(gr, s, qkvh, attn, o, qkv_weight, proj_weight, heads, attn_scale);
+  const auto [gr, ones] = K::aggregate_for_refine(grad.contiguous(), A.contiguous(), h, w);
+  auto [gs, dqkv_w, dqkv_b, dproj_w, dproj_b] = refine_attention_backward(
+      gr, s, qkvh, attn, o, qkv_weight, proj_weight, heads, attn_scale, ones);
   return {associate_backward_impl<K>(gs, A, den, h, w, x_dtype), dqkv_w, dqkv_b, dproj_w,
           dproj_b};
 }

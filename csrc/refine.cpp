@@ -146,13 +146,11 @@ at::Tensor linear2d(const at::Tensor& x, const at::Tensor& weight,
   return at::mm(x, weight.t());
 }
 
-// The sums over the rows of a [M, n] matrix (a bias gradient): on CUDA a matrix-vector product
-// (row_sums_cuda), on the CPU ATen's reduction.
-at::Tensor row_sums(const at::Tensor& t) {
-#ifdef STVIT_WITH_CUDA
-  if (t.is_cuda()) return row_sums_cuda(t);
-#endif
-  return t.sum(0);
+// The sums over the rows of t [M, n] (a bias gradient): t^T ones with a vector of at least M ones
+// if given, else ATen's reduction.
+at::Tensor row_sums(const at::Tensor& t, const at::Tensor& ones) {
+  if (!ones.defined()) return t.sum(0);
+  return at::mv(t.t(), ones.reshape({-1}).narrow(0, 0, t.size(0)).to(t.scalar_type()));
 }
 
 // A fresh [B * heads, N, N or d] result of alpha * a @ b (baddbmm ignores `self` when beta = 0).
@@ -287,6 +285,15 @@ Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s_in
                                   const at::Tensor& qkvh, const at::Tensor& attn,
                                   const at::Tensor& o, const at::Tensor& qkv_weight_in,
                                   const at::Tensor& proj_weight_in, int64_t heads, double scale) {
+  return refine_attention_backward(grad, s_in, qkvh, attn, o, qkv_weight_in, proj_weight_in, heads,
+                                   scale, at::Tensor());
+}
+
+Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s_in,
+                                  const at::Tensor& qkvh, const at::Tensor& attn,
+                                  const at::Tensor& o, const at::Tensor& qkv_weight_in,
+                                  const at::Tensor& proj_weight_in, int64_t heads, double scale,
+                                  const at::Tensor& ones) {
   RawGuard raw;
   const RefineShape g = refine_shape("refine_attention_backward", s_in, heads);
   // the dtype the forward computed in (o's), s and the weights cast to it as the forward did
@@ -302,12 +309,12 @@ Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s_in
   // proj: out = o @ Wp^T + bp
   const at::Tensor gout = tokens_of(grad.to(dt), g).reshape({BN, g.C});
   const at::Tensor dproj_w = at::mm(gout.t(), o);
-  const at::Tensor dproj_b = row_sums(gout);
+  const at::Tensor dproj_b = row_sums(gout, ones);
   const at::Tensor dqkv = attention_core_backward(
       at::mm(gout, proj_weight.reshape({g.C, g.C})), qkvh, attn, g, scale, dt, acc);
   // qkv: qkv = tokens @ Wqkv^T + bqkv
   const at::Tensor dqkv_w = at::mm(dqkv.t(), tokens_of(s, g).reshape({BN, g.C}));
-  const at::Tensor dqkv_b = row_sums(dqkv);
+  const at::Tensor dqkv_b = row_sums(dqkv, ones);
   const at::Tensor ds = at::mm(dqkv, qkv_weight.reshape({3 * g.C, g.C})).view({g.B, g.N, g.C});
   return {map_of(ds, g), dqkv_w.view(qkv_weight.sizes()), dqkv_b,
           dproj_w.view(proj_weight.sizes()), dproj_b};
@@ -334,12 +341,20 @@ TORCH_LIBRARY_IMPL(stvit, CompositeImplicitAutograd, m) {
 // are in stvit_kernels/_library.py, like the other operators').
 TORCH_LIBRARY_IMPL(stvit, CPU, m) {
   m.impl("refine_attention_forward", &stvit::refine_attention_forward_op);
-  m.impl("refine_attention_backward", &stvit::refine_attention_backward);
+  m.impl("refine_attention_backward",
+         static_cast<stvit::Tensor5 (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, int64_t, double)>(
+             &stvit::refine_attention_backward));
 }
 
 #ifdef STVIT_WITH_CUDA
 TORCH_LIBRARY_IMPL(stvit, CUDA, m) {
   m.impl("refine_attention_forward", &stvit::refine_attention_forward_op);
-  m.impl("refine_attention_backward", &stvit::refine_attention_backward);
+  m.impl("refine_attention_backward",
+         static_cast<stvit::Tensor5 (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, int64_t, double)>(
+             &stvit::refine_attention_backward));
 }
 #endif

@@ -36,6 +36,16 @@ Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s,
                                   const at::Tensor& qkvh, const at::Tensor& attn,
                                   const at::Tensor& o, const at::Tensor& qkv_weight,
                                   const at::Tensor& proj_weight, int64_t heads, double scale);
+// The same, `ones` (if defined) a vector of at least B * N ones in o's dtype on its device: the
+// bias gradients then as matrix-vector products with it (sta_backward: the ones come from the
+// aggregation's reduction, which writes them in place of den), where ATen's reduction over the
+// rows of a tall matrix is slow on CUDA (an H200 at stage 1, B=64: 11.6 us for [3136, 64] and
+// 16.2 us for [3136, 192], float32).
+Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s,
+                                  const at::Tensor& qkvh, const at::Tensor& attn,
+                                  const at::Tensor& o, const at::Tensor& qkv_weight,
+                                  const at::Tensor& proj_weight, int64_t heads, double scale,
+                                  const at::Tensor& ones);
 
 // The CPU kernel of refine_attention_forward (cpu/sta_cpu.cpp), for float and double where the
 // call is small: up to refine_cpu_limit() multiply-adds, where ATen's matrix products cost more in
@@ -84,11 +94,6 @@ bool refine_core_cuda_takes(const at::Tensor& go, const at::Tensor& qkvh, const 
 void refine_core_backward_cuda(const at::Tensor& go, const at::Tensor& qkvh,
                                const at::Tensor& attn, int64_t B, int64_t N, int64_t heads,
                                double scale, const at::Tensor& dqkv);
-// The sums over the rows of a [M, n] CUDA matrix (the bias gradients of the refine's products):
-// one matrix-vector product with a vector of ones, where ATen's reduction over the outer
-// dimension runs few blocks (an H200 at stage 1, B=64: 11.6 us for [3136, 64], 16.2 us for
-// [3136, 192], float32).
-at::Tensor row_sums_cuda(const at::Tensor& t);
 #endif
 
 // Whether the refine kernels (CPU and CUDA) may take a call at all, and its setter (returns the

@@ -50,9 +50,10 @@ at::Tensor pool_cpu(const at::Tensor& x, int64_t h, int64_t w);
 at::Tensor affinity_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
                          double scale, bool softmax);
 // tokens_last: num token-major (a [B, hh, ww, C] tensor viewed as [B, C, hh, ww]), the layout the
-// refine attention's backward reads without a copy (sta_backward)
+// refine attention's backward reads without a copy; den_ones: ones in place of den, the vector
+// that sums the rows of the refine's gradients (both for sta_backward)
 Tensor2 aggregate_cuda(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w,
-                       bool tokens_last = false);
+                       bool tokens_last = false, bool den_ones = false);
 // s in any layout (copied to contiguous unless it is, or, with den, token-major: channels_last
 // strides); with den [B, 1, hh, ww] defined, the upsampling of s / (den + 1e-12)
 // (associate_backward), the division in the accumulation type, and y in `out_dtype` if given

@@ -1,15 +1,8 @@
 // The CUDA entry points of the refine kernels (refine_kernels.cuh), declared in csrc/refine.h:
 // when they apply (dtypes, layouts, the shared-memory budget of the device) and their launches.
-#include <map>
-#include <mutex>
 #include <optional>
-#include <tuple>
 
-#include <ATen/ops/mv.h>
-#include <ATen/ops/ones.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "cuda_runtime.cuh"
 #include "refine.h"
@@ -92,30 +85,6 @@ void refine_core_backward_cuda(const at::Tensor& go, const at::Tensor& qkvh,
   const c10::cuda::OptionalCUDAGuard guard(go.device());
   cuda::CudaRuntime rt;
   cuda::refine_core_backward_impl(rt, go, qkvh, attn, B, N, heads, scale, dqkv);
-}
-
-namespace {
-// A vector of at least n ones of `like`'s dtype on its device, filled on the current stream: kept
-// per (device, stream, dtype) so that every later reader on that stream runs after the fill;
-// while a stream captures a CUDA graph, a fresh one (the fill is then part of the graph, and the
-// graph's replays, not its capture, fill it).
-at::Tensor ones_for(const at::Tensor& like, int64_t n) {
-  const auto stream = c10::cuda::getCurrentCUDAStream(like.device().index());
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
-    return at::ones({n}, like.options());
-  }
-  static std::mutex mu;
-  static std::map<std::tuple<int, c10::StreamId, int>, at::Tensor> cache;
-  const std::lock_guard<std::mutex> lock(mu);
-  at::Tensor& ones = cache[{like.device().index(), stream.id(), static_cast<int>(like.scalar_type())}];
-  if (!ones.defined() || ones.numel() < n) ones = at::ones({n}, like.options());
-  return ones.narrow(0, 0, n);
-}
-}  // namespace
-
-at::Tensor row_sums_cuda(const at::Tensor& t) {
-  const c10::cuda::OptionalCUDAGuard guard(t.device());
-  return at::mv(t.t(), ones_for(t, t.size(0)));
 }
 
 }  // namespace stvit

@@ -18,10 +18,10 @@ at::Tensor affinity_cuda(const at::Tensor& x, const at::Tensor& s, int64_t h, in
 }
 
 Tensor2 aggregate_cuda(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w,
-                       bool tokens_last) {
+                       bool tokens_last, bool den_ones) {
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   CudaRuntime rt;
-  return cuda::aggregate_impl(rt, x, A, h, w, tokens_last);
+  return cuda::aggregate_impl(rt, x, A, h, w, tokens_last, den_ones);
 }
 
 at::Tensor upsample_cuda(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w,

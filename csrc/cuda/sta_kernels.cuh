@@ -586,6 +586,9 @@ struct ReduceParams {
   int C = 0, hh = 0, ww = 0, NC = 1, NT = 1, CW = 0;
   // write num / (den + 1e-12) (the updated super tokens, divided in acc_t) instead of num
   bool normalise = false;
+  // write 1 instead of den (sta_backward: den of the gradient's aggregation has no use there, and
+  // a vector of B * hh * ww ones gives the refine's bias gradients as matrix-vector products)
+  bool den_ones = false;
 };
 
 template <typename scalar_t>
@@ -626,7 +629,7 @@ __global__ void __launch_bounds__(kMaxThreads) reduce_kernel(const ReduceParams<
       p.num[b * p.C * p.hh * p.ww + c * p.num_sc + (static_cast<int64_t>(u) * p.ww + v) * p.num_sn] =
           static_cast<scalar_t>(sum);
     } else {
-      p.den[(b * p.hh + u) * p.ww + v] = static_cast<scalar_t>(sum);
+      p.den[(b * p.hh + u) * p.ww + v] = p.den_ones ? scalar_t(1) : static_cast<scalar_t>(sum);
     }
   }
 }

@@ -125,10 +125,12 @@ inline at::Tensor new_stokens(const at::Tensor& like, int64_t B, int64_t C, int6
 }
 
 // Adds the workspace slots into num [B, C, hh, ww] (contiguous or token-major: new_stokens) and
-// den [B, 1, hh, ww]; with `normalise`, num / (den + 1e-12) goes into `num` instead.
+// den [B, 1, hh, ww]; with `normalise`, num / (den + 1e-12) goes into `num` instead; with
+// `den_ones`, ones go into den (ReduceParams::den_ones).
 template <typename scalar_t, class RT>
 void launch_reduce(RT& rt, const at::Tensor& ws, at::Tensor& num, at::Tensor& den, int64_t B,
-                   int64_t C, int64_t hh, int64_t ww, const Plan& pl, bool normalise = false) {
+                   int64_t C, int64_t hh, int64_t ww, const Plan& pl, bool normalise = false,
+                   bool den_ones = false) {
   using acc_t = at::opmath_type<scalar_t>;
   ReduceParams<scalar_t> r;
   r.ws = ws.data_ptr<acc_t>();
@@ -144,6 +146,7 @@ void launch_reduce(RT& rt, const at::Tensor& ws, at::Tensor& num, at::Tensor& de
   r.NT = pl.NT;
   r.CW = pl.CW;
   r.normalise = normalise;
+  r.den_ones = den_ones;
   const int64_t total = B * hh * ww * (C + 1);
   const int threads = kMaxThreads;
   const int64_t blocks = imin<int64_t>((total + threads - 1) / threads, int64_t(1) << 20);
@@ -178,7 +181,8 @@ at::Tensor affinity_impl(RT& rt, const at::Tensor& x, const at::Tensor& s, int64
 
 template <class RT>
 std::tuple<at::Tensor, at::Tensor> aggregate_impl(RT& rt, const at::Tensor& x, const at::Tensor& A,
-                                                  int64_t h, int64_t w, bool tokens_last = false) {
+                                                  int64_t h, int64_t w, bool tokens_last = false,
+                                                  bool den_ones = false) {
   constexpr const char* op = "stvit::aggregate (CUDA)";
   check_grid(op, x, "x", h, w);
   check_pair(op, x, "x", A, "A");
@@ -202,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor> aggregate_impl(RT& rt, const at::Tensor& x, c
     } else {
       rt.launch(cell_kernel<scalar_t, kAggregate, false>, blocks, pl.BS, pl.smem, p);
     }
-    launch_reduce<scalar_t>(rt, ws, num, den, B, C, hh, ww, pl);
+    launch_reduce<scalar_t>(rt, ws, num, den, B, C, hh, ww, pl, /*normalise=*/false, den_ones);
   });
   return {num, den};
 }

@@ -58,9 +58,10 @@ EmuRuntime make_rt(int max_threads, int64_t smem_soft, int64_t smem_max, int64_t
 at::Tensor affinity(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale, bool softmax, CFG) {
   RT; return stvit::cuda::affinity_impl(rt, x, s, h, w, scale, softmax);
 }
-// tokens_last: num token-major (channels_last strides), as sta_backward asks for it
-std::tuple<at::Tensor, at::Tensor> aggregate(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w, bool tokens_last, CFG) {
-  RT; return stvit::cuda::aggregate_impl(rt, x, A, h, w, tokens_last);
+// tokens_last, den_ones: num token-major (channels_last strides) and ones for den, as sta_backward
+// asks for them
+std::tuple<at::Tensor, at::Tensor> aggregate(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w, bool tokens_last, bool den_ones, CFG) {
+  RT; return stvit::cuda::aggregate_impl(rt, x, A, h, w, tokens_last, den_ones);
 }
 at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w, CFG) {
   RT; return stvit::cuda::upsample_impl(rt, s, A, h, w);

@@ -81,22 +81,25 @@ def run_case(B, C, H, W, h, w, dtype, cfg_name, order, seed):
         Ao = emu.affinity(xd, sd, h, w, scale, sm, *cfg)
         ok &= check(f"affinity(softmax={sm})", Ao, ref.affinity(x64, s64, h, w, scale, sm), dtype, info)
     # aggregate
-    num, den = emu.aggregate(xd, Ad, h, w, False, *cfg)
+    num, den = emu.aggregate(xd, Ad, h, w, False, False, *cfg)
     n_ref, d_ref = ref.aggregate(x64, A64, h, w)
     if C: ok &= check("aggregate.num", num, n_ref, dtype, info)
     ok &= check("aggregate.den", den, d_ref, dtype, info)
-    # aggregate with an arbitrary (signed) A, as the backward passes call it; num token-major, as
-    # sta_backward asks for it (the same values, channels_last strides)
+    # aggregate with an arbitrary (signed) A, as the backward passes call it: den, then num
+    # token-major and ones for den, as sta_backward asks for them (num the same values,
+    # channels_last strides)
     Ag = torch.randn(B, 9, H, W, generator=g, dtype=torch.float64).to(dtype)
-    num2, den2 = emu.aggregate(xd, Ag, h, w, True, *cfg)
+    num2, den2 = emu.aggregate(xd, Ag, h, w, False, False, *cfg)
     n2, d2 = ref.aggregate(x64, Ag.double(), h, w)
-    if C:
-        ok &= check("aggregate(signed A, token-major).num", num2, n2, dtype, info)
-        tm = num2.permute(0, 2, 3, 1)
-        if not tm.is_contiguous():
-            print(f"FAIL aggregate(token-major): num strides {num2.stride()} [{info}]")
-            ok = False
+    if C: ok &= check("aggregate(signed A).num", num2, n2, dtype, info)
     ok &= check("aggregate(signed A).den", den2, d2, dtype, info)
+    num3, ones = emu.aggregate(xd, Ag, h, w, True, True, *cfg)
+    if C:
+        ok &= check("aggregate(signed A, token-major).num", num3, n2, dtype, info)
+        if not num3.permute(0, 2, 3, 1).is_contiguous():
+            print(f"FAIL aggregate(token-major): num strides {num3.stride()} [{info}]"); ok = False
+    if not (ones.shape == den2.shape and bool((ones == 1).all())):
+        print(f"FAIL aggregate(den_ones): not all ones [{info}]"); ok = False
     # upsample
     if C:
         y = emu.upsample(sd, Ad, h, w, *cfg)
@@ -255,7 +258,7 @@ def main():
     x = torch.randn(0, 4, 8, 8); s = torch.randn(0, 4, 2, 2); A = torch.randn(0, 9, 8, 8)
     cfg = CONFIGS["prod"] + (0, 0)
     assert emu.affinity(x, s, 4, 4, 0.5, True, *cfg).shape == (0, 9, 8, 8)
-    n, d = emu.aggregate(x, A, 4, 4, False, *cfg); assert n.shape == (0, 4, 2, 2) and d.shape == (0, 1, 2, 2)
+    n, d = emu.aggregate(x, A, 4, 4, False, False, *cfg); assert n.shape == (0, 4, 2, 2) and d.shape == (0, 1, 2, 2)
     assert emu.upsample(s, A, 4, 4, *cfg).shape == (0, 4, 8, 8)
     a, n, d = emu.affinity_aggregate(x, s, 4, 4, 0.5, True, False, *cfg); assert a.shape == (0, 9, 8, 8) and n.shape == (0, 4, 2, 2)
     print(f"{total - fails}/{total} cases passed, {time.time() - t0:.0f}s")
