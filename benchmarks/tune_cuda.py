@@ -1,7 +1,7 @@
 """The plan limits of the CUDA STA kernels swept at the STViT-S stage shapes (issue 12: tiles chosen
 for the shape, or autotuned with a cache; this measures which choice the defaults should be).
 
-The plan (``csrc/cuda/sta_kernels.cuh``, ``plan_cells``) has four runtime limits, which
+The plan (``csrc/cuda/sta_kernels.cuh``, ``plan_cells``) has five runtime limits, which
 ``stvit_kernels._C._set_cuda_plan`` overrides for the whole process:
 
 * ``max_threads``: threads per block (32..256);
@@ -9,7 +9,10 @@ The plan (``csrc/cuda/sta_kernels.cuh``, ``plan_cells``) has four runtime limits
   partial-sum workspace, fewer blocks);
 * ``smem_block``: the shared memory an aggregating block may take before it opts in for more,
   given here as blocks per SM (``shared memory per SM / k - 1 KB``; the default is 4);
-* ``cache_x``: an aggregating block keeps its batch of x on chip (1) or re-reads it (0).
+* ``cache_x``: an aggregating block keeps its batch of x on chip (1) or re-reads it (0);
+* ``cell_units``: an aggregating block sums by cell units where they fit (1: one thread per
+  (cell, channel vector) of the tile, its sums in registers) or by column units (0), the A/B of
+  that path at the default limits.
 
 The ops swept (``tuning.py`` runs the sweep, checks and ranks): the fused affinity + aggregation of
 the forward (``cell_kernel<kFused>`` + its reduction), the aggregation of the backward
@@ -41,17 +44,19 @@ from stvit_kernels import _C  # noqa: E402
 
 OPS = ("affinity_aggregate", "aggregate", "upsample", "pool")
 #: the knobs each op's plan reads (pool launches a fixed block size)
-KNOBS = {"affinity_aggregate": ("max_threads", "tile_pixels", "blocks_per_sm", "cache_x"),
-         "aggregate": ("max_threads", "tile_pixels", "blocks_per_sm", "cache_x"),
+KNOBS = {"affinity_aggregate": ("max_threads", "tile_pixels", "blocks_per_sm", "cache_x",
+                                "cell_units"),
+         "aggregate": ("max_threads", "tile_pixels", "blocks_per_sm", "cache_x", "cell_units"),
          "upsample": ("max_threads",), "pool": ()}
 GRID = dict(max_threads=(64, 128, 256), tile_pixels=(256, 512, 1024, 2048),
-            blocks_per_sm=(2, 3, 4, 6), cache_x=(1,))
-DEFAULT = dict(max_threads=0, tile_pixels=0, blocks_per_sm=0, cache_x=-1)
+            blocks_per_sm=(2, 3, 4, 6), cache_x=(1,), cell_units=(-1,))
+DEFAULT = dict(max_threads=0, tile_pixels=0, blocks_per_sm=0, cache_x=-1, cell_units=-1)
 
 
 def configs(op: str, smoke: bool) -> List[Dict[str, int]]:
     """The default first, then the grid over the op's knobs (the others at their default), and for
-    the aggregating ops the default with x re-read."""
+    the aggregating ops the default with x re-read and the default with column units (the A/B of
+    the cell units, sta_kernels.cuh Plan::cell_units)."""
     knobs = KNOBS[op]
     out = [dict(DEFAULT)]
     if not knobs:
@@ -62,6 +67,8 @@ def configs(op: str, smoke: bool) -> List[Dict[str, int]]:
         out.append(dict(DEFAULT, **dict(zip(knobs, values))))
     if "cache_x" in knobs:
         out.append(dict(DEFAULT, cache_x=0))
+    if "cell_units" in knobs:
+        out.append(dict(DEFAULT, cell_units=0))
     return out
 
 
@@ -74,7 +81,8 @@ def _set(cfg: Dict[str, int], device: torch.device) -> None:
     smem_block = 0
     if cfg["blocks_per_sm"] > 0:
         smem_block = smem_per_sm(device) // cfg["blocks_per_sm"] - 1024
-    _C._set_cuda_plan(cfg["max_threads"], cfg["tile_pixels"], smem_block, cfg["cache_x"])
+    _C._set_cuda_plan(cfg["max_threads"], cfg["tile_pixels"], smem_block, cfg["cache_x"],
+                      cfg["cell_units"])
 
 
 @contextlib.contextmanager

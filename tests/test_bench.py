@@ -406,7 +406,8 @@ def test_tune_cuda_script(tmp_path):
     assert "| affinity_aggregate | smoke | float32 |" in tune.table(res["summary"])
     # the grid of a GPU run: every knob of the aggregating ops, the default first
     full = tune.configs("affinity_aggregate", smoke=False)
-    assert full[0] == tune.DEFAULT and len(full) == 3 * 4 * 4 + 2
+    assert full[0] == tune.DEFAULT and len(full) == 3 * 4 * 4 + 3
+    assert full[-2:] == [dict(tune.DEFAULT, cache_x=0), dict(tune.DEFAULT, cell_units=0)]
     assert tune.configs("pool", smoke=False) == [tune.DEFAULT]
 
 
@@ -454,11 +455,11 @@ def test_tune_triton_script():
 @pytest.mark.skipif("cpu" not in BACKENDS or not _C_CUDA, reason="needs the CUDA build")
 def test_cuda_plan_overrides_are_checked_and_restored():
     from stvit_kernels import _C
-    before = _C._set_cuda_plan(128, 512, 40 * 1024, 0)
+    before = _C._set_cuda_plan(128, 512, 40 * 1024, 0, 0)
     try:
-        assert _C._set_cuda_plan(*before) == (128, 512, 40 * 1024, 0)
+        assert _C._set_cuda_plan(*before) == (128, 512, 40 * 1024, 0, 0)
         for bad in (dict(max_threads=100), dict(max_threads=512), dict(tile_pixels=-1),
-                    dict(cache_x=2), dict(smem_block=-5)):
+                    dict(cache_x=2), dict(smem_block=-5), dict(cell_units=3)):
             with pytest.raises(RuntimeError):
                 _C._set_cuda_plan(**bad)
         assert _C._set_cuda_plan(*before) == before   # a failed call changes nothing
@@ -468,8 +469,10 @@ def test_cuda_plan_overrides_are_checked_and_restored():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("cfg", [dict(max_threads=64, tile_pixels=256), dict(max_threads=256, tile_pixels=4096),
-                                 dict(cache_x=0), dict(smem_block=20 * 1024)],
-                         ids=["t64-tile256", "t256-tile4096", "reread-x", "smem20k"])
+                                 dict(cache_x=0), dict(smem_block=20 * 1024), dict(cell_units=0),
+                                 dict(cache_x=0, cell_units=0)],
+                         ids=["t64-tile256", "t256-tile4096", "reread-x", "smem20k", "column-units",
+                              "reread-x-column-units"])
 def test_cuda_plan_overrides_keep_results(cfg):
     """The plans tune_cuda.py tries compute the same function on the GPU: the CUDA ops under
     each override against the reference (odd sizes: partial tiles, masked cells)."""
@@ -479,7 +482,8 @@ def test_cuda_plan_overrides_keep_results(cfg):
     x, s, A = t["x"], t["s"], t["A"]
     ops = torch.ops.stvit
     before = _C._set_cuda_plan(cfg.get("max_threads", 0), cfg.get("tile_pixels", 0),
-                               cfg.get("smem_block", 0), cfg.get("cache_x", -1))
+                               cfg.get("smem_block", 0), cfg.get("cache_x", -1),
+                               cfg.get("cell_units", -1))
     try:
         got = [*ops.affinity_aggregate(x, s, 4, 5, 0.3), *ops.aggregate(x, A, 4, 5),
                ops.upsample(s, A, 4, 5)]

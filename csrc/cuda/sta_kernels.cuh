@@ -109,24 +109,41 @@ __device__ __forceinline__ void async_wait_all() {
 // waits with async_wait_all() before it reads dst), groups of 32 register loads for 16-bit ones
 // (cp.async copies at least 4 bytes; dst is complete on return). src may be float32 where
 // scalar_t is 16-bit (pixel_t, see CellParams): each value rounded to scalar_t as it is loaded.
+//
+// The copies go through the channels in an order rotated by lane: the rows of x_sh are XC
+// elements apart, 4 x odd words for 4- and 8-byte types and 2 x odd for 16-bit ones (so that the
+// vector reads of a row are conflict-free), and 32 lanes storing the same channel of 32 rows would
+// hit only 8 banks (4-byte: 4-way conflicts) or 16 (16-bit: 2-way). Lane 8g + j (4- and 8-byte
+// types) starts at channel g: it stores bank 4 j odd + g + c; lane 16g + j (16-bit) starts at
+// channel 2g: word 2 j odd + g + c / 2. One wavefront per 128 bytes stored
+// (csrc/cuda/emu/smem_wavefronts.py), and every group of 8 or 16 lanes still reads consecutive
+// pixels of one channel (a 32-byte sector).
 template <typename scalar_t, typename pixel_t>
 __device__ __forceinline__ void fetch_pixel(scalar_t* __restrict__ dst,
-                                            const pixel_t* __restrict__ src, int C, int64_t HW) {
+                                            const pixel_t* __restrict__ src, int C, int64_t HW,
+                                            int lane) {
   if constexpr (sizeof(scalar_t) >= 4 && std::is_same_v<scalar_t, pixel_t>) {
+    int c = C > 0 ? ((lane >> 3) & 3) % C : 0;
 #pragma unroll 8
-    for (int c = 0; c < C; ++c) async_copy<sizeof(scalar_t)>(dst + c, src + c * HW);
+    for (int i = 0; i < C; ++i) {
+      async_copy<sizeof(scalar_t)>(dst + c, src + c * HW);
+      c = c + 1 == C ? 0 : c + 1;
+    }
   } else {
     // loads in flight per group: 16 of float pixels for a 16-bit computation (32 spill there)
     constexpr int U = std::is_same_v<scalar_t, pixel_t> ? 32 : 16;
+    const int rot = sizeof(scalar_t) == 2 ? ((lane >> 4) & 1) * 2 : 0;
     for (int c0 = 0; c0 < C; c0 += U) {
       scalar_t v[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        v[u] = c0 + u < C ? static_cast<scalar_t>(src[(c0 + u) * HW]) : scalar_t(0.0f);
+        const int c = c0 + ((u + rot) & (U - 1));
+        v[u] = c < C ? static_cast<scalar_t>(src[c * HW]) : scalar_t(0.0f);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        if (c0 + u < C) dst[c0 + u] = v[u];
+        const int c = c0 + ((u + rot) & (U - 1));
+        if (c < C) dst[c] = v[u];
       }
     }
   }
@@ -150,6 +167,9 @@ struct CellParams {
   acc_t* ws = nullptr;             // [B, hh, NT, 3, NC+2, CW] partial sums: aggregate, fused
   acc_t scale = 0;
   bool softmax = true;
+  // aggregating kernels: one unit (cell, channel vector) per thread for the whole tile, its sums in
+  // registers, combined into the slots at the end (Plan::cell_units); else column units per batch
+  bool cell_units = false;
   int C = 0, H = 0, W = 0, h = 1, w = 1, hh = 0, ww = 0;
   // tile plan (see Plan)
   int NC = 1, NT = 1, CK = 0, SK = 0, XC = 0, CW = 0;
@@ -277,6 +297,26 @@ enum CellMode : int {
   kFused = 2,      // x, s -> A and workspace partial sums, one pass over x
 };
 
+// Channels c .. c+V-1 of a pixel of the batch, in acc_t, for the partial sums: from its row qq of
+// the x cache, or (no cache) from x at xp (channel C is the constant 1 of den, above it 0).
+template <bool CACHE_X, int V, typename acc_t, typename scalar_t, typename pixel_t>
+__device__ __forceinline__ void x_vector(acc_t (&xv)[V], const scalar_t* __restrict__ x_sh, int XC,
+                                         int qq, const pixel_t* __restrict__ xp, int c, int C,
+                                         int64_t HW) {
+  if constexpr (CACHE_X) {
+    const Vec<scalar_t, V> xs = load_vec<scalar_t, V>(x_sh + qq * XC + c);
+#pragma unroll
+    for (int v = 0; v < V; ++v) xv[v] = static_cast<acc_t>(xs.v[v]);
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int cv = c + v;
+      xv[v] = cv < C ? static_cast<acc_t>(as_scalar<scalar_t>(xp[cv * HW]))
+                     : acc_t(cv == C ? 1 : 0);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // The pixel-side kernel of affinity, aggregate and the fused affinity + aggregate.
 //
@@ -304,6 +344,30 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
   const int64_t HW = static_cast<int64_t>(p.H) * p.W;
   const pixel_t* x_b = p.x + t.b * p.C * HW;
 
+  // aggregating kernels: the tile's slots (extended columns sc_lo .. sc_hi are in the grid, slot
+  // row sr where row_ok[sr]) and, with p.cell_units, this thread's unit for the whole tile: cell
+  // u_tc, channels u_c .. u_c + V - 1, its sums into the 9 slots of that cell's neighbours in
+  // registers (cacc[k]: neighbour k = 3 * slot row + column offset)
+  const int NVC = p.CW / V;  // channel vectors per slot
+  const int sc_lo = t.cj0 == 0 ? 1 : 0;
+  const int sc_hi = imin(t.nct + 1, p.ww - t.cj0);
+  acc_t* ws_tile = nullptr;
+  bool row_ok[3];
+#pragma unroll
+  for (int sr = 0; sr < 3; ++sr) row_ok[sr] = t.ci + sr - 1 >= 0 && t.ci + sr - 1 < p.hh;
+  if constexpr (kAgg) {
+    ws_tile = p.ws + ((t.b * p.hh + t.ci) * p.NT + t.T) * static_cast<int64_t>(3 * NCE * p.CW);
+  }
+  const bool own_unit = kAgg && p.cell_units && q < t.nct * NVC;
+  const int u_tc = own_unit ? q / NVC : 0;
+  const int u_c = own_unit ? (q - u_tc * NVC) * V : 0;
+  acc_t cacc[kAgg ? 9 : 1][V];
+#pragma unroll
+  for (int k = 0; k < (kAgg ? 9 : 1); ++k) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) cacc[k][v] = acc_t(0);
+  }
+
   for (int pb = 0; pb < t.TP; pb += BS) {
     // ---- this thread's pixel
     const int pi = pb + q;
@@ -319,12 +383,20 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
 
     // ---- the batch's x on chip (aggregating kernels with the x cache): all of the pixel's
     // channels in flight at once, overlapping the loads of s or A below; channel C of the row is
-    // the constant 1 (-> den), the padding up to XC is 0
+    // the constant 1 (-> den), channels C+1 .. CW-1 are 0 (phase 1 reads channels below
+    // round_up(C, V), phase 2 below CW; nothing reads the row from CW to XC)
     if constexpr (kAgg && CACHE_X) {
       if (active) {
         scalar_t* row = x_sh + q * p.XC;
-        fetch_pixel(row, x_b + pix, p.C, HW);
-        for (int c = p.C; c < p.XC; ++c) row[c] = static_cast<scalar_t>(c == p.C ? 1.0f : 0.0f);
+        fetch_pixel(row, x_b + pix, p.C, HW, q);
+        if (p.C % V == 0) {  // one aligned vector store (conflict-free, as the reads)
+          Vec<scalar_t, V> tail;
+#pragma unroll
+          for (int v = 0; v < V; ++v) tail.v[v] = static_cast<scalar_t>(v == 0 ? 1.0f : 0.0f);
+          store_vec(row + p.C, tail);
+        } else {
+          for (int c = p.C; c < p.CW; ++c) row[c] = static_cast<scalar_t>(c == p.C ? 1.0f : 0.0f);
+        }
       }
     }
 
@@ -346,7 +418,10 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
           const int nv = imin(p.CK, p.C - c0);
           const pixel_t* xp = x_b + c0 * HW + pix;
           if constexpr (kAgg && CACHE_X) async_wait_all();  // this thread's own row of x_sh
-#pragma unroll 2
+          // one step at a time (its 10 vector loads are independent): unrolled by 2, the 18
+          // super-token vectors in flight beside the cell units' 9 x V sums spilled (ptxas, sm_90:
+          // 84 bytes stored, 152 loaded in the float32 fused kernel, against 12 and 12)
+#pragma unroll 1
           for (int cc = 0; cc < nv; cc += V) {
             Vec<scalar_t, V> xr;
             if constexpr (kAgg && CACHE_X) {
@@ -408,45 +483,20 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
       }
     }
 
-    // ---- phase 2: partial sums of the batch's pixels into the tile's 3 x (NC+2) slots
+    // ---- phase 2: partial sums of the batch's pixels (see p.cell_units)
     if constexpr (kAgg) {
       if constexpr (CACHE_X) async_wait_all();
       __syncthreads();  // A_sh (and x_sh) of the batch are complete
 
-      const int NVC = p.CW / V;                       // channel vectors per slot
-      const int sc_lo = t.cj0 == 0 ? 1 : 0;           // extended columns that are in the grid
-      const int sc_hi = imin(t.nct + 1, p.ww - t.cj0);
-      const int nunits = (sc_hi - sc_lo + 1) * NVC;
       const int nb = imin(BS, t.TP - pb);
       const int r_first = pb / t.TW;
       const int r_last = (pb + nb - 1) / t.TW;
-      acc_t* ws_tile = p.ws + ((t.b * p.hh + t.ci) * p.NT + t.T) * static_cast<int64_t>(3 * NCE * p.CW);
-      bool row_ok[3];
-#pragma unroll
-      for (int sr = 0; sr < 3; ++sr) row_ok[sr] = t.ci + sr - 1 >= 0 && t.ci + sr - 1 < p.hh;
-
-      for (int unit = q; unit < nunits; unit += BS) {
-        // unit = (extended column sc, channel vector c .. c+V-1), all 3 slot rows
-        const int sc = sc_lo + unit / NVC;
-        const int c = (unit % NVC) * V;
-        acc_t acc[3][V];
-#pragma unroll
-        for (int sr = 0; sr < 3; ++sr) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) acc[sr][v] = acc_t(0);
-          if (pb > 0 && row_ok[sr]) {  // large cells: continue the earlier batches' sums
-            const Vec<acc_t, V> old = load_vec<acc_t, V>(ws_tile + (sr * NCE + sc) * p.CW + c);
-#pragma unroll
-            for (int v = 0; v < V; ++v) acc[sr][v] = old.v[v];
-          }
-        }
-        // the source cells pointing at column sc: tile cell tc with neighbour column kc = k % 3,
-        // tc + kc == sc; slot row sr takes neighbour k = sr * 3 + kc
-        for (int kc = 0; kc < 3; ++kc) {
-          const int tc_src = sc - kc;
-          if (tc_src < 0 || tc_src >= t.nct) continue;
+      if (p.cell_units) {
+        // this thread's unit: the pixels of cell u_tc in the batch, row by row, each channel
+        // vector read once for the 9 slots (9 x V multiply-adds per vector)
+        if (own_unit) {
           for (int r = r_first; r <= r_last; ++r) {
-            const int row0 = r * t.TW + tc_src * p.w;  // tile index of the cell row's 1st pixel
+            const int row0 = r * t.TW + u_tc * p.w;  // tile index of the cell row's 1st pixel
             const int lo = imax(pb, row0);
             const int hi = imin(pb + nb, row0 + p.w);
             const int64_t pix_row =
@@ -454,41 +504,109 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
             for (int pj = lo; pj < hi; ++pj) {
               const int qq = pj - pb;
               acc_t xv[V];
-              if constexpr (CACHE_X) {
-                const Vec<scalar_t, V> xs = load_vec<scalar_t, V>(x_sh + qq * p.XC + c);
+              x_vector<CACHE_X>(xv, x_sh, p.XC, qq, x_b + pix_row + pj, u_c, p.C, HW);
 #pragma unroll
-                for (int v = 0; v < V; ++v) xv[v] = static_cast<acc_t>(xs.v[v]);
-              } else {
-                const pixel_t* xp = x_b + pix_row + pj;
+              for (int k = 0; k < 9; ++k) {
+                const acc_t a = static_cast<acc_t>(A_sh[k * BS + qq]);
 #pragma unroll
-                for (int v = 0; v < V; ++v) {
-                  const int cv = c + v;
-                  xv[v] = cv < p.C ? static_cast<acc_t>(as_scalar<scalar_t>(xp[cv * HW]))
-                                   : acc_t(cv == p.C ? 1 : 0);
-                }
-              }
-              const acc_t a0 = static_cast<acc_t>(A_sh[kc * BS + qq]);
-              const acc_t a1 = static_cast<acc_t>(A_sh[(3 + kc) * BS + qq]);
-              const acc_t a2 = static_cast<acc_t>(A_sh[(6 + kc) * BS + qq]);
-#pragma unroll
-              for (int v = 0; v < V; ++v) {
-                acc[0][v] += a0 * xv[v];
-                acc[1][v] += a1 * xv[v];
-                acc[2][v] += a2 * xv[v];
+                for (int v = 0; v < V; ++v) cacc[k][v] += a * xv[v];
               }
             }
           }
         }
+      } else {
+        // column units (extended column sc, channel vector c .. c+V-1), all 3 slot rows, for
+        // the batch; the sums of earlier batches (large cells, wide tiles) carried in the slots
+        const int nunits = (sc_hi - sc_lo + 1) * NVC;
+        for (int unit = q; unit < nunits; unit += BS) {
+          const int sc = sc_lo + unit / NVC;
+          const int c = (unit % NVC) * V;
+          acc_t acc[3][V];
 #pragma unroll
-        for (int sr = 0; sr < 3; ++sr) {
-          if (!row_ok[sr]) continue;
-          Vec<acc_t, V> out;
+          for (int sr = 0; sr < 3; ++sr) {
 #pragma unroll
-          for (int v = 0; v < V; ++v) out.v[v] = acc[sr][v];
-          store_vec(ws_tile + (sr * NCE + sc) * p.CW + c, out);
+            for (int v = 0; v < V; ++v) acc[sr][v] = acc_t(0);
+            if (pb > 0 && row_ok[sr]) {
+              const Vec<acc_t, V> old = load_vec<acc_t, V>(ws_tile + (sr * NCE + sc) * p.CW + c);
+#pragma unroll
+              for (int v = 0; v < V; ++v) acc[sr][v] = old.v[v];
+            }
+          }
+          // the source cells pointing at column sc: tile cell tc with neighbour column kc = k % 3,
+          // tc + kc == sc; slot row sr takes neighbour k = sr * 3 + kc
+          for (int kc = 0; kc < 3; ++kc) {
+            const int tc_src = sc - kc;
+            if (tc_src < 0 || tc_src >= t.nct) continue;
+            for (int r = r_first; r <= r_last; ++r) {
+              const int row0 = r * t.TW + tc_src * p.w;
+              const int lo = imax(pb, row0);
+              const int hi = imin(pb + nb, row0 + p.w);
+              const int64_t pix_row =
+                  static_cast<int64_t>(t.ci * p.h + r) * p.W + t.cj0 * p.w - r * t.TW;
+              for (int pj = lo; pj < hi; ++pj) {
+                const int qq = pj - pb;
+                acc_t xv[V];
+                x_vector<CACHE_X>(xv, x_sh, p.XC, qq, x_b + pix_row + pj, c, p.C, HW);
+                const acc_t a0 = static_cast<acc_t>(A_sh[kc * BS + qq]);
+                const acc_t a1 = static_cast<acc_t>(A_sh[(3 + kc) * BS + qq]);
+                const acc_t a2 = static_cast<acc_t>(A_sh[(6 + kc) * BS + qq]);
+#pragma unroll
+                for (int v = 0; v < V; ++v) {
+                  acc[0][v] += a0 * xv[v];
+                  acc[1][v] += a1 * xv[v];
+                  acc[2][v] += a2 * xv[v];
+                }
+              }
+            }
+          }
+#pragma unroll
+          for (int sr = 0; sr < 3; ++sr) {
+            if (!row_ok[sr]) continue;
+            Vec<acc_t, V> out;
+#pragma unroll
+            for (int v = 0; v < V; ++v) out.v[v] = acc[sr][v];
+            store_vec(ws_tile + (sr * NCE + sc) * p.CW + c, out);
+          }
         }
       }
       __syncthreads();  // the next batch overwrites A_sh and x_sh
+    }
+  }
+
+  // ---- cell units: slot (sr, e) of the tile is the sum, over kc = 0, 1, 2, of slot sr * 3 + kc
+  // of unit cell e - kc; through shared memory (the x cache's region: the last batch is done)
+  if constexpr (kAgg) {
+    if (p.cell_units) {
+      acc_t* red = reinterpret_cast<acc_t*>(smem + p.x_off);
+      if (own_unit) {
+#pragma unroll
+        for (int k = 0; k < 9; ++k) {
+          Vec<acc_t, V> out;
+#pragma unroll
+          for (int v = 0; v < V; ++v) out.v[v] = cacc[k][v];
+          store_vec(red + (u_tc * 9 + k) * p.CW + u_c, out);
+        }
+      }
+      __syncthreads();
+      const int per_row = (sc_hi - sc_lo + 1) * NVC;
+      for (int i = q; i < 3 * per_row; i += BS) {
+        const int sr = i / per_row;
+        if (!row_ok[sr]) continue;
+        const int rest = i - sr * per_row;
+        const int e = sc_lo + rest / NVC;
+        const int c = (rest % NVC) * V;
+        Vec<acc_t, V> sum;
+#pragma unroll
+        for (int v = 0; v < V; ++v) sum.v[v] = acc_t(0);
+        for (int kc = 0; kc < 3; ++kc) {
+          const int tc = e - kc;
+          if (tc < 0 || tc >= t.nct) continue;
+          const Vec<acc_t, V> part = load_vec<acc_t, V>(red + (tc * 9 + sr * 3 + kc) * p.CW + c);
+#pragma unroll
+          for (int v = 0; v < V; ++v) sum.v[v] += part.v[v];
+        }
+        store_vec(ws_tile + (sr * NCE + e) * p.CW + c, sum);
+      }
     }
   }
 }
@@ -707,11 +825,18 @@ struct PlanLimits {
   int max_chunk = 1 << 30;       // cap on CK (tests force small chunks with it)
   bool cache_x = true;           // keep x on chip when it fits (tests turn it off)
   int tile_pixels = 1024;        // pixels per tile aimed at when aggregating (see plan_cells)
+  bool cell_units = true;        // cell units where they fit (tests and benchmarks turn it off)
 };
 
 struct Plan {
   int BS = 32, NC = 1, NT = 1, CK = 0, SK = 0, XC = 0, CW = 0;
   bool cache_x = false;
+  // aggregating: a block has a thread per (cell, channel vector) of its tile (NC * CW / V <= BS):
+  // each keeps its 9 slots' sums in registers over the tile's batches, and the block adds them up
+  // into the 3 x (NC+2) slots at the end, through 9 * NC * CW acc_t of shared memory at x_off
+  // (the x cache's region, or more). Per pixel and channel vector: 1 read of x from shared memory
+  // for 9 x V multiply-adds, against 3 reads (one per column unit) for 3 x V each without them
+  bool cell_units = false;
   int a_off = 0, x_off = 0;
   size_t smem = 0;
 };
@@ -737,7 +862,7 @@ inline Plan plan_cells(int kind, int C, int h, int w, int ww, int acc_size, int 
   const bool need_s = kind != kPlanAggregate;
   const bool need_a = kind != kPlanStokens;
 
-  auto attempt = [&](int cand, bool cache, size_t limit, Plan& pl) -> bool {
+  auto attempt_units = [&](int cand, bool cache, size_t limit, bool units, Plan& pl) -> bool {
     pl = Plan();
     const int target = need_a ? imax(cand, L.tile_pixels) : cand;
     pl.NC = P >= target ? 1 : imin(ww, imin(target / P, kMaxCellsPerTile));
@@ -746,8 +871,12 @@ inline Plan plan_cells(int kind, int C, int h, int w, int ww, int acc_size, int 
     pl.CW = round_up(C + 1, V);
     pl.XC = round_up(C + 1, 2 * V) + V;  // XC / V odd: conflict-free vector stores of x rows
     pl.cache_x = cache;
+    pl.cell_units = units && need_a && L.cell_units && pl.NC * (pl.CW / V) <= pl.BS;
     const size_t a_bytes = need_a ? align16(static_cast<size_t>(9) * pl.BS * scalar_size) : 0;
-    const size_t x_bytes = cache ? align16(static_cast<size_t>(pl.BS) * pl.XC * scalar_size) : 0;
+    const size_t cache_bytes = cache ? align16(static_cast<size_t>(pl.BS) * pl.XC * scalar_size) : 0;
+    const size_t red_bytes =
+        pl.cell_units ? align16(static_cast<size_t>(9) * pl.NC * pl.CW * acc_size) : 0;
+    const size_t x_bytes = imax(cache_bytes, red_bytes);  // the x cache, then the units' sums
     size_t s_bytes = 0;
     if (need_s) {
       const size_t used = a_bytes + x_bytes;
@@ -769,6 +898,11 @@ inline Plan plan_cells(int kind, int C, int h, int w, int ww, int acc_size, int 
     pl.x_off = static_cast<int>(s_bytes + a_bytes);
     pl.smem = s_bytes + a_bytes + x_bytes;
     return pl.smem <= limit;
+  };
+  // with cell units where they fit, else without them (the same block and tile)
+  auto attempt = [&](int cand, bool cache, size_t limit, Plan& pl) -> bool {
+    return attempt_units(cand, cache, limit, true, pl) ||
+           attempt_units(cand, cache, limit, false, pl);
   };
 
   Plan pl;

@@ -96,6 +96,7 @@ CellParams<scalar_t, pixel_t> cell_params(const Plan& pl, int64_t C, int64_t H, 
   p.CW = pl.CW;
   p.a_off = pl.a_off;
   p.x_off = pl.x_off;
+  p.cell_units = pl.cell_units;
   return p;
 }
 

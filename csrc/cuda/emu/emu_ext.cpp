@@ -36,7 +36,7 @@ struct EmuRuntime {
   }
 };
 
-EmuRuntime make_rt(int max_threads, int64_t smem_soft, int64_t smem_max, int64_t smem_block, int max_chunk, bool cache_x, int tile_pixels, int order_mode, int64_t seed) {
+EmuRuntime make_rt(int max_threads, int64_t smem_soft, int64_t smem_max, int64_t smem_block, int max_chunk, bool cache_x, int tile_pixels, bool cell_units, int order_mode, int64_t seed) {
   EmuRuntime rt;
   rt.lim.max_threads = max_threads;
   rt.lim.smem_soft = smem_soft;
@@ -45,15 +45,16 @@ EmuRuntime make_rt(int max_threads, int64_t smem_soft, int64_t smem_max, int64_t
   rt.lim.max_chunk = max_chunk;
   rt.lim.cache_x = cache_x;
   rt.lim.tile_pixels = tile_pixels;
+  rt.lim.cell_units = cell_units;
   rt.order_mode = order_mode;
   rt.seed = seed;
   return rt;
 }
 }  // namespace
 
-// cfg = (max_threads, smem_soft, smem_max, smem_block, max_chunk, cache_x, tile_pixels, order_mode, seed)
-#define CFG int max_threads, int64_t smem_soft, int64_t smem_max, int64_t smem_block, int max_chunk, bool cache_x, int tile_pixels, int order_mode, int64_t seed
-#define RT auto rt = make_rt(max_threads, smem_soft, smem_max, smem_block, max_chunk, cache_x, tile_pixels, order_mode, seed)
+// cfg = (max_threads, smem_soft, smem_max, smem_block, max_chunk, cache_x, tile_pixels, cell_units, order_mode, seed)
+#define CFG int max_threads, int64_t smem_soft, int64_t smem_max, int64_t smem_block, int max_chunk, bool cache_x, int tile_pixels, bool cell_units, int order_mode, int64_t seed
+#define RT auto rt = make_rt(max_threads, smem_soft, smem_max, smem_block, max_chunk, cache_x, tile_pixels, cell_units, order_mode, seed)
 
 at::Tensor affinity(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale, bool softmax, CFG) {
   RT; return stvit::cuda::affinity_impl(rt, x, s, h, w, scale, softmax);
@@ -106,7 +107,7 @@ at::Tensor refine_core_backward(const at::Tensor& go, const at::Tensor& qkvh, co
 std::vector<int64_t> plan(int kind, int64_t C, int64_t h, int64_t w, int64_t ww, int acc, int sc, int64_t smem_max, int64_t smem_block) {
   stvit::cuda::PlanLimits L; L.smem_max = smem_max; L.smem_block = smem_block;
   auto p = stvit::cuda::plan_cells(kind, C, h, w, ww, acc, sc, L);
-  return {p.BS, p.NC, p.NT, p.CK, p.SK, p.XC, p.CW, p.cache_x, (int64_t)p.smem};
+  return {p.BS, p.NC, p.NT, p.CK, p.SK, p.XC, p.CW, p.cache_x, (int64_t)p.smem, p.cell_units};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -31,16 +31,19 @@ emu = load(name=os.environ.get("STVIT_EMU_NAME", "stvit_emu") + f"_{_h}_torch{_t
 torch.use_deterministic_algorithms(True)
 torch.utils.deterministic.fill_uninitialized_memory = True
 
-CONFIGS = {  # (max_threads, smem_soft, smem_max, smem_block, max_chunk, cache_x, tile_pixels)
-    "prod":      (256, 48 * 1024, 227 * 1024, 55 * 1024, 1 << 30, True, 1024),  # sm_90's limits
-    "sm80":      (256, 48 * 1024, 163 * 1024, 40 * 1024, 1 << 30, True, 1024),  # sm_80's limits
-    "chunk8":    (256, 48 * 1024, 227 * 1024, 48 * 1024, 8, True, 1024),       # many s chunks (double: 4)
-    "threads32": (32, 48 * 1024, 227 * 1024, 48 * 1024, 1 << 30, True, 1024),  # many batches per tile
-    "tile1":     (64, 48 * 1024, 227 * 1024, 48 * 1024, 1 << 30, True, 1),     # tile = block (large cells loop)
-    "nocache":   (64, 48 * 1024, 48 * 1024, 48 * 1024, 8, False, 200),         # partial sums re-read x
-    "optin":     (256, 20000, 227 * 1024, 20000, 1 << 30, True, 1024),         # x cache only with opt-in smem
+CONFIGS = {  # (max_threads, smem_soft, smem_max, smem_block, max_chunk, cache_x, tile_pixels, cell_units)
+    "prod":      (256, 48 * 1024, 227 * 1024, 55 * 1024, 1 << 30, True, 1024, True),  # sm_90's limits
+    "sm80":      (256, 48 * 1024, 163 * 1024, 40 * 1024, 1 << 30, True, 1024, True),  # sm_80's limits
+    "columns":   (256, 48 * 1024, 227 * 1024, 55 * 1024, 1 << 30, True, 1024, False), # sm_90's, column units
+    "chunk8":    (256, 48 * 1024, 227 * 1024, 48 * 1024, 8, True, 1024, True),       # many s chunks (double: 4)
+    "threads32": (32, 48 * 1024, 227 * 1024, 48 * 1024, 1 << 30, True, 1024, True),  # many batches per tile
+    "tile1":     (64, 48 * 1024, 227 * 1024, 48 * 1024, 1 << 30, True, 1, True),     # tile = block (large cells loop)
+    "nocache":   (64, 48 * 1024, 48 * 1024, 48 * 1024, 8, False, 200, True),         # partial sums re-read x
+    "nocache_columns": (64, 48 * 1024, 48 * 1024, 48 * 1024, 8, False, 200, False),  # the same, column units
+    "optin":     (256, 20000, 227 * 1024, 20000, 1 << 30, True, 1024, True),         # x cache only with opt-in smem
 }
-QUICK_CONFIGS = ("prod", "sm80")  # the production plans of sm_90 and sm_80 (QUICK=1, CI)
+# the production plans of sm_90 and sm_80, and sm_90's with column units (QUICK=1, CI)
+QUICK_CONFIGS = ("prod", "sm80", "columns")
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 def rel_err(a, b):
@@ -228,6 +231,7 @@ SHAPES = [  # (B, C, H, W, h, w)
     (1, 0, 8, 8, 4, 4),      # C = 0
     (2, 4, 3, 80, 1, 1),     # wide row of 1x1 cells (> 64 cells per row: several tiles)
     (1, 3, 4, 260, 2, 2),    # 130 cells per row
+    (1, 128, 8, 28, 4, 4),   # stage-2 channels and cells: column units (7 x 33 cell units > 128 threads)
 ]
 
 def main():
