@@ -104,48 +104,58 @@ __device__ __forceinline__ void async_wait_all() {
 }
 #endif
 
-// The C channels of one pixel of x (stride HW between channels) into the shared row dst, with
-// every load in flight before any is waited for: cp.async for 4- and 8-byte types (the thread
-// waits with async_wait_all() before it reads dst), groups of 32 register loads for 16-bit ones
-// (cp.async copies at least 4 bytes; dst is complete on return). src may be float32 where
-// scalar_t is 16-bit (pixel_t, see CellParams): each value rounded to scalar_t as it is loaded.
+// The C channels of one pixel of x (stride HW between channels) into the shared row dst of the x
+// cache, which holds acc_t (the values of x, widened), with every load in flight before any is
+// waited for: cp.async where x is acc_t already (float32 x, float32 pixels of a 16-bit
+// computation, float64 x; the thread waits with async_wait_all() before it reads dst), groups of
+// 32 register loads widened as they are stored for 16-bit x (cp.async copies whole elements of 4
+// bytes or more; dst is complete on return). Float32 pixels of a 16-bit computation (pixel_t, see
+// CellParams) are rounded to scalar_t where the row is read (x_value).
 //
-// The copies go through the channels in an order rotated by lane: the rows of x_sh are XC
-// elements apart, 4 x odd words for 4- and 8-byte types and 2 x odd for 16-bit ones (so that the
-// vector reads of a row are conflict-free), and 32 lanes storing the same channel of 32 rows would
-// hit only 8 banks (4-byte: 4-way conflicts) or 16 (16-bit: 2-way). Lane 8g + j (4- and 8-byte
-// types) starts at channel g: it stores bank 4 j odd + g + c; lane 16g + j (16-bit) starts at
-// channel 2g: word 2 j odd + g + c / 2. One wavefront per 128 bytes stored
-// (csrc/cuda/emu/smem_wavefronts.py), and every group of 8 or 16 lanes still reads consecutive
-// pixels of one channel (a 32-byte sector).
-template <typename scalar_t, typename pixel_t>
-__device__ __forceinline__ void fetch_pixel(scalar_t* __restrict__ dst,
+// The copies go through the channels in an order rotated by lane: the rows of x_sh are XC = 4 x
+// odd words apart (so that the vector reads of a row are conflict-free), and 32 lanes storing the
+// same channel of 32 rows would hit only 8 banks (4-way conflicts). Lane 8g + j starts at channel
+// g: it stores bank 4 j odd + g + c, 32 banks (8-byte elements: 16 lanes per wavefront, the same
+// way). One wavefront per 128 bytes stored (csrc/cuda/emu/smem_wavefronts.py), and every group of
+// 8 lanes still reads 8 consecutive pixels of one channel (one 32-byte sector in float32).
+template <typename acc_t, typename pixel_t>
+__device__ __forceinline__ void fetch_pixel(acc_t* __restrict__ dst,
                                             const pixel_t* __restrict__ src, int C, int64_t HW,
                                             int lane) {
-  if constexpr (sizeof(scalar_t) >= 4 && std::is_same_v<scalar_t, pixel_t>) {
-    int c = C > 0 ? ((lane >> 3) & 3) % C : 0;
+  const int rot = (lane >> 3) & 3;
+  if constexpr (std::is_same_v<acc_t, pixel_t>) {
+    int c = C > 0 ? rot % C : 0;
 #pragma unroll 8
     for (int i = 0; i < C; ++i) {
-      async_copy<sizeof(scalar_t)>(dst + c, src + c * HW);
+      async_copy<sizeof(acc_t)>(dst + c, src + c * HW);
       c = c + 1 == C ? 0 : c + 1;
     }
   } else {
-    // loads in flight per group: 16 of float pixels for a 16-bit computation (32 spill there)
-    constexpr int U = std::is_same_v<scalar_t, pixel_t> ? 32 : 16;
-    const int rot = sizeof(scalar_t) == 2 ? ((lane >> 4) & 1) * 2 : 0;
+    constexpr int U = 32;
     for (int c0 = 0; c0 < C; c0 += U) {
-      scalar_t v[U];
+      pixel_t v[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int c = c0 + ((u + rot) & (U - 1));
-        v[u] = c < C ? static_cast<scalar_t>(src[c * HW]) : scalar_t(0.0f);
+        v[u] = c < C ? src[c * HW] : pixel_t(0.0f);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int c = c0 + ((u + rot) & (U - 1));
-        if (c < C) dst[c] = v[u];
+        if (c < C) dst[c] = static_cast<acc_t>(v[u]);
       }
     }
+  }
+}
+
+// A value of the x cache (fetch_pixel) as the kernels compute with it: x's value, rounded to
+// scalar_t where x is float32 around a 16-bit computation (exact otherwise, and not redone).
+template <typename scalar_t, typename pixel_t, typename acc_t>
+__device__ __forceinline__ acc_t x_value(acc_t v) {
+  if constexpr (std::is_same_v<pixel_t, scalar_t>) {
+    return v;
+  } else {
+    return static_cast<acc_t>(static_cast<scalar_t>(v));
   }
 }
 
@@ -299,14 +309,14 @@ enum CellMode : int {
 
 // Channels c .. c+V-1 of a pixel of the batch, in acc_t, for the partial sums: from its row qq of
 // the x cache, or (no cache) from x at xp (channel C is the constant 1 of den, above it 0).
-template <bool CACHE_X, int V, typename acc_t, typename scalar_t, typename pixel_t>
-__device__ __forceinline__ void x_vector(acc_t (&xv)[V], const scalar_t* __restrict__ x_sh, int XC,
+template <bool CACHE_X, typename scalar_t, int V, typename acc_t, typename pixel_t>
+__device__ __forceinline__ void x_vector(acc_t (&xv)[V], const acc_t* __restrict__ x_sh, int XC,
                                          int qq, const pixel_t* __restrict__ xp, int c, int C,
                                          int64_t HW) {
   if constexpr (CACHE_X) {
-    const Vec<scalar_t, V> xs = load_vec<scalar_t, V>(x_sh + qq * XC + c);
+    const Vec<acc_t, V> xs = load_vec<acc_t, V>(x_sh + qq * XC + c);
 #pragma unroll
-    for (int v = 0; v < V; ++v) xv[v] = static_cast<acc_t>(xs.v[v]);
+    for (int v = 0; v < V; ++v) xv[v] = x_value<scalar_t, pixel_t>(xs.v[v]);
   } else {
 #pragma unroll
     for (int v = 0; v < V; ++v) {
@@ -317,11 +327,26 @@ __device__ __forceinline__ void x_vector(acc_t (&xv)[V], const scalar_t* __restr
   }
 }
 
+// f(qq, pix) for each pixel of tile cell tc among the batch's pixels pb .. pb + nb - 1 (tile
+// order), row by row, left to right: qq its index in the batch, pix its offset in an H x W plane.
+template <class P, class F>
+__device__ __forceinline__ void batch_cell_pixels(const P& p, const TileInfo& t, int pb, int nb,
+                                                  int tc, F&& f) {
+  const int r_last = (pb + nb - 1) / t.TW;
+  for (int r = pb / t.TW; r <= r_last; ++r) {
+    const int row0 = r * t.TW + tc * p.w;  // tile index of the cell row's first pixel
+    const int lo = imax(pb, row0);
+    const int hi = imin(pb + nb, row0 + p.w);
+    const int64_t pix_row = static_cast<int64_t>(t.ci * p.h + r) * p.W + t.cj0 * p.w - r * t.TW;
+    for (int pj = lo; pj < hi; ++pj) f(pj - pb, pix_row + pj);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // The pixel-side kernel of affinity, aggregate and the fused affinity + aggregate.
 //
 // Shared memory (dynamic): [ s_sh: 3 x (NC+2) x SK acc_t | A_sh: 9 x blockDim scalar_t |
-//                            x_sh: blockDim x XC scalar_t ]
+//                            x_sh: blockDim x XC acc_t ]
 // s_sh only when computing logits, A_sh and x_sh only when aggregating (x_sh only with CACHE_X:
 // the batch's x is kept on chip between the logits and the partial sums, so x is read from
 // device memory once; without it the partial sums re-read x, mostly from L2).
@@ -335,7 +360,7 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
   STVIT_DYNAMIC_SMEM(smem);
   acc_t* s_sh = reinterpret_cast<acc_t*>(smem);
   scalar_t* A_sh = reinterpret_cast<scalar_t*>(smem + p.a_off);
-  scalar_t* x_sh = reinterpret_cast<scalar_t*>(smem + p.x_off);
+  acc_t* x_sh = reinterpret_cast<acc_t*>(smem + p.x_off);
 
   const TileInfo t = tile_of(p);
   const int BS = blockDim.x;
@@ -387,15 +412,15 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
     // round_up(C, V), phase 2 below CW; nothing reads the row from CW to XC)
     if constexpr (kAgg && CACHE_X) {
       if (active) {
-        scalar_t* row = x_sh + q * p.XC;
+        acc_t* row = x_sh + q * p.XC;
         fetch_pixel(row, x_b + pix, p.C, HW, q);
         if (p.C % V == 0) {  // one aligned vector store (conflict-free, as the reads)
-          Vec<scalar_t, V> tail;
+          Vec<acc_t, V> tail;
 #pragma unroll
-          for (int v = 0; v < V; ++v) tail.v[v] = static_cast<scalar_t>(v == 0 ? 1.0f : 0.0f);
+          for (int v = 0; v < V; ++v) tail.v[v] = acc_t(v == 0 ? 1 : 0);
           store_vec(row + p.C, tail);
         } else {
-          for (int c = p.C; c < p.CW; ++c) row[c] = static_cast<scalar_t>(c == p.C ? 1.0f : 0.0f);
+          for (int c = p.C; c < p.CW; ++c) row[c] = acc_t(c == p.C ? 1 : 0);
         }
       }
     }
@@ -423,15 +448,17 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
           // 84 bytes stored, 152 loaded in the float32 fused kernel, against 12 and 12)
 #pragma unroll 1
           for (int cc = 0; cc < nv; cc += V) {
-            Vec<scalar_t, V> xr;
+            acc_t xr[V];
             if constexpr (kAgg && CACHE_X) {
               // channels >= C of the row are 1 or 0, against super-token channels that are 0
-              xr = load_vec<scalar_t, V>(x_sh + q * p.XC + c0 + cc);
+              const Vec<acc_t, V> xs = load_vec<acc_t, V>(x_sh + q * p.XC + c0 + cc);
+#pragma unroll
+              for (int v = 0; v < V; ++v) xr[v] = x_value<scalar_t, pixel_t>(xs.v[v]);
             } else {
 #pragma unroll
               for (int v = 0; v < V; ++v) {
-                xr.v[v] = (cc + v < nv) ? as_scalar<scalar_t>(xp[(cc + v) * HW])
-                                        : static_cast<scalar_t>(0.0f);
+                xr[v] = (cc + v < nv) ? static_cast<acc_t>(as_scalar<scalar_t>(xp[(cc + v) * HW]))
+                                      : acc_t(0);
               }
             }
 #pragma unroll
@@ -439,7 +466,7 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
               const Vec<acc_t, V> sv =
                   load_vec<acc_t, V>(s_sh + ((k / 3) * NCE + tc + k % 3) * p.SK + cc);
 #pragma unroll
-              for (int v = 0; v < V; ++v) lg[k] += static_cast<acc_t>(xr.v[v]) * sv.v[v];
+              for (int v = 0; v < V; ++v) lg[k] += xr[v] * sv.v[v];
             }
           }
         }
@@ -489,30 +516,20 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
       __syncthreads();  // A_sh (and x_sh) of the batch are complete
 
       const int nb = imin(BS, t.TP - pb);
-      const int r_first = pb / t.TW;
-      const int r_last = (pb + nb - 1) / t.TW;
       if (p.cell_units) {
         // this thread's unit: the pixels of cell u_tc in the batch, row by row, each channel
         // vector read once for the 9 slots (9 x V multiply-adds per vector)
         if (own_unit) {
-          for (int r = r_first; r <= r_last; ++r) {
-            const int row0 = r * t.TW + u_tc * p.w;  // tile index of the cell row's 1st pixel
-            const int lo = imax(pb, row0);
-            const int hi = imin(pb + nb, row0 + p.w);
-            const int64_t pix_row =
-                static_cast<int64_t>(t.ci * p.h + r) * p.W + t.cj0 * p.w - r * t.TW;
-            for (int pj = lo; pj < hi; ++pj) {
-              const int qq = pj - pb;
-              acc_t xv[V];
-              x_vector<CACHE_X>(xv, x_sh, p.XC, qq, x_b + pix_row + pj, u_c, p.C, HW);
+          batch_cell_pixels(p, t, pb, nb, u_tc, [&](int qq, int64_t pix) {
+            acc_t xv[V];
+            x_vector<CACHE_X, scalar_t>(xv, x_sh, p.XC, qq, x_b + pix, u_c, p.C, HW);
 #pragma unroll
-              for (int k = 0; k < 9; ++k) {
-                const acc_t a = static_cast<acc_t>(A_sh[k * BS + qq]);
+            for (int k = 0; k < 9; ++k) {
+              const acc_t a = static_cast<acc_t>(A_sh[k * BS + qq]);
 #pragma unroll
-                for (int v = 0; v < V; ++v) cacc[k][v] += a * xv[v];
-              }
+              for (int v = 0; v < V; ++v) cacc[k][v] += a * xv[v];
             }
-          }
+          });
         }
       } else {
         // column units (extended column sc, channel vector c .. c+V-1), all 3 slot rows, for
@@ -537,27 +554,19 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
           for (int kc = 0; kc < 3; ++kc) {
             const int tc_src = sc - kc;
             if (tc_src < 0 || tc_src >= t.nct) continue;
-            for (int r = r_first; r <= r_last; ++r) {
-              const int row0 = r * t.TW + tc_src * p.w;
-              const int lo = imax(pb, row0);
-              const int hi = imin(pb + nb, row0 + p.w);
-              const int64_t pix_row =
-                  static_cast<int64_t>(t.ci * p.h + r) * p.W + t.cj0 * p.w - r * t.TW;
-              for (int pj = lo; pj < hi; ++pj) {
-                const int qq = pj - pb;
-                acc_t xv[V];
-                x_vector<CACHE_X>(xv, x_sh, p.XC, qq, x_b + pix_row + pj, c, p.C, HW);
-                const acc_t a0 = static_cast<acc_t>(A_sh[kc * BS + qq]);
-                const acc_t a1 = static_cast<acc_t>(A_sh[(3 + kc) * BS + qq]);
-                const acc_t a2 = static_cast<acc_t>(A_sh[(6 + kc) * BS + qq]);
+            batch_cell_pixels(p, t, pb, nb, tc_src, [&](int qq, int64_t pix) {
+              acc_t xv[V];
+              x_vector<CACHE_X, scalar_t>(xv, x_sh, p.XC, qq, x_b + pix, c, p.C, HW);
+              const acc_t a0 = static_cast<acc_t>(A_sh[kc * BS + qq]);
+              const acc_t a1 = static_cast<acc_t>(A_sh[(3 + kc) * BS + qq]);
+              const acc_t a2 = static_cast<acc_t>(A_sh[(6 + kc) * BS + qq]);
 #pragma unroll
-                for (int v = 0; v < V; ++v) {
-                  acc[0][v] += a0 * xv[v];
-                  acc[1][v] += a1 * xv[v];
-                  acc[2][v] += a2 * xv[v];
-                }
+              for (int v = 0; v < V; ++v) {
+                acc[0][v] += a0 * xv[v];
+                acc[1][v] += a1 * xv[v];
+                acc[2][v] += a2 * xv[v];
               }
-            }
+            });
           }
 #pragma unroll
           for (int sr = 0; sr < 3; ++sr) {
@@ -869,11 +878,11 @@ inline Plan plan_cells(int kind, int C, int h, int w, int ww, int acc_size, int 
     pl.BS = imin(cand, round_up(pl.NC * P, 32));
     pl.NT = (ww + pl.NC - 1) / pl.NC;
     pl.CW = round_up(C + 1, V);
-    pl.XC = round_up(C + 1, 2 * V) + V;  // XC / V odd: conflict-free vector stores of x rows
+    pl.XC = round_up(C + 1, 2 * V) + V;  // XC / V odd: conflict-free vector reads of x rows
     pl.cache_x = cache;
     pl.cell_units = units && need_a && L.cell_units && pl.NC * (pl.CW / V) <= pl.BS;
     const size_t a_bytes = need_a ? align16(static_cast<size_t>(9) * pl.BS * scalar_size) : 0;
-    const size_t cache_bytes = cache ? align16(static_cast<size_t>(pl.BS) * pl.XC * scalar_size) : 0;
+    const size_t cache_bytes = cache ? align16(static_cast<size_t>(pl.BS) * pl.XC * acc_size) : 0;
     const size_t red_bytes =
         pl.cell_units ? align16(static_cast<size_t>(9) * pl.NC * pl.CW * acc_size) : 0;
     const size_t x_bytes = imax(cache_bytes, red_bytes);  // the x cache, then the units' sums

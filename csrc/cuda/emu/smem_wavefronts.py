@@ -43,12 +43,13 @@ def lockstep(per_lane):
         yield [v[i] for v in per_lane.values() if i < len(v)]
 
 
-def fetch_rotation(q, scalar):
+def fetch_rotation(q):
     """The channel lane q of a warp starts its copies of x at (sta_kernels.cuh, fetch_pixel)."""
-    return (q >> 3) & 3 if scalar >= 4 else ((q >> 4) & 1) * 2
+    return (q >> 3) & 3
 
 
-def count(C, h, w, ww, NC, BS, XC, SK, CW, scalar, acc, rotate):
+def count(C, h, w, ww, NC, BS, XC, SK, CW, scalar, xsize, acc, rotate):
+    """scalar: bytes of an element of A; xsize: of the x cache's; acc: of the staged s's."""
     V = 16 // acc
     NCE = NC + 2
     TW = NC * w
@@ -57,7 +58,7 @@ def count(C, h, w, ww, NC, BS, XC, SK, CW, scalar, acc, rotate):
     s_off = 0
     a_off = s_off + 3 * NCE * SK * acc
     a_off = (a_off + 15) // 16 * 16
-    x_off = a_off + 9 * BS * scalar
+    x_off = a_off + 9 * BS * scalar  # A_sh holds scalar_t
     x_off = (x_off + 15) // 16 * 16
     res = defaultdict(int)
     batches = 0
@@ -70,14 +71,14 @@ def count(C, h, w, ww, NC, BS, XC, SK, CW, scalar, acc, rotate):
             for i in range(C):
                 acc_list = []
                 for q in lanes:
-                    rot = fetch_rotation(q, scalar) if rotate else 0
+                    rot = fetch_rotation(q) if rotate else 0
                     c = (i + rot) % C
-                    acc_list.append(x_off + (q * XC + c) * scalar)
-                res["fetch"] += wavefronts(acc_list, scalar)
+                    acc_list.append(x_off + (q * XC + c) * xsize)
+                res["fetch"] += wavefronts(acc_list, xsize)
             # -- phase 1: the row's channel vector, then the 9 super tokens
             for cc in range(0, C, V):
-                res["phase1 x"] += wavefronts([x_off + (q * XC + cc) * scalar for q in lanes],
-                                              V * scalar)
+                res["phase1 x"] += wavefronts([x_off + (q * XC + cc) * xsize for q in lanes],
+                                              V * xsize)
                 for k in range(9):
                     addrs = []
                     for q in lanes:
@@ -103,7 +104,7 @@ def count(C, h, w, ww, NC, BS, XC, SK, CW, scalar, acc, rotate):
                         tc = sc - kc
                         if 0 <= tc < NC:
                             for qq in cell_pixels(tc):
-                                ins.append([(x_off + (qq * XC + cv * V) * scalar, V * scalar)] +
+                                ins.append([(x_off + (qq * XC + cv * V) * xsize, V * xsize)] +
                                            [(a_off + (k * BS + qq) * scalar, scalar)
                                             for k in (kc, 3 + kc, 6 + kc)])
                     per_lane[u] = ins
@@ -116,7 +117,7 @@ def count(C, h, w, ww, NC, BS, XC, SK, CW, scalar, acc, rotate):
             per_lane = {}
             for u in range(warp, min(warp + 32, len(units))):
                 tc, cv = units[u]
-                per_lane[u] = [[(x_off + (qq * XC + cv * V) * scalar, V * scalar)] +
+                per_lane[u] = [[(x_off + (qq * XC + cv * V) * xsize, V * xsize)] +
                                [(a_off + (k * BS + qq) * scalar, scalar) for k in range(9)]
                                for qq in cell_pixels(tc)]
             for group in lockstep(per_lane):
@@ -125,19 +126,21 @@ def count(C, h, w, ww, NC, BS, XC, SK, CW, scalar, acc, rotate):
     return {k: v / batches for k, v in res.items()}, batches
 
 
-STAGES = {  # name: C, h, w, ww, NC, BS, XC, SK, CW, scalar bytes, acc bytes (plan_cells, sm_90)
-    "stage1 float32": (64, 8, 8, 7, 7, 128, 76, 68, 68, 4, 4),
-    "stage1 bfloat16": (64, 8, 8, 7, 7, 256, 76, 68, 68, 2, 4),
-    "stage1 float64": (64, 8, 8, 7, 7, 64, 70, 66, 66, 8, 8),
+STAGES = {  # name: C, h, w, ww, NC, BS, XC, SK, CW, bytes of A, x cache, acc (plan_cells, sm_90)
+    "stage1 float32": (64, 8, 8, 7, 7, 128, 76, 68, 68, 4, 4, 4),
+    # until 2026-12-07 the 16-bit x cache held scalar_t: 256-thread blocks, 2-byte rows
+    "stage1 bfloat16, scalar_t x cache": (64, 8, 8, 7, 7, 256, 76, 68, 68, 2, 2, 4),
+    "stage1 bfloat16": (64, 8, 8, 7, 7, 128, 76, 68, 68, 2, 4, 4),
+    "stage1 float64": (64, 8, 8, 7, 7, 64, 70, 66, 66, 8, 8, 8),
 }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.parse_args()
-    for name, (C, h, w, ww, NC, BS, XC, SK, CW, sc, ac) in STAGES.items():
+    for name, (C, h, w, ww, NC, BS, XC, SK, CW, sc, xs, ac) in STAGES.items():
         for rotate in (False, True):
-            res, nb = count(C, h, w, ww, NC, BS, XC, SK, CW, sc, ac, rotate)
+            res, nb = count(C, h, w, ww, NC, BS, XC, SK, CW, sc, xs, ac, rotate)
             print(f"{name}, {'rotated' if rotate else 'in-order'} copies of x, per batch of "
                   f"{BS} pixels ({nb} batches per tile), wavefronts per block:")
             for k in sorted(res):
