@@ -327,6 +327,47 @@ __device__ __forceinline__ void x_vector(acc_t (&xv)[V], const acc_t* __restrict
   }
 }
 
+// The weights of the batch's pixels in shared memory (A_sh): pixel q's 9 (then 3 zeros) in a row of
+// kARow elements at a_row(q), rows skewed by 4 elements every 8 pixels, so that the lanes of a warp
+// reading the rows of two cells 8 pixels apart (cell units) hit different banks; written and read
+// as vectors of AVec elements (3 x 16 bytes in float32, 3 x 8 in 16-bit types, 6 x 16 in float64),
+// conflict-free for 8 consecutive rows. Rows of 9 scalars BS apart before 2026-12-07: 9 loads per
+// pixel where a row is now 3 (csrc/cuda/emu/smem_wavefronts.py).
+constexpr int kARow = 12;
+__host__ __device__ __forceinline__ int a_row(int q) { return q * kARow + (q >> 3) * 4; }
+// elements of A_sh that a block of bs threads uses
+__host__ __device__ __forceinline__ int a_rows_size(int bs) { return a_row(bs - 1) + kARow; }
+template <typename scalar_t>
+struct AVec {
+  static constexpr int value = 16 / static_cast<int>(sizeof(scalar_t)) < 4
+                                   ? 16 / static_cast<int>(sizeof(scalar_t)) : 4;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ void store_a_row(scalar_t* __restrict__ dst, const scalar_t (&a)[kARow]) {
+  constexpr int AV = AVec<scalar_t>::value;
+#pragma unroll
+  for (int j = 0; j < kARow; j += AV) {
+    Vec<scalar_t, AV> v;
+#pragma unroll
+    for (int i = 0; i < AV; ++i) v.v[i] = a[j + i];
+    store_vec(dst + j, v);
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ void load_a_row(acc_t (&a)[9], const scalar_t* __restrict__ src) {
+  constexpr int AV = AVec<scalar_t>::value;
+#pragma unroll
+  for (int j = 0; j < kARow; j += AV) {
+    const Vec<scalar_t, AV> v = load_vec<scalar_t, AV>(src + j);
+#pragma unroll
+    for (int i = 0; i < AV; ++i) {
+      if (j + i < 9) a[j + i] = static_cast<acc_t>(v.v[i]);
+    }
+  }
+}
+
 // f(qq, pix) for each pixel of tile cell tc among the batch's pixels pb .. pb + nb - 1 (tile
 // order), row by row, left to right: qq its index in the batch, pix its offset in an H x W plane.
 template <class P, class F>
@@ -345,7 +386,7 @@ __device__ __forceinline__ void batch_cell_pixels(const P& p, const TileInfo& t,
 // ------------------------------------------------------------------------------------------------
 // The pixel-side kernel of affinity, aggregate and the fused affinity + aggregate.
 //
-// Shared memory (dynamic): [ s_sh: 3 x (NC+2) x SK acc_t | A_sh: 9 x blockDim scalar_t |
+// Shared memory (dynamic): [ s_sh: 3 x (NC+2) x SK acc_t | A_sh: blockDim rows (a_row) scalar_t |
 //                            x_sh: blockDim x XC acc_t ]
 // s_sh only when computing logits, A_sh and x_sh only when aggregating (x_sh only with CACHE_X:
 // the batch's x is kept on chip between the logits and the partial sums, so x is read from
@@ -494,19 +535,21 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
           for (int k = 0; k < 9; ++k) a[k] *= inv;
         }
         scalar_t* Ap = p.A_out + t.b * 9 * HW + pix;
+        scalar_t row[kARow];  // aggregate with A as stored (rounded), like affinity then aggregate
 #pragma unroll
-        for (int k = 0; k < 9; ++k) {
-          const scalar_t val = static_cast<scalar_t>(a[k]);
-          Ap[k * HW] = val;
-          // aggregate with A as stored (rounded to scalar_t), like affinity then aggregate
-          if constexpr (kAgg) A_sh[k * BS + q] = val;
+        for (int k = 0; k < kARow; ++k) {
+          row[k] = static_cast<scalar_t>(k < 9 ? a[k] : acc_t(0));
+          if (k < 9) Ap[k * HW] = row[k];
         }
+        if constexpr (kAgg) store_a_row(A_sh + a_row(q), row);
       }
     } else {
       if (active) {
         const scalar_t* Ap = p.A_in + t.b * 9 * HW + pix;
+        scalar_t row[kARow];
 #pragma unroll
-        for (int k = 0; k < 9; ++k) A_sh[k * BS + q] = Ap[k * HW];
+        for (int k = 0; k < kARow; ++k) row[k] = k < 9 ? Ap[k * HW] : scalar_t(0.0f);
+        store_a_row(A_sh + a_row(q), row);
       }
     }
 
@@ -523,11 +566,12 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
           batch_cell_pixels(p, t, pb, nb, u_tc, [&](int qq, int64_t pix) {
             acc_t xv[V];
             x_vector<CACHE_X, scalar_t>(xv, x_sh, p.XC, qq, x_b + pix, u_c, p.C, HW);
+            acc_t a[9];
+            load_a_row(a, A_sh + a_row(qq));
 #pragma unroll
             for (int k = 0; k < 9; ++k) {
-              const acc_t a = static_cast<acc_t>(A_sh[k * BS + qq]);
 #pragma unroll
-              for (int v = 0; v < V; ++v) cacc[k][v] += a * xv[v];
+              for (int v = 0; v < V; ++v) cacc[k][v] += a[k] * xv[v];
             }
           });
         }
@@ -557,9 +601,10 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
             batch_cell_pixels(p, t, pb, nb, tc_src, [&](int qq, int64_t pix) {
               acc_t xv[V];
               x_vector<CACHE_X, scalar_t>(xv, x_sh, p.XC, qq, x_b + pix, c, p.C, HW);
-              const acc_t a0 = static_cast<acc_t>(A_sh[kc * BS + qq]);
-              const acc_t a1 = static_cast<acc_t>(A_sh[(3 + kc) * BS + qq]);
-              const acc_t a2 = static_cast<acc_t>(A_sh[(6 + kc) * BS + qq]);
+              const scalar_t* ar = A_sh + a_row(qq);
+              const acc_t a0 = static_cast<acc_t>(ar[kc]);
+              const acc_t a1 = static_cast<acc_t>(ar[3 + kc]);
+              const acc_t a2 = static_cast<acc_t>(ar[6 + kc]);
 #pragma unroll
               for (int v = 0; v < V; ++v) {
                 acc[0][v] += a0 * xv[v];
@@ -881,7 +926,7 @@ inline Plan plan_cells(int kind, int C, int h, int w, int ww, int acc_size, int 
     pl.XC = round_up(C + 1, 2 * V) + V;  // XC / V odd: conflict-free vector reads of x rows
     pl.cache_x = cache;
     pl.cell_units = units && need_a && L.cell_units && pl.NC * (pl.CW / V) <= pl.BS;
-    const size_t a_bytes = need_a ? align16(static_cast<size_t>(9) * pl.BS * scalar_size) : 0;
+    const size_t a_bytes = need_a ? align16(static_cast<size_t>(a_rows_size(pl.BS)) * scalar_size) : 0;
     const size_t cache_bytes = cache ? align16(static_cast<size_t>(pl.BS) * pl.XC * acc_size) : 0;
     const size_t red_bytes =
         pl.cell_units ? align16(static_cast<size_t>(9) * pl.NC * pl.CW * acc_size) : 0;

@@ -10,10 +10,13 @@ stage's shape.
 
     python csrc/cuda/emu/smem_wavefronts.py              # STViT-S stage 1, float32 and bfloat16
 
-Phases counted per batch of pixels: the copy of x into the cache (cp.async, 4-byte; 16-bit types:
-2-byte stores), phase 1's reads (its row of x, the 9 staged super tokens per channel vector),
+Phases counted per batch of pixels: the copy of x into the cache (elements of acc_t: 4 bytes in
+float32 and 16-bit types, 8 in float64; the `scalar_t x cache` rows: 2 bytes, as until
+2026-12-07), phase 1's reads (its row of x, the 9 staged super tokens per channel vector),
 phase 2's reads (x vectors and weights) for column units (one thread per extended column and
-channel vector, 3 slot rows) and for cell units (one thread per cell and channel vector, 9 slots).
+channel vector, 3 slot rows) and for cell units (one thread per cell and channel vector, 9 slots),
+the latter with the weights as 9 scalar rows of the block (before 2026-12-07) and as a row of 12
+per pixel read as vectors (sta_kernels.cuh, a_row).
 """
 from __future__ import annotations
 
@@ -111,8 +114,26 @@ def count(C, h, w, ww, NC, BS, XC, SK, CW, scalar, xsize, acc, rotate):
                 for group in lockstep(per_lane):
                     for j in range(4):
                         res["phase2 columns"] += wavefronts([g[j][0] for g in group], group[0][j][1])
-        # -- phase 2, cell units
+        # -- phase 2, cell units, the weights as 9 scalars (A_sh[k * BS + qq]) or as vectors of a
+        # pixel row of 12 (a_row(qq): rows skewed by 4 elements every 8 pixels)
+        AV = min(4, 16 // scalar)
+        def a_row(qq):
+            return qq * 12 + (qq >> 3) * 4
+        a_end = a_off + (BS * 12 + (BS // 8 + 1) * 4) * scalar
+        x_off_rows = (a_end + 15) // 16 * 16
         units = [(tc, c) for tc in range(NC) for c in range(NVC)]
+        for warp in range(0, len(units), 32):
+            per_lane = {}
+            for u in range(warp, min(warp + 32, len(units))):
+                tc, cv = units[u]
+                per_lane[u] = [[(x_off_rows + (qq * XC + cv * V) * xsize, V * xsize)] +
+                               [(a_off + (a_row(qq) + j * AV) * scalar, AV * scalar)
+                                for j in range(12 // AV)]
+                               for qq in cell_pixels(tc)]
+            for group in lockstep(per_lane):
+                for j in range(len(group[0])):
+                    res["phase2 cells, A rows"] += wavefronts([g[j][0] for g in group],
+                                                              group[0][j][1])
         for warp in range(0, len(units), 32):
             per_lane = {}
             for u in range(warp, min(warp + 32, len(units))):
@@ -151,6 +172,9 @@ def main():
             agg_old = res["fetch"] + res["phase2 columns"]
             agg_new = res["fetch"] + res["phase2 cells"]
             print(f"  aggregate, column units {agg_old:8.0f}   cell units {agg_new:8.0f}")
+            rows = res["fetch"] + res["phase1 x"] + res["phase1 s"] + res["phase2 cells, A rows"]
+            print(f"  with A rows: fused {rows:8.0f}   aggregate "
+                  f"{res['fetch'] + res['phase2 cells, A rows']:8.0f}")
 
 
 if __name__ == "__main__":
