@@ -284,14 +284,6 @@ at::Tensor attention_core_backward(const at::Tensor& go_tokens, const at::Tensor
 Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s_in,
                                   const at::Tensor& qkvh, const at::Tensor& attn,
                                   const at::Tensor& o, const at::Tensor& qkv_weight_in,
-                                  const at::Tensor& proj_weight_in, int64_t heads, double scale) {
-  return refine_attention_backward(grad, s_in, qkvh, attn, o, qkv_weight_in, proj_weight_in, heads,
-                                   scale, at::Tensor());
-}
-
-Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s_in,
-                                  const at::Tensor& qkvh, const at::Tensor& attn,
-                                  const at::Tensor& o, const at::Tensor& qkv_weight_in,
                                   const at::Tensor& proj_weight_in, int64_t heads, double scale,
                                   const at::Tensor& ones) {
   RawGuard raw;
@@ -320,6 +312,16 @@ Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s_in
           dproj_w.view(proj_weight.sizes()), dproj_b};
 }
 
+namespace {
+// The operator, without `ones` (the schema has no such argument).
+Tensor5 refine_attention_backward_op(const at::Tensor& grad, const at::Tensor& s,
+                                     const at::Tensor& qkvh, const at::Tensor& attn,
+                                     const at::Tensor& o, const at::Tensor& qkv_weight,
+                                     const at::Tensor& proj_weight, int64_t heads, double scale) {
+  return refine_attention_backward(grad, s, qkvh, attn, o, qkv_weight, proj_weight, heads, scale);
+}
+}  // namespace
+
 }  // namespace stvit
 
 TORCH_LIBRARY_FRAGMENT(stvit, m) {
@@ -341,20 +343,12 @@ TORCH_LIBRARY_IMPL(stvit, CompositeImplicitAutograd, m) {
 // are in stvit_kernels/_library.py, like the other operators').
 TORCH_LIBRARY_IMPL(stvit, CPU, m) {
   m.impl("refine_attention_forward", &stvit::refine_attention_forward_op);
-  m.impl("refine_attention_backward",
-         static_cast<stvit::Tensor5 (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, int64_t, double)>(
-             &stvit::refine_attention_backward));
+  m.impl("refine_attention_backward", &stvit::refine_attention_backward_op);
 }
 
 #ifdef STVIT_WITH_CUDA
 TORCH_LIBRARY_IMPL(stvit, CUDA, m) {
   m.impl("refine_attention_forward", &stvit::refine_attention_forward_op);
-  m.impl("refine_attention_backward",
-         static_cast<stvit::Tensor5 (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, int64_t, double)>(
-             &stvit::refine_attention_backward));
+  m.impl("refine_attention_backward", &stvit::refine_attention_backward_op);
 }
 #endif

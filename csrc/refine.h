@@ -31,21 +31,17 @@ Tensor4 refine_attention_forward(const at::Tensor& s, const at::Tensor& qkv_weig
 
 // (ds, dqkv_weight, dqkv_bias, dproj_weight, dproj_bias) from the gradient of `out`, in the dtype
 // the forward computed in (o's): s and the weights may be the forward's inputs before its cast,
-// cast again here (autograd casts the gradients back to the inputs' dtypes).
-Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s,
-                                  const at::Tensor& qkvh, const at::Tensor& attn,
-                                  const at::Tensor& o, const at::Tensor& qkv_weight,
-                                  const at::Tensor& proj_weight, int64_t heads, double scale);
-// The same, `ones` (if defined) a vector of at least B * N ones in o's dtype on its device: the
-// bias gradients then as matrix-vector products with it (sta_backward: the ones come from the
-// aggregation's reduction, which writes them in place of den), where ATen's reduction over the
-// rows of a tall matrix is slow on CUDA (an H200 at stage 1, B=64: 11.6 us for [3136, 64] and
-// 16.2 us for [3136, 192], float32).
+// cast again here (autograd casts the gradients back to the inputs' dtypes). `ones`, if defined,
+// is a vector of at least B * N ones in o's dtype on its device: the bias gradients are then
+// matrix-vector products with it (sta_backward: the ones come from the aggregation's reduction,
+// which writes them in place of den), where ATen's reduction over the rows of a tall matrix is
+// slow on CUDA (an H200 at stage 1, B=64: 11.6 us for [3136, 64] and 16.2 us for [3136, 192],
+// float32).
 Tensor5 refine_attention_backward(const at::Tensor& grad, const at::Tensor& s,
                                   const at::Tensor& qkvh, const at::Tensor& attn,
                                   const at::Tensor& o, const at::Tensor& qkv_weight,
                                   const at::Tensor& proj_weight, int64_t heads, double scale,
-                                  const at::Tensor& ones);
+                                  const at::Tensor& ones = at::Tensor());
 
 // The CPU kernel of refine_attention_forward (cpu/sta_cpu.cpp), for float and double where the
 // call is small: up to refine_cpu_limit() multiply-adds, where ATen's matrix products cost more in

@@ -492,9 +492,7 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
             acc_t xr[V];
             if constexpr (kAgg && CACHE_X) {
               // channels >= C of the row are 1 or 0, against super-token channels that are 0
-              const Vec<acc_t, V> xs = load_vec<acc_t, V>(x_sh + q * p.XC + c0 + cc);
-#pragma unroll
-              for (int v = 0; v < V; ++v) xr[v] = x_value<scalar_t, pixel_t>(xs.v[v]);
+              x_vector<true, scalar_t>(xr, x_sh, p.XC, q, xp, c0 + cc, p.C, HW);
             } else {
 #pragma unroll
               for (int v = 0; v < V; ++v) {
