@@ -22,11 +22,11 @@ axis), channels in chunks of ``BLOCK_C`` (a power of two, at least 16). The cell
 a compile-time constant, so the pixel index arithmetic is shifts and masks. The 9 neighbour slots
 are padded to 16.
 
-* affinity, grid ``(B*hh*ww, pixel blocks)``: logits ``[BLOCK_P, 16] = x [BLOCK_P, C] @ s_nbr [C, 16]``
+* affinity, grid ``(B*hh*ww, pixel blocks)``: logits ``[16, BLOCK_P] = s_nbr [16, C] @ x [C, BLOCK_P]``
   accumulated over channel chunks (``s_nbr`` is the 3x3 neighbourhood of super tokens, zero for an
   invalid neighbour, so its logit is exactly 0), then a stable softmax over the 9 real slots.
 * aggregate, grid ``(B*hh*ww, channel chunks)``: per cell the 9 partial sums
-  ``[16, BLOCK_C] = A^T [16, P] @ x [P, BLOCK_C]`` (A loaded with invalid slots zeroed) go to a
+  ``[BLOCK_C, 16] = x [BLOCK_C, P] @ A [P, 16]`` (A loaded with invalid slots zeroed) go to a
   workspace ``[B, hh, ww, 9, C]`` (``[B, hh, ww, 9]`` for den); :func:`_reduce_kernel` then adds,
   for each super token ``(u, v)``, the partials of the 9 cells ``(u - di, v - dj)`` around it (a
   ``[super tokens, 16, C]`` tile summed over its middle axis). No atomics: every sum has one order
@@ -35,8 +35,8 @@ are padded to 16.
   registers, the aggregate partials of the same cell, then the same reduction. When the channels
   fit one chunk (``N_CC == 1``: C <= 128 at the STViT shapes), the x tile of the logits is reused
   for the partials. Reading it a second time (from L2) kept its 64-bit addresses live across the
-  softmax: 176 registers per thread at stage 1 in float32 (Triton 3.6, sm_90), one program per SM;
-  44 with the reuse. Otherwise x is read again per chunk. A cell bigger than one pixel block
+  softmax: 176 registers per thread at stage 1 in float32 (Triton 3.6, sm_90, 8 warps), one
+  program per SM; 44 with the reuse (128 at 4 warps, since 2026-12-07). Otherwise x is read again per chunk. A cell bigger than one pixel block
   loops, accumulating its partials in its own workspace rows (read-modify-write by the owning
   program only, after a barrier).
 * associate: the module's association stage, one operator call: the pool below when no super
@@ -44,11 +44,26 @@ are padded to 16.
   ``num / (den + 1e-12)`` (divided in the accumulation type, from the unrounded sums, as the C++
   family does) as the next super tokens; 2 launches per iteration, the workspaces allocated once.
 * upsample, grid ``(B*hh*ww, pixel blocks, channel chunks)``:
-  ``y [BLOCK_P, BLOCK_C] = A [BLOCK_P, 16] @ s_nbr [16, BLOCK_C]`` (A with invalid slots zeroed).
+  ``y [BLOCK_C, BLOCK_P] = s_nbr [BLOCK_C, 16] @ A [16, BLOCK_P]`` (A with invalid slots zeroed).
 * pool (the module's initial super tokens), grid ``(B * channel blocks * hh, cell blocks)``: a
   ``[channels, cell rows, cells x their columns]`` tile of x, summed over rows then per cell; no
   product, so no tl.dot. (It replaced ATen's ``avg_pool2d``, ~47 % of the copy bandwidth on an
   H200: the CUDA family has a kernel of its own too.)
+
+Orientation of the products. Every tile of x, y and A has the pixels as its last axis (pixels are
+the contiguous axis of these tensors in memory, so that is where the loads put consecutive
+elements in a thread and across the lanes), and each product is written so that no lane of a warp
+reads a shared-memory row of pixels at a stride of the row length. On CUDA cores (float32: FMAs,
+no swizzled shared layout) a thread of a ``tl.dot`` reads every K element of its own rows of one
+operand and columns of the other: when those rows are the 64-float pixel rows of x, each lane's
+row lies in the same banks as the others' (up to 32-way bank conflicts). The products were
+written that way until 2026-12-07 (``[P, C] @ [C, 16]``, ``A^T [16, P] @ x [P, C]``,
+``A [P, 16] @ s [16, C]``); on an H200 (Triton 3.6, B=64, stage 1, float32) the fused kernel took
+310 us, the aggregate 152 us and the upsample 32 us (Nsight Compute), against 38, 19 and 25 us in
+bfloat16 on tensor cores. ``benchmarks/triton_smem_model.py`` counts the shared-memory wavefronts
+that the compiled kernels' layouts imply (a model, not a measurement; for sm_90 without a GPU):
+per cell at stage 1, fused 11488 -> 3264, aggregate 8608 -> 2208, upsample 2240 -> 320 (with the
+float32 warp rule of :func:`_plan`).
 
 Row segments of a cell are read and written with vector accesses where the row stride allows
 (:func:`_row_vec`, ``ROW_VEC``): at stage 1 in float32, x is 4 ``ld.global.v4`` per thread in the
@@ -216,8 +231,8 @@ class _Plan(NamedTuple):
 
 def _plan(dtype: torch.dtype, C: int, h: int, w: int) -> _Plan:
     """Block sizes for a cell of ``h x w`` pixels and ``C`` channels (every kernel but the
-    reduction multiplies a ``[P, C]`` tile with ``[C, 16]``, ``[16, P]`` with ``[P, C]``, or
-    ``[P, 16]`` with ``[16, C]``). Every dimension of a tl.dot is >= 16: fewer pixels or channels
+    reduction multiplies ``[16, C]`` with a ``[C, P]`` tile, ``[C, P]`` with ``[P, 16]``, or
+    ``[C, 16]`` with ``[16, P]``). Every dimension of a tl.dot is >= 16: fewer pixels or channels
     are padded with masked (zero) rows, which add exactly 0. Cached per shape and limits
     (``_MAX_BLOCK_P``, ``_TILE``, ``_NUM_WARPS``: tests lower them, tuning sweeps them)."""
     return _plan_for(dtype, C, h, w, _MAX_BLOCK_P, _TILE, _NUM_WARPS)
@@ -231,8 +246,11 @@ def _plan_for(dtype: torch.dtype, C: int, h: int, w: int, max_block_p: int, tile
     n_pb = _cdiv(P, block_p)
     block_c = max(16, min(_pow2(C), tile // block_p, 128))
     work = block_p * (block_c + 16)
-    if dtype in (torch.float32, torch.float64):
-        work *= 2  # an exact float32 tl.dot is FMAs on CUDA cores; float64 runs on slow DMMA
+    if dtype == torch.float64:
+        work *= 2  # float64 runs on slow DMMA
+    # (float32 FMA products: fewer warps, each thread owning more of the product, read fewer
+    # operand elements from shared memory; stage 1's fused kernel at 8 warps: 4800 modelled
+    # wavefronts per cell, at 4: 3264; benchmarks/triton_smem_model.py)
     num_warps = warps or (8 if work >= 8192 else 4 if work >= 2048 else 2)
     upcast = dtype == torch.bfloat16 and _INTERPRETING
     return _Plan(block_p, n_pb, block_c, _cdiv(C, block_c), upcast, num_warps)
@@ -291,25 +309,25 @@ def _cell_logits(p_xb, p_sb,
 
     ``p_xb + o_xpix`` are the pixels' channel-0 addresses, ``p_sb + o_snbr`` the neighbours'."""
     ACC = tl.float64 if p_xb.dtype.element_ty == tl.float64 else tl.float32
-    acc = tl.zeros([BLOCK_P, 16], dtype=ACC)
-    b_x = tl.zeros([BLOCK_P, BLOCK_C], dtype=p_xb.dtype.element_ty)  # C == 0: no chunk
+    acc = tl.zeros([16, BLOCK_P], dtype=ACC)
+    b_x = tl.zeros([BLOCK_C, BLOCK_P], dtype=p_xb.dtype.element_ty)  # C == 0: no chunk
     for cc in tl.static_range(N_CC):  # unrolled: the last chunk stays visible after the loop
         o_c = cc * BLOCK_C + tl.arange(0, BLOCK_C)
         m_c = o_c < C
         o_c64 = o_c.to(tl.int64)
-        b_x = tl.load(p_xb + o_xpix[:, None] + o_c64[None, :] * sxc,
-                      mask=m_p[:, None] & m_c[None, :], other=0.)          # [BLOCK_P, BLOCK_C]
-        b_s = tl.load(p_sb + o_c64[:, None] * ssc + o_snbr[None, :],
-                      mask=m_c[:, None] & m_k[None, :], other=0.)          # [BLOCK_C, 16]
+        b_x = tl.load(p_xb + o_xpix[None, :] + o_c64[:, None] * sxc,
+                      mask=m_p[None, :] & m_c[:, None], other=0.)          # [BLOCK_C, BLOCK_P]
+        b_s = tl.load(p_sb + o_c64[None, :] * ssc + o_snbr[:, None],
+                      mask=m_c[None, :] & m_k[:, None], other=0.)          # [16, BLOCK_C]
         if DOT_UPCAST:
             b_x = b_x.to(tl.float32)
             b_s = b_s.to(tl.float32)
-        acc += tl.dot(b_x, b_s, input_precision="ieee")
-    logits = tl.where(m_k[None, :], acc * scale_hi + acc * scale_lo, 0.)
+        acc += tl.dot(b_s, b_x, input_precision="ieee")
+    logits = tl.where(m_k[:, None], acc * scale_hi + acc * scale_lo, 0.)
     if SOFTMAX:
-        z = tl.where((o_k < 9)[None, :], logits, float("-inf"))
-        e = tl.exp(z - tl.max(z, axis=1)[:, None])
-        logits = e / tl.sum(e, axis=1)[:, None]
+        z = tl.where((o_k < 9)[:, None], logits, float("-inf"))
+        e = tl.exp(z - tl.max(z, axis=0)[None, :])
+        logits = e / tl.sum(e, axis=0)[None, :]
     return logits, b_x
 
 
@@ -366,8 +384,8 @@ def _affinity_kernel(
                           C, o_xpix, m_p, o_u * ssh + o_v * ssw, o_k, m_k,
                           sxc, ssc, scale_hi, scale_lo,
                           SOFTMAX, BLOCK_P, BLOCK_C, N_CC, DOT_UPCAST)
-    p_out = p_a + _dense_offset(b, o_k, 9, hh * CELL_H, ww * CELL_W)[None, :] + o_apix[:, None]
-    tl.store(p_out, _rounded(b_a, p_a), mask=m_p[:, None] & (o_k < 9)[None, :])
+    p_out = p_a + _dense_offset(b, o_k, 9, hh * CELL_H, ww * CELL_W)[:, None] + o_apix[None, :]
+    tl.store(p_out, _rounded(b_a, p_a), mask=m_p[None, :] & (o_k < 9)[:, None])
 
 
 @triton.jit
@@ -393,7 +411,7 @@ def _aggregate_kernel(
     o_c64 = o_c.to(tl.int64)
     ACC = p_wnum.dtype.element_ty
 
-    acc = tl.zeros([16, BLOCK_C], dtype=ACC)
+    acc = tl.zeros([BLOCK_C, 16], dtype=ACC)
     acc_den = tl.zeros([16], dtype=ACC)
     for pb in range(N_PB):
         o_i, o_j, m_p = _cell_pixels(ci, cj, pb, CELL_H, CELL_W, BLOCK_P)
@@ -401,17 +419,17 @@ def _aggregate_kernel(
         o_apix = tl.multiple_of(o_i * sah, ROW_VEC) + o_j * saw
         b_a = tl.load(p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + o_apix[:, None],
                       mask=m_p[:, None] & m_k[None, :], other=0.)          # [BLOCK_P, 16]
-        b_x = tl.load(p_x + b * sxb + o_xpix[:, None] + o_c64[None, :] * sxc,
-                      mask=m_p[:, None] & m_c[None, :], other=0.)          # [BLOCK_P, BLOCK_C]
+        b_x = tl.load(p_x + b * sxb + o_xpix[None, :] + o_c64[:, None] * sxc,
+                      mask=m_p[None, :] & m_c[:, None], other=0.)          # [BLOCK_C, BLOCK_P]
         acc_den += tl.sum(b_a.to(ACC), axis=0)
         if DOT_UPCAST:
             b_a = b_a.to(tl.float32)
             b_x = b_x.to(tl.float32)
-        acc += tl.dot(tl.trans(b_a), b_x, input_precision="ieee")
+        acc += tl.dot(b_x, b_a, input_precision="ieee")
 
     o_row = pid.to(tl.int64) * 9 + o_k.to(tl.int64)
-    tl.store(p_wnum + o_row[:, None] * C + o_c64[None, :], acc,
-             mask=(o_k < 9)[:, None] & m_c[None, :])
+    tl.store(p_wnum + o_row[None, :] * C + o_c64[:, None], acc,
+             mask=(o_k < 9)[None, :] & m_c[:, None])
     tl.store(p_wden + o_row, acc_den, mask=(o_k < 9) & (pc == 0))
 
 
@@ -447,18 +465,18 @@ def _affinity_aggregate_kernel(
                                     sxc, ssc, scale_hi, scale_lo,
                                     True, BLOCK_P, BLOCK_C, N_CC, DOT_UPCAST)
         # A as stored (input dtype); pixels past the cell must not add to the sums
-        b_a = _rounded(tl.where(m_p[:, None], b_a, 0.), p_a)
+        b_a = _rounded(tl.where(m_p[None, :], b_a, 0.), p_a)                # [16, BLOCK_P]
         o_apix = tl.multiple_of(o_i * (ww * CELL_W), ROW_VEC) + o_j
-        p_out = p_a + _dense_offset(b, o_k, 9, hh * CELL_H, ww * CELL_W)[None, :] + o_apix[:, None]
-        tl.store(p_out, b_a, mask=m_p[:, None] & m_row[None, :])
+        p_out = p_a + _dense_offset(b, o_k, 9, hh * CELL_H, ww * CELL_W)[:, None] + o_apix[None, :]
+        tl.store(p_out, b_a, mask=m_p[None, :] & m_row[:, None])
 
-        den = tl.sum(b_a.to(ACC), axis=0)
+        den = tl.sum(b_a.to(ACC), axis=1)
         if N_PB > 1:
             den += tl.load(p_wden + o_row, mask=m_row & (pb > 0), other=0.)
         tl.store(p_wden + o_row, den, mask=m_row)
         if DOT_UPCAST:
             b_a = b_a.to(tl.float32)
-        b_at = tl.trans(b_a)                                                # [16, BLOCK_P]
+        b_pa = tl.trans(b_a)                                                # [BLOCK_P, 16]
         for cc in range(N_CC):
             o_c = cc * BLOCK_C + tl.arange(0, BLOCK_C)
             m_c = o_c < C
@@ -466,13 +484,13 @@ def _affinity_aggregate_kernel(
             if N_CC == 1:
                 b_x = b_x_all  # one channel chunk: x is still in registers
             else:
-                b_x = tl.load(p_xb + o_xpix[:, None] + o_c64[None, :] * sxc,
-                              mask=m_p[:, None] & m_c[None, :], other=0.)  # [BLOCK_P, BLOCK_C]
+                b_x = tl.load(p_xb + o_xpix[None, :] + o_c64[:, None] * sxc,
+                              mask=m_p[None, :] & m_c[:, None], other=0.)  # [BLOCK_C, BLOCK_P]
             if DOT_UPCAST:
                 b_x = b_x.to(tl.float32)
-            part = tl.dot(b_at, b_x, input_precision="ieee")
-            p_ws = p_wnum + o_row[:, None] * C + o_c64[None, :]
-            m_ws = m_row[:, None] & m_c[None, :]
+            part = tl.dot(b_x, b_pa, input_precision="ieee")  # [BLOCK_C, 16]
+            p_ws = p_wnum + o_row[None, :] * C + o_c64[:, None]
+            m_ws = m_row[None, :] & m_c[:, None]
             if N_PB > 1:
                 part += tl.load(p_ws, mask=m_ws & (pb > 0), other=0.)
             tl.store(p_ws, part, mask=m_ws)
@@ -553,21 +571,21 @@ def _upsample_kernel(
 
     o_apix = tl.multiple_of(o_i * sah, ROW_VEC) + o_j * saw
     o_ypix = tl.multiple_of(o_i * (ww * CELL_W), ROW_VEC) + o_j
-    b_a = tl.load(p_a + b * sab + o_k.to(tl.int64)[None, :] * sak + o_apix[:, None],
-                  mask=m_p[:, None] & m_k[None, :], other=0.)              # [BLOCK_P, 16]
-    b_s = tl.load(p_s + b * ssb + (o_u * ssh + o_v * ssw)[:, None] + o_c64[None, :] * ssc,
-                  mask=m_k[:, None] & m_c[None, :], other=0.)              # [16, BLOCK_C]
+    b_a = tl.load(p_a + b * sab + o_k.to(tl.int64)[:, None] * sak + o_apix[None, :],
+                  mask=m_p[None, :] & m_k[:, None], other=0.)              # [16, BLOCK_P]
+    b_s = tl.load(p_s + b * ssb + (o_u * ssh + o_v * ssw)[None, :] + o_c64[:, None] * ssc,
+                  mask=m_k[None, :] & m_c[:, None], other=0.)              # [BLOCK_C, 16]
     if HAS_DEN:
         ACC: tl.constexpr = tl.float64 if p_s.dtype.element_ty == tl.float64 else tl.float32
         b_den = tl.load(p_den + b * sdb + o_u * sdh + o_v * sdw, mask=m_k, other=0.).to(ACC)
-        b_s = _rounded(_div(b_s.to(ACC), (b_den + 1e-12)[:, None]), p_s)
+        b_s = _rounded(_div(b_s.to(ACC), (b_den + 1e-12)[None, :]), p_s)
     if DOT_UPCAST:
         b_a = b_a.to(tl.float32)
         b_s = b_s.to(tl.float32)
-    b_y = tl.dot(b_a, b_s, input_precision="ieee")
+    b_y = tl.dot(b_s, b_a, input_precision="ieee")                         # [BLOCK_C, BLOCK_P]
 
-    p_out = p_y + _dense_offset(b, o_c64, C, hh * CELL_H, ww * CELL_W)[None, :] + o_ypix[:, None]
-    tl.store(p_out, _rounded(b_y, p_y), mask=m_p[:, None] & m_c[None, :])
+    p_out = p_y + _dense_offset(b, o_c64, C, hh * CELL_H, ww * CELL_W)[:, None] + o_ypix[None, :]
+    tl.store(p_out, _rounded(b_y, p_y), mask=m_p[None, :] & m_c[:, None])
 
 
 @triton.jit

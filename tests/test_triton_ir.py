@@ -437,6 +437,56 @@ def test_stage_kernels_fit_several_programs_per_sm_without_spills(compiled, case
     assert not problems, f"triton {compiled['triton']}, sm_{ARCH}:\n" + "\n".join(problems)
 
 
+def _smem_model():
+    """benchmarks/triton_smem_model.py (the shared-memory wavefronts of the products)."""
+    path = ROOT / "benchmarks" / "triton_smem_model.py"
+    spec = importlib.util.spec_from_file_location("_triton_smem_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+#: modelled shared-memory wavefronts per program (one cell) of the float32 products at stage 1
+#: (benchmarks/triton_smem_model.py): at most these. The products read pixel rows of x at a row
+#: length's stride across the lanes until 2026-12-07: fused 11488, aggregate 8608 (Triton 3.6;
+#: 9952 and 8608 in 3.8), then 310 and 152 us on an H200. Now 3264 and 2208 (3.6), 3008 and 2208
+#: (3.8).
+STAGE1_WAVEFRONTS = {"_affinity_aggregate_kernel": 4000, "_aggregate_kernel": 3000,
+                     "_upsample_kernel": 1000, "_affinity_kernel": 2000}
+
+
+def test_stage1_float32_products_read_shared_memory_with_few_bank_conflicts(compiled):
+    model = _smem_model()
+    case = next(c for c in STAGES if c["dtype"] == "float32" and c["C"] == 64)
+    got = {}
+    for r in compiled["cases"][case["id"]]:
+        if r["kernel"] in STAGE1_WAVEFRONTS:
+            rows = model.analyse(r["ttgir"])
+            assert rows, f"{r['kernel']}: no FMA operand loads found in the TTGIR"
+            got[r["kernel"]] = max(got.get(r["kernel"], 0), sum(x["wavefronts"] for x in rows))
+    assert got.keys() == STAGE1_WAVEFRONTS.keys()
+    over = {k: v for k, v in got.items() if v > STAGE1_WAVEFRONTS[k]}
+    assert not over, f"triton {compiled['triton']}: modelled wavefronts {got}"
+
+
+def test_smem_model_counts_bank_conflicts():
+    """The model on the layouts of 2026-12-04's fused kernel (Triton 3.6, stage 1, 8 warps): x
+    [64 pixels, 64 channels] in shared memory with the pixels contiguous, read as operand B of
+    ``A^T [16, P] @ x [P, C]`` by lanes each owning 2 channels: 32 lanes a row of 64 floats
+    apart, 32 wavefronts per 16-byte load instead of 4. The same tile read as operand A of
+    ``x^T [C, P] @ A [P, 16]``, where the lanes of a warp share their rows: no conflict."""
+    model = _smem_model()
+    pixels_contiguous = dict(vec=1, per_phase=1, max_phase=1, order=[0, 1])
+    parent = dict(spt=[2, 2], tpw=[1, 32], wpc=[8, 1], order=[1, 0])
+    wf, ideal, n = model.operand_load([64, 64], pixels_contiguous, 1, parent, 4)
+    assert (n, wf, ideal) == (32, 8 * 32 * 32, 8 * 32 * 4)  # 8 warps x 32 loads x 32 (4)
+    transposed = dict(pixels_contiguous, order=[1, 0])      # x^T [C, P]: P contiguous
+    parent_t = dict(spt=[2, 2], tpw=[1, 32], wpc=[8, 1], order=[1, 0])  # M = C: one row a warp
+    wf, ideal, n = model.operand_load([64, 64], transposed, 0, parent_t, 4)
+    assert wf == ideal
+
+
 def test_row_vec_divides_every_row_stride():
     tk = _load_kernels()
     t = lambda *shape: torch.empty(shape).stride(2)  # noqa: E731 (the row stride of a tensor)
