@@ -100,23 +100,38 @@ def _word(shape, shared, idx) -> int:
     return row * shape[o0] + col
 
 
-def _warp_cost(lanes, elem):
-    """(wavefronts, conflict-free wavefronts) of a warp's instructions: lanes[l][i] = (word
-    offset, elements) of lane l's i-th access."""
-    wf = ideal = 0
-    for i in range(len(lanes[0])):
-        width = lanes[0][i][1] * elem
-        addrs = sorted({lane[i][0] * elem for lane in lanes})
-        wf += _wavefronts(addrs, width)
-        ideal += max(1, -(-len(addrs) * width // 128))
-    return wf, ideal
+def _program_cost(blocked, elem: int, accesses):
+    """(wavefronts, conflict-free wavefronts, instructions per thread) of a program in the
+    ``blocked`` layout whose thread at lane / warp coordinates (lc, wc) issues ``accesses(lc, wc)``
+    = [(word offset, elements), ...], the i-th of every lane of a warp as one instruction."""
+    n_warps = 1
+    for v in blocked["wpc"]:
+        n_warps *= v
+    wf = ideal = n_instr = 0
+    for w in range(n_warps):
+        wc = _coords(w, blocked["wpc"], blocked["order"])
+        lanes = [accesses(_coords(lane, blocked["tpw"], blocked["order"]), wc)
+                 for lane in range(32)]
+        n_instr = len(lanes[0])
+        for i in range(n_instr):
+            width = lanes[0][i][1] * elem
+            addrs = sorted({lane[i][0] * elem for lane in lanes})
+            wf += _wavefronts(addrs, width)
+            ideal += max(1, -(-len(addrs) * width // 128))
+    return wf, ideal, n_instr
 
 
-def _warps(parent):
-    n = 1
-    for v in parent["wpc"]:
-        n *= v
-    return n
+def _held(shape, blocked, axis: int, lc, wc):
+    """The indices along ``axis`` that the thread at (lc, wc) holds in a blocked layout."""
+    return _owned(shape[axis], blocked["spt"][axis], blocked["tpw"][axis], blocked["wpc"][axis],
+                  lc[axis], wc[axis])
+
+
+def _at(shape, shared, axis_a: int, a: int, b: int) -> int:
+    """Word offset of the 2-D index with ``a`` on ``axis_a`` and ``b`` on the other axis."""
+    idx = [0, 0]
+    idx[axis_a], idx[1 - axis_a] = a, b
+    return _word(shape, shared, idx)
 
 
 def operand_load(shape, shared, op_idx: int, parent, elem: int):
@@ -124,61 +139,32 @@ def operand_load(shape, shared, op_idx: int, parent, elem: int):
     ``local_load`` over the whole program."""
     own = 0 if op_idx == 0 else 1       # the operand axis a thread owns: M of A, N of B
     k_ax = 1 - own
-    contiguous = shared["order"][0]
-    wf = ideal = 0
-    n_instr = 0
-    for w in range(_warps(parent)):
-        wc = _coords(w, parent["wpc"], parent["order"])
-        lanes = []
-        for lane in range(32):
-            lc = _coords(lane, parent["tpw"], parent["order"])
-            rows = _owned(shape[own], parent["spt"][own], parent["tpw"][own], parent["wpc"][own],
-                          lc[own], wc[own])
-            acc = []
-            if contiguous == k_ax:  # vectors along K, for each owned row
-                vec = min(16 // elem, shape[k_ax])
-                for r in rows:
-                    for k in range(0, shape[k_ax], vec):
-                        idx = [0, 0]
-                        idx[own], idx[k_ax] = r, k
-                        acc.append((_word(shape, shared, idx), vec))
-            else:  # vectors along the owned rows, for each k
-                vec = min(16 // elem, parent["spt"][own])
-                for g in range(0, len(rows), vec):
-                    for k in range(shape[k_ax]):
-                        idx = [0, 0]
-                        idx[own], idx[k_ax] = rows[g], k
-                        acc.append((_word(shape, shared, idx), vec))
-            lanes.append(acc)
-        a, b = _warp_cost(lanes, elem)
-        wf, ideal, n_instr = wf + a, ideal + b, len(lanes[0])
-    return wf, ideal, n_instr
+
+    def accesses(lc, wc):
+        rows = _held(shape, parent, own, lc, wc)
+        if shared["order"][0] == k_ax:  # vectors along K, for each owned row
+            vec = min(16 // elem, shape[k_ax])
+            return [(_at(shape, shared, own, r, k), vec)
+                    for r in rows for k in range(0, shape[k_ax], vec)]
+        vec = min(16 // elem, parent["spt"][own])  # vectors along the owned rows, for each k
+        return [(_at(shape, shared, own, rows[g], k), vec)
+                for g in range(0, len(rows), vec) for k in range(shape[k_ax])]
+
+    return _program_cost(parent, elem, accesses)
 
 
 def register_store(shape, shared, blocked, elem: int):
     """(wavefronts, conflict-free wavefronts) of a ``local_alloc`` from a blocked tensor."""
     contiguous = shared["order"][0]
-    other = 1 - contiguous
-    wf = ideal = 0
-    for w in range(_warps(blocked)):
-        wc = _coords(w, blocked["wpc"], blocked["order"])
-        lanes = []
-        for lane in range(32):
-            lc = _coords(lane, blocked["tpw"], blocked["order"])
-            own = [_owned(shape[d], blocked["spt"][d], blocked["tpw"][d], blocked["wpc"][d],
-                          lc[d], wc[d]) for d in range(2)]
-            vec = (min(16 // elem, blocked["spt"][contiguous])
-                   if blocked["order"][0] == contiguous else 1)
-            acc = []
-            for r in own[other]:
-                for g in range(0, len(own[contiguous]), vec):
-                    idx = [0, 0]
-                    idx[other], idx[contiguous] = r, own[contiguous][g]
-                    acc.append((_word(shape, shared, idx), vec))
-            lanes.append(acc)
-        a, b = _warp_cost(lanes, elem)
-        wf, ideal = wf + a, ideal + b
-    return wf, ideal
+    vec = min(16 // elem, blocked["spt"][contiguous]) if blocked["order"][0] == contiguous else 1
+
+    def accesses(lc, wc):
+        inner = _held(shape, blocked, contiguous, lc, wc)
+        return [(_at(shape, shared, contiguous, inner[g], r), vec)
+                for r in _held(shape, blocked, 1 - contiguous, lc, wc)
+                for g in range(0, len(inner), vec)]
+
+    return _program_cost(blocked, elem, accesses)[:2]
 
 
 _LOAD = re.compile(r"ttg\.local_load %\S+ : !ttg\.memdesc<(\d+)x(\d+)x(\w+), (#\w+)[^>]*> -> "
@@ -232,10 +218,8 @@ def main():
     for C, h, w in ((64, 8, 8), (128, 4, 4)):
         case = ir._case(args.dtype, C, h, w, grid=(7, 7))
         for warps in args.warps:
-            with tk.plan_overrides(num_warps=warps):
-                tk._plan_for.cache_clear()
+            with tk.plan_overrides(num_warps=warps):  # (the plan's cache keys on the limits)
                 launches = ir._record_launches(tk, case)
-            tk._plan_for.cache_clear()
             seen = set()
             for fn, kwargs in launches:
                 if fn.__name__ in seen or fn.__name__ in ("_reduce_kernel", "_pool_kernel"):

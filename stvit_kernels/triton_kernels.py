@@ -119,7 +119,7 @@ import triton.language as tl
 #: Largest pixel block of one program. A cell with more pixels loops (aggregate, fused) or gets a
 #: grid axis of pixel blocks (affinity, upsample). Tests lower it to exercise those paths.
 _MAX_BLOCK_P = 256
-#: Elements of a [BLOCK_P, BLOCK_C] tile (a tl.dot operand), and of the reduction's 3-D tile.
+#: Elements of a [BLOCK_C, BLOCK_P] tile (a tl.dot operand), and of the reduction's 3-D tile.
 _TILE = 4096
 #: Elements of the pooling's tile (x read, masked lanes included).
 _POOL_TILE = 2048
@@ -302,10 +302,10 @@ def _cell_logits(p_xb, p_sb,
                  scale_hi, scale_lo,
                  SOFTMAX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                  N_CC: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """``[BLOCK_P, 16]`` in the accumulation dtype: the scaled logits of one pixel block against
+    """``[16, BLOCK_P]`` in the accumulation dtype: the scaled logits of one pixel block against
     the cell's neighbours (exactly 0 for an invalid slot), or with ``SOFTMAX`` their softmax over
     the slots 0..8 (slots 9..15 come out 0); and the last channel chunk of x it read
-    (``[BLOCK_P, BLOCK_C]``: all of x's channels when ``N_CC == 1``).
+    (``[BLOCK_C, BLOCK_P]``: all of x's channels when ``N_CC == 1``).
 
     ``p_xb + o_xpix`` are the pixels' channel-0 addresses, ``p_sb + o_snbr`` the neighbours'."""
     ACC = tl.float64 if p_xb.dtype.element_ty == tl.float64 else tl.float32
@@ -559,8 +559,8 @@ def _upsample_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DOT_UPCAST: tl.constexpr,
     HAS_DEN: tl.constexpr,
 ):
-    """Grid (B*hh*ww, pixel blocks, channel chunks): ``y [BLOCK_P, BLOCK_C] = A [BLOCK_P, 16] @
-    s_nbr [16, BLOCK_C]``, A loaded with its invalid slots zeroed (they are skipped). HAS_DEN
+    """Grid (B*hh*ww, pixel blocks, channel chunks): ``y [BLOCK_C, BLOCK_P] = s_nbr [BLOCK_C, 16]
+    @ A [16, BLOCK_P]``, A loaded with its invalid slots zeroed (they are skipped). HAS_DEN
     (associate_backward): s_nbr / (den + 1e-12), divided in the accumulation type and rounded to
     s's dtype, as ``normalise`` then the upsampling."""
     b, ci, cj, o_k, o_u, o_v, m_k = _cell_of(tl.program_id(0), hh, ww)

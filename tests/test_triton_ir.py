@@ -217,14 +217,19 @@ def violations(report: dict, dots_intended: int):
 # The worker (a subprocess: ``python tests/test_triton_ir.py OUT.json CASE_IDS...``)
 # ------------------------------------------------------------------------------------------------
 
-def _load_kernels():
-    """stvit_kernels/triton_kernels.py as a module of its own (the package's __init__ is not
-    needed, nor the compiled extension)."""
-    spec = importlib.util.spec_from_file_location("_stvit_triton_kernels_ir", KERNELS)
+def _load_module(name: str, path: Path):
+    """The Python file at ``path`` as a module of its own, registered as ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def _load_kernels():
+    """stvit_kernels/triton_kernels.py as a module of its own (the package's __init__ is not
+    needed, nor the compiled extension)."""
+    return _load_module("_stvit_triton_kernels_ir", KERNELS)
 
 
 class _Compiler:
@@ -439,12 +444,7 @@ def test_stage_kernels_fit_several_programs_per_sm_without_spills(compiled, case
 
 def _smem_model():
     """benchmarks/triton_smem_model.py (the shared-memory wavefronts of the products)."""
-    path = ROOT / "benchmarks" / "triton_smem_model.py"
-    spec = importlib.util.spec_from_file_location("_triton_smem_model", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return _load_module("_triton_smem_model", ROOT / "benchmarks" / "triton_smem_model.py")
 
 
 #: modelled shared-memory wavefronts per program (one cell) of the float32 products at stage 1
