@@ -1,7 +1,7 @@
 """The plan limits of the CUDA STA kernels swept at the STViT-S stage shapes (issue 12: tiles chosen
 for the shape, or autotuned with a cache; this measures which choice the defaults should be).
 
-The plan (``csrc/cuda/sta_kernels.cuh``, ``plan_cells``) has five runtime limits, which
+The plan (``csrc/cuda/sta_kernels.cuh``, ``plan_cells``) has six runtime limits, which
 ``stvit_kernels._C._set_cuda_plan`` overrides for the whole process:
 
 * ``max_threads``: threads per block (32..256);
@@ -12,7 +12,11 @@ The plan (``csrc/cuda/sta_kernels.cuh``, ``plan_cells``) has five runtime limits
 * ``cache_x``: an aggregating block keeps its batch of x on chip (1) or re-reads it (0);
 * ``cell_units``: an aggregating block sums by cell units where they fit (1: one thread per
   (cell, channel vector) of the tile, its sums in registers) or by column units (0), the A/B of
-  that path at the default limits.
+  that path at the default limits;
+* ``upsample_pixels``: the most pixels per thread of the upsampling (1, 2 or 4; fewer where the
+  cell width, the row length or the alignment of A and y does not allow them): more pixels a
+  thread, fewer instructions per output (sm_90 SASS of the float32 loop: 21.8, 16.6 and 12.3 per
+  output for 1, 2 and 4) but fewer threads (stage 2: 32 threads a block at 4).
 
 The ops swept (``tuning.py`` runs the sweep, checks and ranks): the fused affinity + aggregation of
 the forward (``cell_kernel<kFused>`` + its reduction), the aggregation of the backward
@@ -47,10 +51,11 @@ OPS = ("affinity_aggregate", "aggregate", "upsample", "pool")
 KNOBS = {"affinity_aggregate": ("max_threads", "tile_pixels", "blocks_per_sm", "cache_x",
                                 "cell_units"),
          "aggregate": ("max_threads", "tile_pixels", "blocks_per_sm", "cache_x", "cell_units"),
-         "upsample": ("max_threads",), "pool": ()}
+         "upsample": ("max_threads", "upsample_pixels"), "pool": ()}
 GRID = dict(max_threads=(64, 128, 256), tile_pixels=(256, 512, 1024, 2048),
-            blocks_per_sm=(2, 3, 4, 6), cache_x=(1,), cell_units=(-1,))
-DEFAULT = dict(max_threads=0, tile_pixels=0, blocks_per_sm=0, cache_x=-1, cell_units=-1)
+            blocks_per_sm=(2, 3, 4, 6), cache_x=(1,), cell_units=(-1,), upsample_pixels=(1, 2, 4))
+DEFAULT = dict(max_threads=0, tile_pixels=0, blocks_per_sm=0, cache_x=-1, cell_units=-1,
+               upsample_pixels=0)
 
 
 def configs(op: str, smoke: bool) -> List[Dict[str, int]]:
@@ -82,7 +87,7 @@ def _set(cfg: Dict[str, int], device: torch.device) -> None:
     if cfg["blocks_per_sm"] > 0:
         smem_block = smem_per_sm(device) // cfg["blocks_per_sm"] - 1024
     _C._set_cuda_plan(cfg["max_threads"], cfg["tile_pixels"], smem_block, cfg["cache_x"],
-                      cfg["cell_units"])
+                      cfg["cell_units"], cfg["upsample_pixels"])
 
 
 @contextlib.contextmanager

@@ -455,24 +455,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "take a call; off, every call takes ATen's operators. Returns the previous value.");
   m.def("_set_cuda_plan",
         [](int64_t max_threads, int64_t tile_pixels, int64_t smem_block, int64_t cache_x,
-           int64_t cell_units) {
+           int64_t cell_units, int64_t upsample_pixels) {
 #ifdef STVIT_WITH_CUDA
           return stvit::set_cuda_plan_overrides(max_threads, tile_pixels, smem_block, cache_x,
-                                                cell_units);
+                                                cell_units, upsample_pixels);
 #else
           TORCH_CHECK(false, "stvit_kernels._C was built without the CUDA kernels");
-          return std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>{};
+          return std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>{};
 #endif
         },
         pybind11::arg("max_threads") = 0, pybind11::arg("tile_pixels") = 0,
         pybind11::arg("smem_block") = 0, pybind11::arg("cache_x") = -1,
-        pybind11::arg("cell_units") = -1,
+        pybind11::arg("cell_units") = -1, pybind11::arg("upsample_pixels") = 0,
         "Benchmark aid (benchmarks/tune_cuda.py): the plan limits of the CUDA STA kernels for "
         "every later call: threads per block (32..256, a multiple of 32), pixels per tile of the "
         "aggregating kernels, shared memory per aggregating block in bytes (the blocks per SM), "
         "x kept on chip (1) or re-read (0), the partial sums by cell units where they fit (1) or "
-        "by column units (0); 0 (cache_x, cell_units: -1) is the device's default. Returns the "
-        "previous values.");
+        "by column units (0), the most pixels per thread of the upsample (1, 2 or 4); 0 (cache_x, "
+        "cell_units: -1) is the device's default. Returns the previous values.");
   m.def("_set_poison", &stvit::cpu::set_poison, pybind11::arg("on"),
         "Testing aid: fill every output and workspace of the CPU kernels with NaN before they "
         "run.");

@@ -79,11 +79,12 @@ bool pixel_dtype_ok_cuda(at::ScalarType pixel, at::ScalarType dtype);
 // (32..256, a multiple of 32), the pixels a tile of an aggregating kernel aims at, the shared
 // memory an aggregating block may take before it opts in for more (bytes: the blocks per SM), and
 // whether it keeps x on chip (1) or re-reads it (0), and whether it takes cell units where they
-// fit (1) or column units always (0; PlanLimits::cell_units). 0 (cache_x, cell_units: -1)
-// restores the device's default. Returns the previous overrides in the same order.
-using PlanValues = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>;
+// fit (1) or column units always (0; PlanLimits::cell_units), and the most pixels per thread of
+// the upsample (1, 2 or 4). 0 (cache_x, cell_units: -1) restores the device's default. Returns
+// the previous overrides in the same order.
+using PlanValues = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 PlanValues set_cuda_plan_overrides(int64_t max_threads, int64_t tile_pixels, int64_t smem_block,
-                                   int64_t cache_x, int64_t cell_units);
+                                   int64_t cache_x, int64_t cell_units, int64_t upsample_pixels);
 #endif
 
 }  // namespace stvit

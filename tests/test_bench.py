@@ -455,11 +455,12 @@ def test_tune_triton_script():
 @pytest.mark.skipif("cpu" not in BACKENDS or not _C_CUDA, reason="needs the CUDA build")
 def test_cuda_plan_overrides_are_checked_and_restored():
     from stvit_kernels import _C
-    before = _C._set_cuda_plan(128, 512, 40 * 1024, 0, 0)
+    before = _C._set_cuda_plan(128, 512, 40 * 1024, 0, 0, 2)
     try:
-        assert _C._set_cuda_plan(*before) == (128, 512, 40 * 1024, 0, 0)
+        assert _C._set_cuda_plan(*before) == (128, 512, 40 * 1024, 0, 0, 2)
         for bad in (dict(max_threads=100), dict(max_threads=512), dict(tile_pixels=-1),
-                    dict(cache_x=2), dict(smem_block=-5), dict(cell_units=3)):
+                    dict(cache_x=2), dict(smem_block=-5), dict(cell_units=3),
+                    dict(upsample_pixels=3), dict(upsample_pixels=8)):
             with pytest.raises(RuntimeError):
                 _C._set_cuda_plan(**bad)
         assert _C._set_cuda_plan(*before) == before   # a failed call changes nothing
@@ -470,29 +471,34 @@ def test_cuda_plan_overrides_are_checked_and_restored():
 @pytest.mark.cuda
 @pytest.mark.parametrize("cfg", [dict(max_threads=64, tile_pixels=256), dict(max_threads=256, tile_pixels=4096),
                                  dict(cache_x=0), dict(smem_block=20 * 1024), dict(cell_units=0),
-                                 dict(cache_x=0, cell_units=0)],
+                                 dict(cache_x=0, cell_units=0), dict(upsample_pixels=1),
+                                 dict(upsample_pixels=2)],
                          ids=["t64-tile256", "t256-tile4096", "reread-x", "smem20k", "column-units",
-                              "reread-x-column-units"])
+                              "reread-x-column-units", "upsample1", "upsample2"])
 def test_cuda_plan_overrides_keep_results(cfg):
     """The plans tune_cuda.py tries compute the same function on the GPU: the CUDA ops under
-    each override against the reference (odd sizes: partial tiles, masked cells)."""
+    each override against the reference (odd sizes: partial tiles, masked cells; 4 x 5 cells,
+    where the upsampling takes a pixel a thread, and 4 x 8 cells of 28 x 56 pixels, where it may
+    take 4, plus its normalised form, associate_backward's)."""
     from stvit_kernels import _C, reference
     from .utils import make_inputs
-    t = make_inputs(3, 40, 20, 35, 4, 5, device="cuda", seed=7)   # 5 x 7 cells of 4 x 5
-    x, s, A = t["x"], t["s"], t["A"]
     ops = torch.ops.stvit
-    before = _C._set_cuda_plan(cfg.get("max_threads", 0), cfg.get("tile_pixels", 0),
-                               cfg.get("smem_block", 0), cfg.get("cache_x", -1),
-                               cfg.get("cell_units", -1))
-    try:
-        got = [*ops.affinity_aggregate(x, s, 4, 5, 0.3), *ops.aggregate(x, A, 4, 5),
-               ops.upsample(s, A, 4, 5)]
-    finally:
-        _C._set_cuda_plan(*before)
-    want = [*reference.affinity_aggregate(x, s, 4, 5, 0.3), *reference.aggregate(x, A, 4, 5),
-            reference.upsample(s, A, 4, 5)]
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    for (H, W, h, w) in ((20, 35, 4, 5), (28, 56, 4, 8)):
+        t = make_inputs(3, 40, H, W, h, w, device="cuda", seed=7)
+        x, s, A = t["x"], t["s"], t["A"]
+        den = torch.rand_like(s[:, :1]) + 0.5
+        before = _C._set_cuda_plan(cfg.get("max_threads", 0), cfg.get("tile_pixels", 0),
+                                   cfg.get("smem_block", 0), cfg.get("cache_x", -1),
+                                   cfg.get("cell_units", -1), cfg.get("upsample_pixels", 0))
+        try:
+            got = [*ops.affinity_aggregate(x, s, h, w, 0.3), *ops.aggregate(x, A, h, w),
+                   ops.upsample(s, A, h, w), ops.associate_backward(t["gnum"], A, den, h, w)]
+        finally:
+            _C._set_cuda_plan(*before)
+        want = [*reference.affinity_aggregate(x, s, h, w, 0.3), *reference.aggregate(x, A, h, w),
+                reference.upsample(s, A, h, w), reference.upsample(t["gnum"] / (den + 1e-12), A, h, w)]
+        for g, w_ in zip(got, want):
+            torch.testing.assert_close(g, w_, rtol=1e-4, atol=1e-5)
 
 
 def test_ncu_report_parses_ncu_csv(tmp_path):

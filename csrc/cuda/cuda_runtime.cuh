@@ -20,7 +20,8 @@ namespace cuda {
 // them, stvit::set_cuda_plan_overrides sets them): 0 keeps the device's default (cache_x and
 // cell_units: -1).
 struct PlanOverrides {
-  std::atomic<int> max_threads{0}, tile_pixels{0}, smem_block{0}, cache_x{-1}, cell_units{-1};
+  std::atomic<int> max_threads{0}, tile_pixels{0}, smem_block{0}, cache_x{-1}, cell_units{-1},
+      upsample_pixels{0};
 };
 inline PlanOverrides plan_overrides;
 
@@ -43,6 +44,9 @@ struct CudaRuntime {
     if (const int v = o.smem_block.load(std::memory_order_relaxed); v > 0) lim.smem_block = v;
     if (const int v = o.cache_x.load(std::memory_order_relaxed); v >= 0) lim.cache_x = v != 0;
     if (const int v = o.cell_units.load(std::memory_order_relaxed); v >= 0) lim.cell_units = v != 0;
+    if (const int v = o.upsample_pixels.load(std::memory_order_relaxed); v > 0) {
+      lim.upsample_pixels = v;
+    }
   }
 
   cuda::PlanLimits limits() const { return lim; }

@@ -50,7 +50,7 @@ bool pixel_dtype_ok_cuda(at::ScalarType pixel, at::ScalarType dtype) {
 }
 
 PlanValues set_cuda_plan_overrides(int64_t max_threads, int64_t tile_pixels, int64_t smem_block,
-                                   int64_t cache_x, int64_t cell_units) {
+                                   int64_t cache_x, int64_t cell_units, int64_t upsample_pixels) {
   TORCH_CHECK(max_threads == 0 || (max_threads >= 32 && max_threads <= cuda::kMaxThreads &&
                                    max_threads % 32 == 0),
               "max_threads must be 0 (default) or a multiple of 32 in [32, ", cuda::kMaxThreads,
@@ -62,12 +62,16 @@ PlanValues set_cuda_plan_overrides(int64_t max_threads, int64_t tile_pixels, int
   TORCH_CHECK(cache_x >= -1 && cache_x <= 1, "cache_x must be -1 (default), 0 or 1, got ", cache_x);
   TORCH_CHECK(cell_units >= -1 && cell_units <= 1, "cell_units must be -1 (default), 0 or 1, got ",
               cell_units);
+  TORCH_CHECK(upsample_pixels == 0 || upsample_pixels == 1 || upsample_pixels == 2 ||
+                  upsample_pixels == 4,
+              "upsample_pixels must be 0 (default), 1, 2 or 4, got ", upsample_pixels);
   cuda::PlanOverrides& o = cuda::plan_overrides;
   return {o.max_threads.exchange(static_cast<int>(max_threads)),
           o.tile_pixels.exchange(static_cast<int>(tile_pixels)),
           o.smem_block.exchange(static_cast<int>(smem_block)),
           o.cache_x.exchange(static_cast<int>(cache_x)),
-          o.cell_units.exchange(static_cast<int>(cell_units))};
+          o.cell_units.exchange(static_cast<int>(cell_units)),
+          o.upsample_pixels.exchange(static_cast<int>(upsample_pixels))};
 }
 
 }  // namespace stvit

@@ -665,9 +665,15 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
 
 // ------------------------------------------------------------------------------------------------
 // y[:, p] = sum over valid k of A[k, p] * s[:, nbr_k(p)] (NORMALISED: of s / (den + 1e-12), s with
-// the strides p.s_sc, p.s_sn; see stage_stokens): one thread per pixel, its 9 weights in
-// registers (invalid ones zeroed), the super tokens from shared memory, V channels at a time.
-template <typename scalar_t, bool NORMALISED, typename pixel_t = scalar_t>
+// the strides p.s_sc, p.s_sn; see stage_stokens): one thread per L consecutive pixels of a cell
+// row (L divides w and W, and A and y are aligned to L elements: upsample_impl), their 9 x L
+// weights in registers (invalid ones zeroed), the super tokens from shared memory, V channels at
+// a time: each vector read of s serves L pixels, and y is written L pixels per store through a
+// pointer stepped by a channel plane. With L = 1 the loop was issue-bound on an H200 (about 100
+// instructions per 4 outputs: 9 reads of s, 36 multiply-adds and 4 scalar stores, each with its
+// own 64-bit address arithmetic and bounds branch; 36.6 us at stage 1, float32, against ~14 us of
+// traffic).
+template <typename scalar_t, bool NORMALISED, typename pixel_t = scalar_t, int L = 1>
 __global__ void __launch_bounds__(kMaxThreads) upsample_kernel(
     const UpsampleParams<scalar_t, NORMALISED, pixel_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -682,28 +688,37 @@ __global__ void __launch_bounds__(kMaxThreads) upsample_kernel(
   const int64_t HW = static_cast<int64_t>(p.H) * p.W;
   const scalar_t* s_b = p.s + t.b * p.C * static_cast<int64_t>(p.hh) * p.ww;
   pixel_t* y_b = p.y + t.b * p.C * HW;
+  const int TWG = t.TW / L;  // groups of L pixels per tile row
+  const int TG = p.h * TWG;
 
-  for (int pb = 0; pb < t.TP; pb += BS) {
-    const int pi = pb + threadIdx.x;
-    const bool active = pi < t.TP;
+  for (int gb = 0; gb < TG; gb += BS) {
+    const int gi = gb + threadIdx.x;
+    const bool active = gi < TG;
     int tc = 0;
     int64_t pix = 0;
-    acc_t a[9];
+    acc_t a[9][L];
 #pragma unroll
-    for (int k = 0; k < 9; ++k) a[k] = acc_t(0);
+    for (int k = 0; k < 9; ++k) {
+#pragma unroll
+      for (int l = 0; l < L; ++l) a[k][l] = acc_t(0);
+    }
     if (active) {
-      const int r = pi / t.TW;
-      const int col = pi - r * t.TW;
+      const int r = gi / TWG;
+      const int col = (gi - r * TWG) * L;
       tc = col / p.w;
       pix = static_cast<int64_t>(t.ci * p.h + r) * p.W + t.cj0 * p.w + col;
       const scalar_t* Ap = p.A_in + t.b * 9 * HW + pix;
       const int cj = t.cj0 + tc;
 #pragma unroll
       for (int k = 0; k < 9; ++k) {
-        if (neighbour_valid(k, t.ci, cj, p.hh, p.ww)) a[k] = static_cast<acc_t>(Ap[k * HW]);
+        if (neighbour_valid(k, t.ci, cj, p.hh, p.ww)) {
+          const Vec<scalar_t, L> av = load_vec<scalar_t, L>(Ap + k * HW);
+#pragma unroll
+          for (int l = 0; l < L; ++l) a[k][l] = static_cast<acc_t>(av.v[l]);
+        }
       }
     }
-    const bool restage = (p.C > p.CK) || (pb == 0);
+    const bool restage = (p.C > p.CK) || (gb == 0);
     for (int c0 = 0; c0 < p.C; c0 += p.CK) {
       if (restage) {
         __syncthreads();
@@ -713,23 +728,35 @@ __global__ void __launch_bounds__(kMaxThreads) upsample_kernel(
       if (active) {
         const int nv = imin(p.CK, p.C - c0);
         pixel_t* yp = y_b + c0 * HW + pix;
-#pragma unroll 2
+        const acc_t* s_tc = s_sh + tc * p.SK;
         for (int cc = 0; cc < nv; cc += V) {
-          acc_t out[V];
-#pragma unroll
-          for (int v = 0; v < V; ++v) out[v] = acc_t(0);
-#pragma unroll
-          for (int k = 0; k < 9; ++k) {
-            const Vec<acc_t, V> sv =
-                load_vec<acc_t, V>(s_sh + ((k / 3) * NCE + tc + k % 3) * p.SK + cc);
-#pragma unroll
-            for (int v = 0; v < V; ++v) out[v] += a[k] * sv.v[v];
-          }
+          acc_t out[V][L];
 #pragma unroll
           for (int v = 0; v < V; ++v) {
-            if (cc + v < nv) {
-              yp[(cc + v) * HW] = static_cast<pixel_t>(static_cast<scalar_t>(out[v]));
+#pragma unroll
+            for (int l = 0; l < L; ++l) out[v][l] = acc_t(0);
+          }
+#pragma unroll
+          for (int k = 0; k < 9; ++k) {
+            const Vec<acc_t, V> sv = load_vec<acc_t, V>(s_tc + ((k / 3) * NCE + k % 3) * p.SK + cc);
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+#pragma unroll
+              for (int l = 0; l < L; ++l) out[v][l] += a[k][l] * sv.v[v];
             }
+          }
+          const int nc = imin(V, nv - cc);
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            if (v < nc) {
+              Vec<pixel_t, L> o;
+#pragma unroll
+              for (int l = 0; l < L; ++l) {
+                o.v[l] = static_cast<pixel_t>(static_cast<scalar_t>(out[v][l]));
+              }
+              store_vec(yp, o);
+            }
+            yp += HW;
           }
         }
       }
@@ -878,6 +905,7 @@ struct PlanLimits {
   bool cache_x = true;           // keep x on chip when it fits (tests turn it off)
   int tile_pixels = 1024;        // pixels per tile aimed at when aggregating (see plan_cells)
   bool cell_units = true;        // cell units where they fit (tests and benchmarks turn it off)
+  int upsample_pixels = 4;       // the most pixels per thread of the upsample (1, 2 or 4)
 };
 
 struct Plan {
@@ -901,14 +929,15 @@ inline size_t align16(size_t n) { return (n + 15) & ~static_cast<size_t>(15); }
 
 // kind: kPlanStokens (affinity, upsample: staged super tokens only), kPlanAggregate (A and x
 // tiles), kPlanFused (all three). acc_size / scalar_size: sizeof the accumulation / storage type.
+// px: pixels per thread (the upsample's L; 1 for every other kernel).
 //
-// Affinity and upsample: a tile is at most one block of pixels. Aggregating kernels: a tile aims at
+// Affinity and upsample: a tile is at most one block of threads' pixels. Aggregating kernels: a tile aims at
 // L.tile_pixels pixels whatever the block size (several batches per tile, partial sums carried in
 // the workspace, which stays in L2 between batches), because the workspace traffic per cell falls
 // with the tile width: 3 * (NC + 2) / NC slots of C+1 values per cell, 9 for NC = 1, 3 for a full
 // row of cells. The block size is the largest that keeps the batch's x on chip.
 inline Plan plan_cells(int kind, int C, int h, int w, int ww, int acc_size, int scalar_size,
-                       const PlanLimits& L) {
+                       const PlanLimits& L, int px = 1) {
   const int V = 16 / acc_size;
   const int P = h * w;
   const bool need_s = kind != kPlanAggregate;
@@ -916,9 +945,9 @@ inline Plan plan_cells(int kind, int C, int h, int w, int ww, int acc_size, int 
 
   auto attempt_units = [&](int cand, bool cache, size_t limit, bool units, Plan& pl) -> bool {
     pl = Plan();
-    const int target = need_a ? imax(cand, L.tile_pixels) : cand;
+    const int target = need_a ? imax(cand, L.tile_pixels) : cand * px;
     pl.NC = P >= target ? 1 : imin(ww, imin(target / P, kMaxCellsPerTile));
-    pl.BS = imin(cand, round_up(pl.NC * P, 32));
+    pl.BS = imin(cand, round_up((pl.NC * P + px - 1) / px, 32));
     pl.NT = (ww + pl.NC - 1) / pl.NC;
     pl.CW = round_up(C + 1, V);
     pl.XC = round_up(C + 1, 2 * V) + V;  // XC / V odd: conflict-free vector reads of x rows

@@ -7,7 +7,9 @@
 //   void launch(kernel, int64_t blocks, int threads, size_t smem, params);
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -101,11 +103,12 @@ CellParams<scalar_t, pixel_t> cell_params(const Plan& pl, int64_t C, int64_t H, 
 }
 
 template <typename scalar_t>
-Plan plan_for(int kind, int64_t C, int64_t h, int64_t w, int64_t ww, const PlanLimits& L) {
+Plan plan_for(int kind, int64_t C, int64_t h, int64_t w, int64_t ww, const PlanLimits& L,
+              int px = 1) {
   using acc_t = at::opmath_type<scalar_t>;
   return plan_cells(kind, static_cast<int>(C), static_cast<int>(h), static_cast<int>(w),
                     static_cast<int>(ww), static_cast<int>(sizeof(acc_t)),
-                    static_cast<int>(sizeof(scalar_t)), L);
+                    static_cast<int>(sizeof(scalar_t)), L, px);
 }
 
 // The partial-sum workspace [B, hh, NT, 3, NC+2, CW] in the accumulation type.
@@ -212,6 +215,37 @@ std::tuple<at::Tensor, at::Tensor> aggregate_impl(RT& rt, const at::Tensor& x, c
   return {num, den};
 }
 
+// The widest vector of L pixels along a cell row, L <= `most` a power of two, that divides w and
+// W and keeps the data of every tensor in `ts` aligned to L of its elements (a vector of L
+// elements of each at any pixel p with p % L == 0).
+inline int pixel_vector(int most, int64_t W, int64_t w, std::initializer_list<at::Tensor> ts) {
+  int L = 1;
+  while (L * 2 <= most) L *= 2;
+  auto fits = [&](int n) {
+    if (w % n != 0 || W % n != 0) return false;
+    for (const at::Tensor& t : ts) {
+      if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % (n * t.element_size()) != 0) {
+        return false;
+      }
+    }
+    return true;
+  };
+  while (L > 1 && !fits(L)) L /= 2;
+  return L;
+}
+
+// upsample_kernel<..., L> for L = `want` among Lmax, Lmax / 2, ..., 1.
+template <typename scalar_t, bool NORMALISED, typename pixel_t, int Lmax, class RT>
+void launch_upsample(RT& rt, int want, int64_t blocks, const Plan& pl,
+                     const UpsampleParams<scalar_t, NORMALISED, pixel_t>& p) {
+  if constexpr (Lmax > 1) {
+    if (want < Lmax) {
+      return launch_upsample<scalar_t, NORMALISED, pixel_t, Lmax / 2>(rt, want, blocks, pl, p);
+    }
+  }
+  rt.launch(upsample_kernel<scalar_t, NORMALISED, pixel_t, Lmax>, blocks, pl.BS, pl.smem, p);
+}
+
 // Any layout of s (read in place when contiguous; with `den`, also when token-major, the strides
 // of channels_last that the refine's backward leaves: a [B, hh * ww, C] tensor viewed as
 // [B, C, hh, ww]; else a contiguous copy first); with `den` [B, 1, hh, ww] (contiguous),
@@ -249,7 +283,11 @@ at::Tensor upsample_impl(RT& rt, const at::Tensor& s_in, const at::Tensor& A, in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "stvit_upsample_cuda", [&] {
     with_pixel_type<scalar_t>(y_dtype, [&](auto tag) {
       using pixel_t = typename decltype(tag)::type;
-      const Plan pl = plan_for<scalar_t>(kPlanStokens, C, h, w, ww, rt.limits());
+      // pixels per thread: vectors of A and y of at most 16 bytes, at most 4 pixels (registers)
+      constexpr int wide = 16 / static_cast<int>(std::max(sizeof(scalar_t), sizeof(pixel_t)));
+      constexpr int most = std::min(4, wide);
+      const int L = pixel_vector(imin(most, rt.limits().upsample_pixels), W, w, {A, y});
+      const Plan pl = plan_for<scalar_t>(kPlanStokens, C, h, w, ww, rt.limits(), L);
       CellParams<scalar_t, pixel_t> p = cell_params<scalar_t, pixel_t>(pl, C, H, W, h, w);
       p.s = s.data_ptr<scalar_t>();
       p.A_in = A.data_ptr<scalar_t>();
@@ -261,24 +299,15 @@ at::Tensor upsample_impl(RT& rt, const at::Tensor& s_in, const at::Tensor& A, in
         q.den = den.data_ptr<scalar_t>();
         q.s_sc = token_major ? 1 : hh * ww;
         q.s_sn = token_major ? C : 1;
-        rt.launch(upsample_kernel<scalar_t, true, pixel_t>, blocks, pl.BS, pl.smem, q);
+        launch_upsample<scalar_t, true, pixel_t, most>(rt, L, blocks, pl, q);
       } else if constexpr (std::is_same_v<pixel_t, scalar_t>) {
-        rt.launch(upsample_kernel<scalar_t, false>, blocks, pl.BS, pl.smem, p);
+        launch_upsample<scalar_t, false, pixel_t, most>(rt, L, blocks, pl, p);
       } else {
         TORCH_CHECK(false, op, ": a float32 y is for the normalised upsampling only");
       }
     });
   });
   return y;
-}
-
-// The widest vector (elements, at most 16 bytes) that divides w and W and the alignment of x.
-template <typename pixel_t>
-int pool_vector(const at::Tensor& x, int64_t W, int64_t w) {
-  const auto addr = reinterpret_cast<uintptr_t>(x.const_data_ptr());
-  int L = 16 / static_cast<int>(sizeof(pixel_t));
-  while (L > 1 && (w % L != 0 || W % L != 0 || addr % (L * sizeof(pixel_t)) != 0)) L /= 2;
-  return L;
 }
 
 // pool_kernel<scalar_t, L> for the widest L <= `want` among L, L / 2, ..., 1.
@@ -313,8 +342,8 @@ at::Tensor pool_impl(RT& rt, const at::Tensor& x, int64_t h, int64_t w,
       set_grid(p, H, W, h, w);
       const int64_t blocks =
           imin<int64_t>((p.total + kMaxThreads - 1) / kMaxThreads, int64_t(1) << 20);
-      launch_pool<scalar_t, pixel_t, 16 / sizeof(pixel_t)>(rt, pool_vector<pixel_t>(x, W, w),
-                                                           blocks, p);
+      constexpr int most = 16 / sizeof(pixel_t);
+      launch_pool<scalar_t, pixel_t, most>(rt, pixel_vector(most, W, w, {x}), blocks, p);
     });
   });
   return s;

@@ -36,7 +36,7 @@ struct EmuRuntime {
   }
 };
 
-EmuRuntime make_rt(int max_threads, int64_t smem_soft, int64_t smem_max, int64_t smem_block, int max_chunk, bool cache_x, int tile_pixels, bool cell_units, int order_mode, int64_t seed) {
+EmuRuntime make_rt(int max_threads, int64_t smem_soft, int64_t smem_max, int64_t smem_block, int max_chunk, bool cache_x, int tile_pixels, bool cell_units, int upsample_pixels, int order_mode, int64_t seed) {
   EmuRuntime rt;
   rt.lim.max_threads = max_threads;
   rt.lim.smem_soft = smem_soft;
@@ -46,15 +46,16 @@ EmuRuntime make_rt(int max_threads, int64_t smem_soft, int64_t smem_max, int64_t
   rt.lim.cache_x = cache_x;
   rt.lim.tile_pixels = tile_pixels;
   rt.lim.cell_units = cell_units;
+  rt.lim.upsample_pixels = upsample_pixels;
   rt.order_mode = order_mode;
   rt.seed = seed;
   return rt;
 }
 }  // namespace
 
-// cfg = (max_threads, smem_soft, smem_max, smem_block, max_chunk, cache_x, tile_pixels, cell_units, order_mode, seed)
-#define CFG int max_threads, int64_t smem_soft, int64_t smem_max, int64_t smem_block, int max_chunk, bool cache_x, int tile_pixels, bool cell_units, int order_mode, int64_t seed
-#define RT auto rt = make_rt(max_threads, smem_soft, smem_max, smem_block, max_chunk, cache_x, tile_pixels, cell_units, order_mode, seed)
+// cfg = (max_threads, smem_soft, smem_max, smem_block, max_chunk, cache_x, tile_pixels, cell_units, upsample_pixels, order_mode, seed)
+#define CFG int max_threads, int64_t smem_soft, int64_t smem_max, int64_t smem_block, int max_chunk, bool cache_x, int tile_pixels, bool cell_units, int upsample_pixels, int order_mode, int64_t seed
+#define RT auto rt = make_rt(max_threads, smem_soft, smem_max, smem_block, max_chunk, cache_x, tile_pixels, cell_units, upsample_pixels, order_mode, seed)
 
 at::Tensor affinity(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w, double scale, bool softmax, CFG) {
   RT; return stvit::cuda::affinity_impl(rt, x, s, h, w, scale, softmax);

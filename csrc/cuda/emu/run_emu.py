@@ -31,18 +31,20 @@ emu = load(name=os.environ.get("STVIT_EMU_NAME", "stvit_emu") + f"_{_h}_torch{_t
 torch.use_deterministic_algorithms(True)
 torch.utils.deterministic.fill_uninitialized_memory = True
 
-CONFIGS = {  # (max_threads, smem_soft, smem_max, smem_block, max_chunk, cache_x, tile_pixels, cell_units)
-    "prod":      (256, 48 * 1024, 227 * 1024, 55 * 1024, 1 << 30, True, 1024, True),  # sm_90's limits
-    "sm80":      (256, 48 * 1024, 163 * 1024, 40 * 1024, 1 << 30, True, 1024, True),  # sm_80's limits
-    "columns":   (256, 48 * 1024, 227 * 1024, 55 * 1024, 1 << 30, True, 1024, False), # sm_90's, column units
-    "chunk8":    (256, 48 * 1024, 227 * 1024, 48 * 1024, 8, True, 1024, True),       # many s chunks (double: 4)
-    "threads32": (32, 48 * 1024, 227 * 1024, 48 * 1024, 1 << 30, True, 1024, True),  # many batches per tile
-    "tile1":     (64, 48 * 1024, 227 * 1024, 48 * 1024, 1 << 30, True, 1, True),     # tile = block (large cells loop)
-    "nocache":   (64, 48 * 1024, 48 * 1024, 48 * 1024, 8, False, 200, True),         # partial sums re-read x
-    "nocache_columns": (64, 48 * 1024, 48 * 1024, 48 * 1024, 8, False, 200, False),  # the same, column units
-    "optin":     (256, 20000, 227 * 1024, 20000, 1 << 30, True, 1024, True),         # x cache only with opt-in smem
+CONFIGS = {  # (max_threads, smem_soft, smem_max, smem_block, max_chunk, cache_x, tile_pixels, cell_units,
+             #  upsample_pixels)
+    "prod":      (256, 48 * 1024, 227 * 1024, 55 * 1024, 1 << 30, True, 1024, True, 4),  # sm_90's limits
+    "sm80":      (256, 48 * 1024, 163 * 1024, 40 * 1024, 1 << 30, True, 1024, True, 4),  # sm_80's limits
+    "columns":   (256, 48 * 1024, 227 * 1024, 55 * 1024, 1 << 30, True, 1024, False, 2), # sm_90's, column units, 2-pixel upsample
+    "chunk8":    (256, 48 * 1024, 227 * 1024, 48 * 1024, 8, True, 1024, True, 4),       # many s chunks (double: 4)
+    "threads32": (32, 48 * 1024, 227 * 1024, 48 * 1024, 1 << 30, True, 1024, True, 4),  # many batches per tile
+    "tile1":     (64, 48 * 1024, 227 * 1024, 48 * 1024, 1 << 30, True, 1, True, 1),     # tile = block (large cells loop), 1-pixel upsample
+    "nocache":   (64, 48 * 1024, 48 * 1024, 48 * 1024, 8, False, 200, True, 2),         # partial sums re-read x
+    "nocache_columns": (64, 48 * 1024, 48 * 1024, 48 * 1024, 8, False, 200, False, 1),  # the same, column units
+    "optin":     (256, 20000, 227 * 1024, 20000, 1 << 30, True, 1024, True, 4),         # x cache only with opt-in smem
 }
-# the production plans of sm_90 and sm_80, and sm_90's with column units (QUICK=1, CI)
+# the production plans of sm_90 and sm_80, and sm_90's with column units and 2-pixel upsampling
+# threads (QUICK=1, CI)
 QUICK_CONFIGS = ("prod", "sm80", "columns")
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
@@ -103,10 +105,13 @@ def run_case(B, C, H, W, h, w, dtype, cfg_name, order, seed):
             print(f"FAIL aggregate(token-major): num strides {num3.stride()} [{info}]"); ok = False
     if not (ones.shape == den2.shape and bool((ones == 1).all())):
         print(f"FAIL aggregate(den_ones): not all ones [{info}]"); ok = False
-    # upsample
+    # upsample; also with A at an offset of one element (its vectors misaligned: 1 pixel a thread)
     if C:
         y = emu.upsample(sd, Ad, h, w, *cfg)
         ok &= check("upsample", y, ref.upsample(s64, A64, h, w), dtype, info)
+        A_off = torch.cat([Ad.flatten(), Ad.flatten()[:1]])[1:].view_as(Ad)
+        A_off.copy_(Ad)
+        ok &= same("upsample(A misaligned)", emu.upsample(sd, A_off, h, w, *cfg), y, info)
         y2 = emu.upsample(sd, Ag, h, w, *cfg)
         ok &= check("upsample(signed A)", y2, ref.upsample(s64, Ag.double(), h, w), dtype, info)
         # associate_backward's: s token-major (channels_last strides), divided by den + 1e-12

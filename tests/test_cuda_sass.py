@@ -1,0 +1,77 @@
+"""The sm_90 machine code of the built CUDA kernels, read without a GPU (cuobjdump ships with
+Triton): instruction counts of inner loops, where a kernel's speed on an H100 / H200 follows from
+them.
+
+The upsampling's channel loop was issue-bound on an H200 (36.6 us at stage 1, float32, for ~14 us
+of traffic; benchmarks/results/h200-2026-12-04): about 32 instructions per output, each of its
+scalar stores with its own 64-bit address arithmetic and bounds branch. With L pixels per thread
+(sta_kernels.cuh, upsample_kernel) the loop has 9 multiply-adds per output and little else."""
+from __future__ import annotations
+
+import collections
+import functools
+import re
+import subprocess
+
+import pytest
+
+from stvit_kernels import _ext
+
+pytestmark = pytest.mark.skipif(not _ext.built_with_cuda(),
+                                reason="needs the extension built with the CUDA kernels")
+
+
+@functools.lru_cache(maxsize=1)
+def _sass() -> dict:
+    """{demangled kernel name: [(address, instruction)]} of the extension's sm_90 code."""
+    triton = pytest.importorskip("triton")
+    from triton import knobs
+    del triton
+    from stvit_kernels import _C
+    out = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", "-arch", "sm_90", _C.__file__],
+                         capture_output=True, text=True, check=True).stdout
+    names, kernels = [], {}
+    for chunk in re.split(r"\n\s*Function : ", out)[1:]:
+        names.append(chunk.split("\n", 1)[0].strip())
+        kernels[names[-1]] = [(int(a, 16), op.strip()) for a, op in
+                              re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", chunk)]
+    demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True,
+                               text=True, check=True).stdout.splitlines()
+    return {d: kernels[n] for d, n in zip(demangled, names)}
+
+
+def _kernel(prefix: str):
+    hits = [k for k in _sass() if k.startswith(prefix)]
+    assert len(hits) == 1, (prefix, hits)
+    return _sass()[hits[0]]
+
+
+def _innermost_fma_loop(code) -> collections.Counter:
+    """Opcode counts of the shortest loop (a backward branch and its target) that multiplies."""
+    index = {a: i for i, (a, _) in enumerate(code)}
+    best = None
+    for i, (a, op) in enumerate(code):
+        m = re.search(r"\bBRA (?:!?P\d, )?0x([0-9a-f]+)", op)
+        if m is None or int(m.group(1), 16) >= a:
+            continue
+        body = [re.sub(r"^@!?U?P\w+\s+", "", o).split()[0].split(".")[0]
+                for _, o in code[index[int(m.group(1), 16)]:i + 1]]
+        ops = collections.Counter(body)
+        if ops["FFMA"] and (best is None or sum(ops.values()) < sum(best.values())):
+            best = ops
+    assert best is not None, "no loop with FFMA"
+    return best
+
+
+@pytest.mark.parametrize("normalised", [False, True], ids=["upsample", "normalised"])
+@pytest.mark.parametrize("L,most", [(4, 13.5), (2, 18.0), (1, 24.0)])
+def test_upsample_channel_loop_is_multiply_adds(L, most, normalised):
+    """float32, L pixels a thread: per trip of the channel loop 4 channels x L pixels of output,
+    9 x 4 x L multiply-adds, 9 reads of s (LDS.128, each for all L pixels) and 4 stores (one per
+    channel, L pixels each); at most `most` instructions per output in all (the loop of one pixel
+    a thread was 254 instructions for 8 outputs before 2026-12-07: 31.8 each)."""
+    name = f"void stvit::cuda::upsample_kernel<float, {str(normalised).lower()}, float, {L}>"
+    ops = _innermost_fma_loop(_kernel(name))
+    outputs = 4 * L
+    assert ops["FFMA"] == 9 * outputs and ops["LDS"] == 9 and ops["STG"] == 4, ops
+    assert sum(ops.values()) / outputs <= most, (sum(ops.values()) / outputs, ops)
