@@ -11,7 +11,8 @@
 //                                qkvh; the scores, softmax (-> attn) and o = attn v (-> o)
 //   refine_core_backward_kernel  one block per (b, head): from go (the gradient of o), q, k, v and
 //                                attn, the gradients of q, k, v written token-major in the qkv
-//                                channel order, dqkv [B * N, 3C] (the input of the weight products)
+//                                channel order, dqkv [B * N, 3C] (the input of the weight products);
+//                                two products at a time, one per half of its 512 threads
 //
 // Every product is a block_gemm: 4 x 4 register tiles, one per thread at a time; the 4 columns of
 // a tile are interleaved (j, j + n4, j + 2 n4, j + 3 n4), so consecutive threads read consecutive
@@ -68,18 +69,24 @@ inline size_t refine_backward_smem(int64_t d, int64_t N, int acc_bytes) {
 }
 
 constexpr int kRefineThreads = 256;
+// The backward's: two halves of 256 threads, each with a product of its own where two are
+// independent (dv beside dattn, dq beside dk). At the STViT stages a product has at most 208 4 x 4
+// tiles: one tile, K steps, per thread; one after the other, the four made a chain of 211 steps at
+// stage 1 (N = 49, d = 64), side by side 113.
+constexpr int kRefineBackwardThreads = 512;
 
 // The M x Nc product R[i, j] = sum_k a(i, k) * b(k, j), handed to store(i, j, value) for every
-// (i, j), by 4 x 4 register tiles over the block's threads. A tile takes 4 consecutive rows
-// i0 .. i0+3 and the interleaved columns jt, jt + n4, jt + 2 n4, jt + 3 n4 (n4 = ceil(Nc / 4)),
-// so consecutive threads (consecutive jt) read consecutive columns of b. Out-of-range rows and
-// columns read a clamped index and are not stored. Ends without a barrier.
+// (i, j), by 4 x 4 register tiles over threads tid = 0 .. nthr - 1 (the block's, or a part of it
+// while the other part does another product). A tile takes 4 consecutive rows i0 .. i0+3 and the
+// interleaved columns jt, jt + n4, jt + 2 n4, jt + 3 n4 (n4 = ceil(Nc / 4)), so consecutive
+// threads (consecutive jt) read consecutive columns of b. Out-of-range rows and columns read a
+// clamped index and are not stored. Ends without a barrier.
 template <typename acc_t, class LoadA, class LoadB, class Store>
 __device__ __forceinline__ void block_gemm(int M, int Nc, int K, const LoadA& a, const LoadB& b,
-                                           const Store& store) {
+                                           const Store& store, int tid, int nthr) {
   constexpr int R = 4;
   const int m4 = (M + R - 1) / R, n4 = (Nc + R - 1) / R;
-  for (int t = threadIdx.x; t < m4 * n4; t += blockDim.x) {
+  for (int t = tid; t < m4 * n4; t += nthr) {
     const int i0 = (t / n4) * R, jt = t % n4;
     int ii[R], jj[R];
 #pragma unroll
@@ -170,7 +177,7 @@ __global__ void __launch_bounds__(kRefineThreads) refine_core_forward_kernel(
   block_gemm<acc_t>(
       N, N, d, [&](int i, int e) { return Q[e * N + i]; },
       [&](int e, int j) { return Kt[e * N + j]; },
-      [&](int i, int j, acc_t v) { P[i * ldp + j] = v * p.scale; });
+      [&](int i, int j, acc_t v) { P[i * ldp + j] = v * p.scale; }, threadIdx.x, blockDim.x);
   __syncthreads();
   block_softmax(P, ldp, N, p.attn + bh * N * N);
   __syncthreads();
@@ -178,11 +185,12 @@ __global__ void __launch_bounds__(kRefineThreads) refine_core_forward_kernel(
   block_gemm<acc_t>(
       d, N, N, [&](int e, int j) { return V[e * N + j]; },
       [&](int j, int n) { return P[n * ldp + j]; },
-      [&](int e, int n, acc_t v) { p.o[(b * N + n) * C + h * d + e] = static_cast<scalar_t>(v); });
+      [&](int e, int n, acc_t v) { p.o[(b * N + n) * C + h * d + e] = static_cast<scalar_t>(v); },
+      threadIdx.x, blockDim.x);
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kRefineThreads) refine_core_backward_kernel(
+__global__ void __launch_bounds__(kRefineBackwardThreads) refine_core_backward_kernel(
     const RefineParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   STVIT_DYNAMIC_SMEM(smem);
@@ -216,16 +224,22 @@ __global__ void __launch_bounds__(kRefineThreads) refine_core_backward_kernel(
 
   // row n of dqkv for this head: channels h 3d + (0: q, 1: k, 2: v) d + e
   scalar_t* dq_b = p.dqkv + b * N * C3 + h * 3 * d;
-  // dv[j, e] = sum_i attn[i, j] go[i, e]
-  block_gemm<acc_t>(
-      N, d, N, [&](int j, int i) { return P[i * ldp + j]; },
-      [&](int i, int e) { return G[i * ld + e]; },
-      [&](int j, int e, acc_t v) { dq_b[j * C3 + 2 * d + e] = static_cast<scalar_t>(v); });
-  // dattn[i, j] = sum_e go[i, e] v[j, e]
-  block_gemm<acc_t>(
-      N, N, d, [&](int i, int e) { return G[i * ld + e]; },
-      [&](int e, int j) { return V[j * ld + e]; },
-      [&](int i, int j, acc_t v) { D[i * ldp + j] = v; });
+  // two products at a time, one per half of the block
+  const int half = blockDim.x / 2;
+  const bool first = static_cast<int>(threadIdx.x) < half;
+  const int tid = first ? threadIdx.x : threadIdx.x - half;
+  if (first) {  // dv[j, e] = sum_i attn[i, j] go[i, e]
+    block_gemm<acc_t>(
+        N, d, N, [&](int j, int i) { return P[i * ldp + j]; },
+        [&](int i, int e) { return G[i * ld + e]; },
+        [&](int j, int e, acc_t v) { dq_b[j * C3 + 2 * d + e] = static_cast<scalar_t>(v); }, tid,
+        half);
+  } else {  // dattn[i, j] = sum_e go[i, e] v[j, e]
+    block_gemm<acc_t>(
+        N, N, d, [&](int i, int e) { return G[i * ld + e]; },
+        [&](int e, int j) { return V[j * ld + e]; },
+        [&](int i, int j, acc_t v) { D[i * ldp + j] = v; }, tid, half);
+  }
   __syncthreads();
   // the softmax backward, one thread per row: dscores = attn * (dattn - <dattn, attn>_row)
   for (int i = threadIdx.x; i < N; i += blockDim.x) {
@@ -236,15 +250,19 @@ __global__ void __launch_bounds__(kRefineThreads) refine_core_backward_kernel(
     for (int j = 0; j < N; ++j) D[i * ldp + j] = P[i * ldp + j] * (D[i * ldp + j] - dot);
   }
   __syncthreads();
-  // dq[i, e] = scale sum_j dscores[i, j] k[j, e]; dk[j, e] = scale sum_i dscores[i, j] q[i, e]
-  block_gemm<acc_t>(
-      N, d, N, [&](int i, int j) { return D[i * ldp + j]; },
-      [&](int j, int e) { return K[j * ld + e]; },
-      [&](int i, int e, acc_t v) { dq_b[i * C3 + e] = static_cast<scalar_t>(v * p.scale); });
-  block_gemm<acc_t>(
-      N, d, N, [&](int j, int i) { return D[i * ldp + j]; },
-      [&](int i, int e) { return Q[i * ld + e]; },
-      [&](int j, int e, acc_t v) { dq_b[j * C3 + d + e] = static_cast<scalar_t>(v * p.scale); });
+  if (first) {  // dq[i, e] = scale sum_j dscores[i, j] k[j, e]
+    block_gemm<acc_t>(
+        N, d, N, [&](int i, int j) { return D[i * ldp + j]; },
+        [&](int j, int e) { return K[j * ld + e]; },
+        [&](int i, int e, acc_t v) { dq_b[i * C3 + e] = static_cast<scalar_t>(v * p.scale); },
+        tid, half);
+  } else {  // dk[j, e] = scale sum_i dscores[i, j] q[i, e]
+    block_gemm<acc_t>(
+        N, d, N, [&](int j, int i) { return D[i * ldp + j]; },
+        [&](int i, int e) { return Q[i * ld + e]; },
+        [&](int j, int e, acc_t v) { dq_b[j * C3 + d + e] = static_cast<scalar_t>(v * p.scale); },
+        tid, half);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -330,7 +348,7 @@ void refine_core_backward_impl(RT& rt, const at::Tensor& go, const at::Tensor& q
     p.go = go.const_data_ptr<scalar_t>();
     p.attn = attn.data_ptr<acc_t>();
     p.dqkv = dqkv.data_ptr<scalar_t>();
-    rt.launch(refine_core_backward_kernel<scalar_t>, B * heads, kRefineThreads,
+    rt.launch(refine_core_backward_kernel<scalar_t>, B * heads, kRefineBackwardThreads,
               refine_backward_smem(C / heads, N, sizeof(acc_t)), p);
   });
 }
