@@ -788,22 +788,25 @@ struct ReduceParams {
   bool den_ones = false;
 };
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxThreads) reduce_kernel(const ReduceParams<scalar_t> p) {
+// The output of thread index idx: (b, u, v, c) with c fastest, in I = uint32_t where the
+// outputs are fewer than 2^31 (the usual case: 32-bit divisions, a few instructions each, where
+// 64-bit ones are a subroutine of ~70; the whole index math was most of the kernel's sm_90 code),
+// else int64_t.
+template <typename scalar_t, typename I>
+__device__ __forceinline__ void reduce_outputs(const ReduceParams<scalar_t>& p, I total) {
   using acc_t = at::opmath_type<scalar_t>;
   const int NCE = p.NC + 2;
-  const int64_t C1 = static_cast<int64_t>(p.C) + 1;
+  const I C1 = static_cast<I>(p.C) + 1, ww = static_cast<I>(p.ww), hh = static_cast<I>(p.hh);
   const int64_t tile_sz = static_cast<int64_t>(3) * NCE * p.CW;
-  const int64_t total = p.B * p.hh * p.ww * C1;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+  const I stride = static_cast<I>(gridDim.x) * blockDim.x;
+  for (I idx = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += stride) {
-    const int c = static_cast<int>(idx % C1);
-    int64_t cell = idx / C1;
-    const int v = static_cast<int>(cell % p.ww);
-    cell /= p.ww;
-    const int u = static_cast<int>(cell % p.hh);
-    const int64_t b = cell / p.hh;
+    I cell = idx / C1;
+    const int c = static_cast<int>(idx - cell * C1);
+    I rest = cell / ww;
+    const int v = static_cast<int>(cell - rest * ww);
+    const int64_t b = static_cast<int64_t>(rest / hh);
+    const int u = static_cast<int>(rest - static_cast<I>(b) * hh);
     const int T0 = v / p.NC;
     const int cv = v - T0 * p.NC;
     // the slots of column `col` (a channel, or C for den) that point at super token (u, v)
@@ -828,6 +831,16 @@ __global__ void __launch_bounds__(kMaxThreads) reduce_kernel(const ReduceParams<
     } else {
       p.den[(b * p.hh + u) * p.ww + v] = p.den_ones ? scalar_t(1) : static_cast<scalar_t>(sum);
     }
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads) reduce_kernel(const ReduceParams<scalar_t> p) {
+  const int64_t total = p.B * p.hh * p.ww * (static_cast<int64_t>(p.C) + 1);
+  if (total < (int64_t(1) << 31)) {
+    reduce_outputs<scalar_t, uint32_t>(p, static_cast<uint32_t>(total));
+  } else {
+    reduce_outputs<scalar_t, int64_t>(p, total);
   }
 }
 
