@@ -24,6 +24,8 @@
 // (refine_cuda.cu) takes the kernels only where they fit in a block's opt-in limit.
 #pragma once
 
+#include <cmath>
+
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -58,9 +60,21 @@ struct RefineParams {
   acc_t scale = 0;
 };
 
+// The forward's: its products in 2 x 4 tiles (at stage 1 325 and 416 of them, one per thread:
+// half the k-loop instructions of a 4 x 4 tile for each of a thread's k steps) and its softmax
+// with several threads per row (block_softmax).
+constexpr int kRefineForwardThreads = 512;
+// The backward's: two halves of 256 threads, each with a product of its own where two are
+// independent (dv beside dattn, dq beside dk). At the STViT stages a product has at most 208 4 x 4
+// tiles: one tile, K steps, per thread; one after the other, the four made a chain of 211 steps at
+// stage 1 (N = 49, d = 64), side by side 113.
+constexpr int kRefineBackwardThreads = 512;
+
 // Shared-memory bytes of the two kernels (acc_bytes: sizeof(acc_t)).
 inline size_t refine_forward_smem(int64_t d, int64_t N, int acc_bytes) {
-  return static_cast<size_t>(3 * d * N + N * odd_stride(static_cast<int>(N))) * acc_bytes;
+  return static_cast<size_t>(3 * d * N + N * odd_stride(static_cast<int>(N)) +
+                             kRefineForwardThreads) *
+         acc_bytes;
 }
 inline size_t refine_backward_smem(int64_t d, int64_t N, int acc_bytes) {
   return static_cast<size_t>(4 * N * odd_stride(static_cast<int>(d)) +
@@ -68,94 +82,112 @@ inline size_t refine_backward_smem(int64_t d, int64_t N, int acc_bytes) {
          acc_bytes;
 }
 
-constexpr int kRefineThreads = 256;
-// The backward's: two halves of 256 threads, each with a product of its own where two are
-// independent (dv beside dattn, dq beside dk). At the STViT stages a product has at most 208 4 x 4
-// tiles: one tile, K steps, per thread; one after the other, the four made a chain of 211 steps at
-// stage 1 (N = 49, d = 64), side by side 113.
-constexpr int kRefineBackwardThreads = 512;
-
 // The M x Nc product R[i, j] = sum_k a(i, k) * b(k, j), handed to store(i, j, value) for every
-// (i, j), by 4 x 4 register tiles over threads tid = 0 .. nthr - 1 (the block's, or a part of it
-// while the other part does another product). A tile takes 4 consecutive rows i0 .. i0+3 and the
-// interleaved columns jt, jt + n4, jt + 2 n4, jt + 3 n4 (n4 = ceil(Nc / 4)), so consecutive
+// (i, j), by RM x 4 register tiles over threads tid = 0 .. nthr - 1 (the block's, or a part of it
+// while the other part does another product). A tile takes RM consecutive rows i0 .. i0+RM-1 and
+// the interleaved columns jt, jt + n4, jt + 2 n4, jt + 3 n4 (n4 = ceil(Nc / 4)), so consecutive
 // threads (consecutive jt) read consecutive columns of b. Out-of-range rows and columns read a
 // clamped index and are not stored. Ends without a barrier.
-template <typename acc_t, class LoadA, class LoadB, class Store>
+template <typename acc_t, int RM = 4, class LoadA, class LoadB, class Store>
 __device__ __forceinline__ void block_gemm(int M, int Nc, int K, const LoadA& a, const LoadB& b,
                                            const Store& store, int tid, int nthr) {
-  constexpr int R = 4;
-  const int m4 = (M + R - 1) / R, n4 = (Nc + R - 1) / R;
-  for (int t = tid; t < m4 * n4; t += nthr) {
-    const int i0 = (t / n4) * R, jt = t % n4;
-    int ii[R], jj[R];
+  constexpr int RN = 4;
+  const int mt = (M + RM - 1) / RM, n4 = (Nc + RN - 1) / RN;
+  for (int t = tid; t < mt * n4; t += nthr) {
+    const int i0 = (t / n4) * RM, jt = t % n4;
+    int ii[RM], jj[RN];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      ii[r] = imin(i0 + r, M - 1);
-      jj[r] = imin(jt + r * n4, Nc - 1);
-    }
-    acc_t acc[R][R];
+    for (int r = 0; r < RM; ++r) ii[r] = imin(i0 + r, M - 1);
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < RN; ++q) jj[q] = imin(jt + q * n4, Nc - 1);
+    acc_t acc[RM][RN];
 #pragma unroll
-      for (int q = 0; q < R; ++q) acc[r][q] = acc_t(0);
+    for (int r = 0; r < RM; ++r) {
+#pragma unroll
+      for (int q = 0; q < RN; ++q) acc[r][q] = acc_t(0);
     }
 #pragma unroll 4
     for (int k = 0; k < K; ++k) {  // unrolled: the loads of 4 steps in flight before their FMAs
-      acc_t av[R], bv[R];
+      acc_t av[RM], bv[RN];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        av[r] = a(ii[r], k);
-        bv[r] = b(k, jj[r]);
-      }
+      for (int r = 0; r < RM; ++r) av[r] = a(ii[r], k);
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
+      for (int q = 0; q < RN; ++q) bv[q] = b(k, jj[q]);
 #pragma unroll
-        for (int q = 0; q < R; ++q) acc[r][q] += av[r] * bv[q];
+      for (int r = 0; r < RM; ++r) {
+#pragma unroll
+        for (int q = 0; q < RN; ++q) acc[r][q] += av[r] * bv[q];
       }
     }
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < RM; ++r) {
 #pragma unroll
-      for (int q = 0; q < R; ++q) {
+      for (int q = 0; q < RN; ++q) {
         if (i0 + r < M && jt + q * n4 < Nc) store(i0 + r, jt + q * n4, acc[r][q]);
       }
     }
   }
 }
 
-// Row-wise softmax of the N x N scores in P (row stride ld), in place, one thread per row; the
-// probabilities also go to attn (row stride N).
+// Row-wise softmax of the N x N scores in P (row stride ld), in place; the probabilities also go
+// to attn (row stride N). `per` = blockDim.x / N threads per row (at least 1; rows in passes of
+// blockDim.x / per), thread `part` of a row taking its columns part, part + per, ...: its max and
+// its sum of exponentials into red[] (blockDim.x acc_t of shared memory), the row's from the per
+// partials in a fixed order (deterministic). Every thread reaches every barrier. Until 2026-12-07
+// one thread per row: at stage 1 (N = 49) 49 threads of 256 each walked 3 x 49 values.
 template <typename acc_t>
-__device__ __forceinline__ void block_softmax(acc_t* P, int ld, int N, acc_t* __restrict__ attn) {
-  for (int i = threadIdx.x; i < N; i += blockDim.x) {
-    acc_t* row = P + i * ld;
-    acc_t m = row[0];
-#pragma unroll 4
-    for (int j = 1; j < N; ++j) m = row[j] > m ? row[j] : m;
-    acc_t sum = acc_t(0);
-#pragma unroll 4
-    for (int j = 0; j < N; ++j) {
-      row[j] = exp_acc(row[j] - m);
-      sum += row[j];
+__device__ __forceinline__ void block_softmax(acc_t* P, int ld, int N, acc_t* __restrict__ attn,
+                                              acc_t* red) {
+  const int T = blockDim.x;
+  const int per = imax(1, T / N), rows = T / per;
+  const int part = static_cast<int>(threadIdx.x) % per;
+  for (int r0 = 0; r0 < N; r0 += rows) {
+    const int i = r0 + static_cast<int>(threadIdx.x) / per;
+    const bool mine = static_cast<int>(threadIdx.x) < rows * per && i < N;
+    acc_t* row = P + (mine ? i : 0) * ld;
+    acc_t* rp = red + (static_cast<int>(threadIdx.x) - part);  // the row's per partials
+    acc_t m = -INFINITY;
+    if (mine) {
+      for (int j = part; j < N; j += per) m = row[j] > m ? row[j] : m;
+      red[threadIdx.x] = m;
     }
-    const acc_t inv = acc_t(1) / sum;
-#pragma unroll 4
-    for (int j = 0; j < N; ++j) {
-      row[j] *= inv;
-      attn[i * N + j] = row[j];
+    __syncthreads();
+    if (mine) {
+      m = rp[0];
+      for (int q = 1; q < per; ++q) m = rp[q] > m ? rp[q] : m;
     }
+    __syncthreads();  // red is rewritten below
+    if (mine) {
+      acc_t sum = acc_t(0);
+      for (int j = part; j < N; j += per) {
+        row[j] = exp_acc(row[j] - m);
+        sum += row[j];
+      }
+      red[threadIdx.x] = sum;
+    }
+    __syncthreads();
+    if (mine) {
+      acc_t sum = acc_t(0);
+      for (int q = 0; q < per; ++q) sum += rp[q];
+      const acc_t inv = acc_t(1) / sum;
+      for (int j = part; j < N; j += per) {
+        row[j] *= inv;
+        attn[i * N + j] = row[j];
+      }
+    }
+    __syncthreads();  // red is rewritten by the next pass
   }
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kRefineThreads) refine_core_forward_kernel(
+__global__ void __launch_bounds__(kRefineForwardThreads) refine_core_forward_kernel(
     const RefineParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   STVIT_DYNAMIC_SMEM(smem);
   const int C = p.C, N = p.N, d = p.d, ldp = odd_stride(N);
   acc_t* QKV = reinterpret_cast<acc_t*>(smem);  // [3d, N]: the head's q, k, v rows
   acc_t* P = QKV + 3 * d * N;                   // [N, ldp]
+  acc_t* red = P + N * ldp;                     // [blockDim.x] the softmax's partials
   const int64_t bh = blockIdx.x, b = bh / p.heads;
   const int h = static_cast<int>(bh % p.heads);
 
@@ -174,15 +206,14 @@ __global__ void __launch_bounds__(kRefineThreads) refine_core_forward_kernel(
   const acc_t* Q = QKV;  // [d, N]
   const acc_t* Kt = Q + d * N;
   const acc_t* V = Kt + d * N;
-  block_gemm<acc_t>(
+  block_gemm<acc_t, 2>(
       N, N, d, [&](int i, int e) { return Q[e * N + i]; },
       [&](int e, int j) { return Kt[e * N + j]; },
       [&](int i, int j, acc_t v) { P[i * ldp + j] = v * p.scale; }, threadIdx.x, blockDim.x);
   __syncthreads();
-  block_softmax(P, ldp, N, p.attn + bh * N * N);
-  __syncthreads();
+  block_softmax(P, ldp, N, p.attn + bh * N * N, red);
   // o[n, h d + e] = sum_j attn[n, j] v[e, j], in the input dtype (proj reads it so)
-  block_gemm<acc_t>(
+  block_gemm<acc_t, 2>(
       d, N, N, [&](int e, int j) { return V[e * N + j]; },
       [&](int j, int n) { return P[n * ldp + j]; },
       [&](int e, int n, acc_t v) { p.o[(b * N + n) * C + h * d + e] = static_cast<scalar_t>(v); },
@@ -311,7 +342,7 @@ void refine_forward_impl(RT& rt, const at::Tensor& s, const at::Tensor& wqkv,
     p.bqkv = data_or_null<scalar_t>(bqkv);
     p.attn = attn.data_ptr<acc_t>();
     p.o = o.data_ptr<scalar_t>();
-    rt.launch(refine_core_forward_kernel<scalar_t>, B * heads, kRefineThreads,
+    rt.launch(refine_core_forward_kernel<scalar_t>, B * heads, kRefineForwardThreads,
               refine_forward_smem(C / heads, N, sizeof(acc_t)), p);
   });
   const at::Tensor w = wproj.reshape({C, C});
