@@ -18,7 +18,7 @@
 # not in the default list: bench1_bf16 (bench1 in bfloat16: issue 12's bf16 <= 0.6x fp32), dense
 # and dense_bf16 (B=8, C=64, 56², 128², 256² tokens, cuda and triton against dense SDPA: issue 12's
 # >= 3x / >= 30x and issue 11's time growing with the work), ncu_detail (ncu --set detailed on the
-# CUDA pixel-side kernels at stage 1: why each is short of the bandwidth), tune (benchmarks/tune_cuda.py: the
+# CUDA pixel-side kernels and the refine cores at stage 1: why each is short of the bandwidth), tune (benchmarks/tune_cuda.py: the
 # CUDA kernels' plan limits swept at the stage shapes, fp32 + bf16, about a minute), tune_triton
 # (benchmarks/tune_triton.py: the same for the Triton kernels' plan, most of it compiling).
 # All of them take more than one call's 540 s when the tier runs long: pick with STEPS.
@@ -72,9 +72,10 @@ for s in $STEPS; do
            --out "$OUT/sta_$s.json" ;;
     # why a kernel is short of the bandwidth: ncu's detailed sections (occupancy, warp stalls,
     # shared-memory / L1 / L2 traffic, instruction mix, its hints) for the CUDA pixel-side kernels
-    # at stage 1, fp32 and bf16, forward and backward (about a minute)
+    # and the refine attention's cores (latency: a thread's chain of products) at stage 1, fp32
+    # and bf16, forward and backward (about a minute)
     ncu_detail) step ncu_detail 180 ncu --profile-from-start off --set detailed \
-                  -k 'regex:cell_kernel|upsample_kernel|pool_kernel|reduce_kernel' \
+                  -k 'regex:cell_kernel|upsample_kernel|pool_kernel|reduce_kernel|refine_core' \
                   "$PY" benchmarks/ncu_kernels.py run cuda --cases stage1 ;;
     ncu|ncu_triton)
          be=cuda; [ "$s" = ncu_triton ] && be=triton
