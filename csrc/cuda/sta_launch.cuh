@@ -13,6 +13,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -234,16 +235,14 @@ inline int pixel_vector(int most, int64_t W, int64_t w, std::initializer_list<at
   return L;
 }
 
-// upsample_kernel<..., L> for L = `want` among Lmax, Lmax / 2, ..., 1.
-template <typename scalar_t, bool NORMALISED, typename pixel_t, int Lmax, class RT>
-void launch_upsample(RT& rt, int want, int64_t blocks, const Plan& pl,
-                     const UpsampleParams<scalar_t, NORMALISED, pixel_t>& p) {
+// f(std::integral_constant<int, L>{}) for L = `want` among Lmax, Lmax / 2, ..., 1: the kernel
+// instantiation for a vector width chosen at run time (pixel_vector).
+template <int Lmax, class F>
+void with_vector(int want, F&& f) {
   if constexpr (Lmax > 1) {
-    if (want < Lmax) {
-      return launch_upsample<scalar_t, NORMALISED, pixel_t, Lmax / 2>(rt, want, blocks, pl, p);
-    }
+    if (want < Lmax) return with_vector<Lmax / 2>(want, std::forward<F>(f));
   }
-  rt.launch(upsample_kernel<scalar_t, NORMALISED, pixel_t, Lmax>, blocks, pl.BS, pl.smem, p);
+  f(std::integral_constant<int, Lmax>{});
 }
 
 // Any layout of s (read in place when contiguous; with `den`, also when token-major, the strides
@@ -286,8 +285,9 @@ at::Tensor upsample_impl(RT& rt, const at::Tensor& s_in, const at::Tensor& A, in
       // pixels per thread: vectors of A and y of at most 16 bytes, at most 4 pixels (registers)
       constexpr int wide = 16 / static_cast<int>(std::max(sizeof(scalar_t), sizeof(pixel_t)));
       constexpr int most = std::min(4, wide);
-      const int L = pixel_vector(imin(most, rt.limits().upsample_pixels), W, w, {A, y});
-      const Plan pl = plan_for<scalar_t>(kPlanStokens, C, h, w, ww, rt.limits(), L);
+      const PlanLimits lim = rt.limits();
+      const int L = pixel_vector(imin(most, lim.upsample_pixels), W, w, {A, y});
+      const Plan pl = plan_for<scalar_t>(kPlanStokens, C, h, w, ww, lim, L);
       CellParams<scalar_t, pixel_t> p = cell_params<scalar_t, pixel_t>(pl, C, H, W, h, w);
       p.s = s.data_ptr<scalar_t>();
       p.A_in = A.data_ptr<scalar_t>();
@@ -299,24 +299,21 @@ at::Tensor upsample_impl(RT& rt, const at::Tensor& s_in, const at::Tensor& A, in
         q.den = den.data_ptr<scalar_t>();
         q.s_sc = token_major ? 1 : hh * ww;
         q.s_sn = token_major ? C : 1;
-        launch_upsample<scalar_t, true, pixel_t, most>(rt, L, blocks, pl, q);
+        with_vector<most>(L, [&](auto l) {
+          rt.launch(upsample_kernel<scalar_t, true, pixel_t, decltype(l)::value>, blocks, pl.BS,
+                    pl.smem, q);
+        });
       } else if constexpr (std::is_same_v<pixel_t, scalar_t>) {
-        launch_upsample<scalar_t, false, pixel_t, most>(rt, L, blocks, pl, p);
+        with_vector<most>(L, [&](auto l) {
+          rt.launch(upsample_kernel<scalar_t, false, pixel_t, decltype(l)::value>, blocks, pl.BS,
+                    pl.smem, p);
+        });
       } else {
         TORCH_CHECK(false, op, ": a float32 y is for the normalised upsampling only");
       }
     });
   });
   return y;
-}
-
-// pool_kernel<scalar_t, L> for the widest L <= `want` among L, L / 2, ..., 1.
-template <typename scalar_t, typename pixel_t, int L, class RT>
-void launch_pool(RT& rt, int want, int64_t blocks, const PoolParams<scalar_t, pixel_t>& p) {
-  if constexpr (L > 1) {
-    if (want < L) return launch_pool<scalar_t, pixel_t, L / 2>(rt, want, blocks, p);
-  }
-  rt.launch(pool_kernel<scalar_t, L, pixel_t>, blocks, kMaxThreads, 0, p);
 }
 
 // s in `dtype` (default x's; a 16-bit dtype for float32 x: each value of x rounded to it as it is
@@ -343,7 +340,9 @@ at::Tensor pool_impl(RT& rt, const at::Tensor& x, int64_t h, int64_t w,
       const int64_t blocks =
           imin<int64_t>((p.total + kMaxThreads - 1) / kMaxThreads, int64_t(1) << 20);
       constexpr int most = 16 / sizeof(pixel_t);
-      launch_pool<scalar_t, pixel_t, most>(rt, pixel_vector(most, W, w, {x}), blocks, p);
+      with_vector<most>(pixel_vector(most, W, w, {x}), [&](auto l) {
+        rt.launch(pool_kernel<scalar_t, decltype(l)::value, pixel_t>, blocks, kMaxThreads, 0, p);
+      });
     });
   });
   return s;
