@@ -18,9 +18,10 @@
 # not in the default list: bench1_bf16 (bench1 in bfloat16: issue 12's bf16 <= 0.6x fp32), dense
 # and dense_bf16 (B=8, C=64, 56², 128², 256² tokens, cuda and triton against dense SDPA: issue 12's
 # >= 3x / >= 30x and issue 11's time growing with the work), ncu_detail (ncu --set detailed on the
-# CUDA pixel-side kernels and the refine cores at stage 1: why each is short of the bandwidth), tune (benchmarks/tune_cuda.py: the
-# CUDA kernels' plan limits swept at the stage shapes, fp32 + bf16, about a minute), tune_triton
-# (benchmarks/tune_triton.py: the same for the Triton kernels' plan, most of it compiling).
+# CUDA pixel-side kernels and the refine cores at stage 1: why each is short of the bandwidth),
+# tune (benchmarks/tune_cuda.py: the CUDA kernels' plan limits swept at the stage shapes, fp32 +
+# bf16, about a minute), tune_triton (benchmarks/tune_triton.py: the same for the Triton kernels'
+# plan, most of it compiling).
 # All of them take more than one call's 540 s when the tier runs long: pick with STEPS.
 # GPU_PY: the GPU machine's python (default python3). STEPS: a subset, e.g. STEPS="bench1 ncu".
 set -uo pipefail

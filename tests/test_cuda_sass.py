@@ -24,9 +24,9 @@ pytestmark = pytest.mark.skipif(not _ext.built_with_cuda(),
 @functools.lru_cache(maxsize=1)
 def _sass() -> dict:
     """{demangled kernel name: [(address, instruction)]} of the extension's sm_90 code."""
-    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton")
     from triton import knobs
-    del triton
+
     from stvit_kernels import _C
     out = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", "-arch", "sm_90", _C.__file__],
                          capture_output=True, text=True, check=True).stdout

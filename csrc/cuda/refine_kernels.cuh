@@ -11,13 +11,13 @@
 //                                qkvh; the scores, softmax (-> attn) and o = attn v (-> o)
 //   refine_core_backward_kernel  one block per (b, head): from go (the gradient of o), q, k, v and
 //                                attn, the gradients of q, k, v written token-major in the qkv
-//                                channel order, dqkv [B * N, 3C] (the input of the weight products);
+//                                channel order, dqkv [B * N, 3C] (the weight products' input);
 //                                two products at a time, one per half of its 512 threads
 //
-// Every product is a block_gemm: 4 x 4 register tiles, one per thread at a time; the 4 columns of
-// a tile are interleaved (j, j + n4, j + 2 n4, j + 3 n4), so consecutive threads read consecutive
-// shared-memory words, and shared rows read along the tile's columns have an odd stride (no bank
-// conflicts). Accumulation in at::opmath_type (float, double for double).
+// Every product is a block_gemm: 4 x 4 register tiles in the backward, 2 x 4 in the forward, one
+// per thread at a time; the 4 columns of a tile are interleaved (j, j + n4, j + 2 n4, j + 3 n4),
+// so consecutive threads read consecutive shared-memory words, and shared rows read along the
+// tile's columns have an odd stride (no bank conflicts). Accumulation in at::opmath_type (float, double for double).
 //
 // Shared memory (acc_t elements), forward: QKV 3d x N | P N x odd(N); backward: G, Q, K, V
 // N x odd(d) each | P, D N x odd(N) each. refine_*_smem gives the bytes; the caller

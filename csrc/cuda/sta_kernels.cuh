@@ -669,10 +669,10 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
 // row (L divides w and W, and A and y are aligned to L elements: upsample_impl), their 9 x L
 // weights in registers (invalid ones zeroed), the super tokens from shared memory, V channels at
 // a time: each vector read of s serves L pixels, and y is written L pixels per store through a
-// pointer stepped by a channel plane. With L = 1 the loop was issue-bound on an H200 (about 100
-// instructions per 4 outputs: 9 reads of s, 36 multiply-adds and 4 scalar stores, each with its
-// own 64-bit address arithmetic and bounds branch; 36.6 us at stage 1, float32, against ~14 us of
-// traffic).
+// pointer stepped by a channel plane. Until 2026-12-07 one pixel a thread: about 32 sm_90
+// instructions per output (9 multiply-adds; each scalar store with its own 64-bit address
+// arithmetic and bounds branch), 36.6 us at stage 1 on an H200 (float32) against ~14 us of
+// traffic.
 template <typename scalar_t, bool NORMALISED, typename pixel_t = scalar_t, int L = 1>
 __global__ void __launch_bounds__(kMaxThreads) upsample_kernel(
     const UpsampleParams<scalar_t, NORMALISED, pixel_t> p) {
@@ -944,11 +944,11 @@ inline size_t align16(size_t n) { return (n + 15) & ~static_cast<size_t>(15); }
 // tiles), kPlanFused (all three). acc_size / scalar_size: sizeof the accumulation / storage type.
 // px: pixels per thread (the upsample's L; 1 for every other kernel).
 //
-// Affinity and upsample: a tile is at most one block of threads' pixels. Aggregating kernels: a tile aims at
-// L.tile_pixels pixels whatever the block size (several batches per tile, partial sums carried in
-// the workspace, which stays in L2 between batches), because the workspace traffic per cell falls
-// with the tile width: 3 * (NC + 2) / NC slots of C+1 values per cell, 9 for NC = 1, 3 for a full
-// row of cells. The block size is the largest that keeps the batch's x on chip.
+// Affinity and upsample: a tile is at most the pixels of one block of threads. Aggregating
+// kernels: a tile aims at L.tile_pixels pixels whatever the block size (several batches per tile,
+// partial sums carried in the workspace, which stays in L2 between batches), because the workspace
+// traffic per cell falls with the tile width: 3 * (NC + 2) / NC slots of C+1 values per cell, 9
+// for NC = 1, 3 for a full row of cells. The block size is the largest that keeps the batch's x on chip.
 inline Plan plan_cells(int kind, int C, int h, int w, int ww, int acc_size, int scalar_size,
                        const PlanLimits& L, int px = 1) {
   const int V = 16 / acc_size;
