@@ -11,8 +11,10 @@ The plan (``csrc/cuda/sta_kernels.cuh``, ``plan_cells``) has six runtime limits,
   given here as blocks per SM (``shared memory per SM / k - 1 KB``; the default is 4);
 * ``cache_x``: an aggregating block keeps its batch of x on chip (1) or re-reads it (0);
 * ``cell_units``: an aggregating block sums by cell units where they fit (1: one thread per
-  (cell, channel vector) of the tile, its sums in registers) or by column units (0), the A/B of
-  that path at the default limits;
+  (cell, channel vector) of the tile, its sums in registers; where the tile has fewer pixels than
+  units, as at stage 2, a block of threads for the units in two blocks' share of an SM) or by
+  column units (0: the blocks sized for the pixels alone), the A/B of that path at the default
+  limits;
 * ``upsample_pixels``: the most pixels per thread of the upsampling (1, 2 or 4; fewer where the
   cell width, the row length or the alignment of A and y does not allow them): more pixels a
   thread, fewer instructions per output (sm_90 SASS of the float32 loop: 21.8, 16.6 and 12.3 per

@@ -383,6 +383,19 @@ __device__ __forceinline__ void batch_cell_pixels(const P& p, const TileInfo& t,
   }
 }
 
+// Cell units per tile cell (Plan::cell_units) for a tile of NC cells and a block of BS threads:
+// one per channel vector of a slot (CW / V; den rides as channel C in the last one) where
+// NC * CW / V units fit in the block; else, where C is a multiple of V, at least 9 V, and
+// NC * C / V units fit, one per vector below C (C / V), den's vector left out: the cell's first 9
+// units sum den, one neighbour each (a load and an add more per pixel for them). 0: no cell
+// units. E.g. C = 64 with 8 x 8 cells (STViT stage 1) and 16 cells a tile (112^2 tokens and
+// more), fp32: 16 x 17 units do not fit in 256 threads, 16 x 16 do.
+__host__ __device__ __forceinline__ int units_per_cell(int C, int CW, int V, int NC, int BS) {
+  if (NC * (CW / V) <= BS) return CW / V;
+  if (C % V == 0 && C >= 9 * V && NC * (C / V) <= BS) return C / V;
+  return 0;
+}
+
 // ------------------------------------------------------------------------------------------------
 // The pixel-side kernel of affinity, aggregate and the fused affinity + aggregate.
 //
@@ -424,9 +437,16 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
   if constexpr (kAgg) {
     ws_tile = p.ws + ((t.b * p.hh + t.ci) * p.NT + t.T) * static_cast<int64_t>(3 * NCE * p.CW);
   }
-  const bool own_unit = kAgg && p.cell_units && q < t.nct * NVC;
-  const int u_tc = own_unit ? q / NVC : 0;
-  const int u_c = own_unit ? (q - u_tc * NVC) * V : 0;
+  // a cell's units (units_per_cell): one per channel vector of the slot (den as channel C of the
+  // last one), or one per vector below C, unit j < 9 of the cell then summing den's neighbour j
+  const int NVU = kAgg && p.cell_units ? units_per_cell(p.C, p.CW, V, p.NC, BS) : 0;
+  const bool own_unit = q < t.nct * NVU;
+  const int u_tc = own_unit ? q / NVU : 0;
+  const int u_c = own_unit ? (q - u_tc * NVU) * V : 0;
+  // den's sums without their vector (den_sh): 9 x NC acc_t just below x_off (the A region's tail,
+  // see plan_cells), each carried there between batches by its unit, a register during phase 2
+  // only (one live across phase 1 beside the 9 x V sums spilled: ptxas, sm_90)
+  const auto den_sh = [&] { return reinterpret_cast<acc_t*>(smem + p.x_off) - round_up(9 * p.NC, V); };
   acc_t cacc[kAgg ? 9 : 1][V];
 #pragma unroll
   for (int k = 0; k < (kAgg ? 9 : 1); ++k) {
@@ -561,6 +581,8 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
         // this thread's unit: the pixels of cell u_tc in the batch, row by row, each channel
         // vector read once for the 9 slots (9 x V multiply-adds per vector)
         if (own_unit) {
+          const int den_k = NVU != NVC && u_c < 9 * V ? u_c / V : -1;
+          acc_t den_sum = den_k >= 0 && pb > 0 ? den_sh()[u_tc * 9 + den_k] : acc_t(0);
           batch_cell_pixels(p, t, pb, nb, u_tc, [&](int qq, int64_t pix) {
             acc_t xv[V];
             x_vector<CACHE_X, scalar_t>(xv, x_sh, p.XC, qq, x_b + pix, u_c, p.C, HW);
@@ -571,7 +593,9 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
 #pragma unroll
               for (int v = 0; v < V; ++v) cacc[k][v] += a[k] * xv[v];
             }
+            if (den_k >= 0) den_sum += static_cast<acc_t>(A_sh[a_row(qq) + den_k]);
           });
+          if (den_k >= 0) den_sh()[u_tc * 9 + den_k] = den_sum;
         }
       } else {
         // column units (extended column sc, channel vector c .. c+V-1), all 3 slot rows, for
@@ -637,6 +661,13 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
 #pragma unroll
           for (int v = 0; v < V; ++v) out.v[v] = cacc[k][v];
           store_vec(red + (u_tc * 9 + k) * p.CW + u_c, out);
+        }
+        if (NVU != NVC && u_c < 9 * V) {  // den's vector: channels C .. C + V - 1 = CW - 1
+          const int k = u_c / V;
+          Vec<acc_t, V> out;
+#pragma unroll
+          for (int v = 0; v < V; ++v) out.v[v] = v == 0 ? den_sh()[u_tc * 9 + k] : acc_t(0);
+          store_vec(red + (u_tc * 9 + k) * p.CW + p.C, out);
         }
       }
       __syncthreads();
@@ -960,14 +991,26 @@ inline Plan plan_cells(int kind, int C, int h, int w, int ww, int acc_size, int 
     pl = Plan();
     const int target = need_a ? imax(cand, L.tile_pixels) : cand * px;
     pl.NC = P >= target ? 1 : imin(ww, imin(target / P, kMaxCellsPerTile));
-    pl.BS = imin(cand, round_up((pl.NC * P + px - 1) / px, 32));
     pl.NT = (ww + pl.NC - 1) / pl.NC;
     pl.CW = round_up(C + 1, V);
-    pl.XC = round_up(C + 1, 2 * V) + V;  // XC / V odd: conflict-free vector reads of x rows
+    pl.XC = (pl.CW / V) % 2 ? pl.CW : pl.CW + V;  // XC / V odd: conflict-free vector reads of x rows
     pl.cache_x = cache;
-    pl.cell_units = units && need_a && L.cell_units && pl.NC * (pl.CW / V) <= pl.BS;
-    const size_t a_bytes = need_a ? align16(static_cast<size_t>(a_rows_size(pl.BS)) * scalar_size) : 0;
-    const size_t cache_bytes = cache ? align16(static_cast<size_t>(pl.BS) * pl.XC * acc_size) : 0;
+    // a thread per pixel of the tile, or, with cell units, per unit where they are more (small
+    // cells, many channels: STViT stage 2's 7 x 33 units for 112 pixels) and the block holds them
+    const int pixels = (pl.NC * P + px - 1) / px;
+    const bool want_units = units && need_a && L.cell_units;
+    const int nunits = want_units ? pl.NC * units_per_cell(C, pl.CW, V, pl.NC, cand) : 0;
+    pl.BS = imin(cand, round_up(imax(nunits, pixels), 32));
+    pl.cell_units = want_units && units_per_cell(C, pl.CW, V, pl.NC, pl.BS) > 0;
+    // A_sh and the x cache hold a row per pixel of a batch: min(BS, the tile's pixels)
+    const size_t rows = imin(pl.BS, pl.NC * P);
+    // A_sh, then (cell units without den's vector) den's 9 x NC sums (the kernel's den_sh)
+    const bool den_apart = pl.cell_units && units_per_cell(C, pl.CW, V, pl.NC, pl.BS) != pl.CW / V;
+    const size_t a_bytes =
+        need_a ? align16(static_cast<size_t>(a_rows_size(static_cast<int>(rows))) * scalar_size) +
+                     (den_apart ? static_cast<size_t>(round_up(9 * pl.NC, V)) * acc_size : 0)
+               : 0;
+    const size_t cache_bytes = cache ? align16(rows * pl.XC * acc_size) : 0;
     const size_t red_bytes =
         pl.cell_units ? align16(static_cast<size_t>(9) * pl.NC * pl.CW * acc_size) : 0;
     const size_t x_bytes = imax(cache_bytes, red_bytes);  // the x cache, then the units' sums
@@ -1009,7 +1052,18 @@ inline Plan plan_cells(int kind, int C, int h, int w, int ww, int acc_size, int 
   // in with a small one
   const size_t block_limit = imax(L.smem_soft, imin(L.smem_block, L.smem_max));
   for (int cand = top; L.cache_x && cand >= 32; cand /= 2) {
-    if (attempt(cand, true, block_limit, pl)) return pl;
+    if (!attempt(cand, true, block_limit, pl)) continue;
+    // where the largest such block is too small for cell units, a block of at least twice its
+    // threads with them, in what two blocks of an SM may take (smem_block is a quarter of an
+    // SM's less 1 KB): as many warps per SM, fewer batches per tile, no column units' rounds
+    // (STViT stage 2, C = 128, 4 cells a tile: 64 threads and 4 x 33 column units against 128
+    // threads and 4 x 32 cell units)
+    const size_t pair_limit = imin(2 * (L.smem_block + 1024) - 1024, L.smem_max);
+    Plan wide;
+    for (int wc = top; !pl.cell_units && wc >= 2 * pl.BS; wc /= 2) {
+      if (attempt_units(wc, true, pair_limit, true, wide) && wide.cell_units) return wide;
+    }
+    return pl;
   }
   for (int cand = imin(top, 128); L.cache_x && cand >= 32; cand /= 2) {
     if (attempt(cand, true, L.smem_max, pl)) return pl;

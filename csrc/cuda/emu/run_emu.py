@@ -236,8 +236,35 @@ SHAPES = [  # (B, C, H, W, h, w)
     (1, 0, 8, 8, 4, 4),      # C = 0
     (2, 4, 3, 80, 1, 1),     # wide row of 1x1 cells (> 64 cells per row: several tiles)
     (1, 3, 4, 260, 2, 2),    # 130 cells per row
-    (1, 128, 8, 28, 4, 4),   # stage-2 channels and cells: column units (7 x 33 cell units > 128 threads)
+    (1, 128, 8, 28, 4, 4),   # stage-2 channels and cells: prod 7 x 33 cell units in 256 threads for
+                             # 112 pixels (until 2026-12-07 column units)
+    (2, 64, 16, 64, 8, 8),   # stage-1 channels and cells, 8 cells a row: cell units without den's
+                             # vector (8 x 16 in 128 threads, prod)
+    (1, 36, 24, 112, 8, 4),  # C = 9 V, 28 cells a tile: 28 x 9 units in 256 threads, den's 9 sums
+                             # on every unit of a cell (prod, float32), 3 cell rows (all 9 used)
 ]
+
+# sm_90's production plans at the STViT-S stages (fp32): (kind, C, h, w, ww) -> (threads, cells a
+# tile, cell units); kind 1 the aggregation (the backward's), 2 the fused affinity + aggregate
+SM90 = (227 * 1024, 228 * 1024 // 4 - 1024)  # (smem_max, smem_block)
+STVIT_PLANS = {
+    (2, 64, 8, 8, 7): (128, 7, 1),    # stage 1 at 224^2: 7 x 17 units
+    (1, 64, 8, 8, 7): (128, 7, 1),
+    (2, 64, 8, 8, 8): (128, 8, 1),    # 64^2 tokens: 8 x 16 units, den's vector left out
+    (2, 64, 8, 8, 16): (256, 16, 1),  # 128^2 tokens: 16 x 16 units, two blocks a SM
+    (2, 128, 4, 4, 7): (256, 7, 1),   # stage 2 at 224^2: 7 x 33 units for 112 pixels
+    (1, 128, 4, 4, 7): (256, 7, 1),
+}
+
+def check_plans():
+    ok = True
+    for (kind, C, h, w, ww), want in STVIT_PLANS.items():
+        BS, NC, NT, CK, SK, XC, CW, cache, smem, units = emu.plan(kind, C, h, w, ww, 4, 4, *SM90)
+        if (BS, NC, units) != want or not cache:
+            print(f"FAIL plan kind={kind} C={C} {h}x{w} ww={ww}: threads, cells, cell units "
+                  f"{(BS, NC, units)} (x cache {cache}), want {want}")
+            ok = False
+    return ok
 
 def main():
     quick = os.environ.get("QUICK")
@@ -250,6 +277,8 @@ def main():
     t0 = time.time()
     if os.environ.get("DTYPES"):
         dtypes = [getattr(torch, d) for d in os.environ["DTYPES"].split(",")]
+    total += 1
+    fails += not check_plans()
     for i, shape in enumerate(SHAPES):
         for j, dt in enumerate(dtypes):
             for cfg in CONFIGS:

@@ -148,11 +148,13 @@ def count(C, h, w, ww, NC, BS, XC, SK, CW, scalar, xsize, acc, rotate):
 
 
 STAGES = {  # name: C, h, w, ww, NC, BS, XC, SK, CW, bytes of A, x cache, acc (plan_cells, sm_90)
-    "stage1 float32": (64, 8, 8, 7, 7, 128, 76, 68, 68, 4, 4, 4),
+    # (rows of the x cache XC = 76 / 70 elements before 2026-12-07, now the slot's CW where CW / V
+    # is odd: 68 / 66)
+    "stage1 float32": (64, 8, 8, 7, 7, 128, 68, 68, 68, 4, 4, 4),
     # until 2026-12-07 the 16-bit x cache held scalar_t: 256-thread blocks, 2-byte rows
     "stage1 bfloat16, scalar_t x cache": (64, 8, 8, 7, 7, 256, 76, 68, 68, 2, 2, 4),
-    "stage1 bfloat16": (64, 8, 8, 7, 7, 128, 76, 68, 68, 2, 4, 4),
-    "stage1 float64": (64, 8, 8, 7, 7, 64, 70, 66, 66, 8, 8, 8),
+    "stage1 bfloat16": (64, 8, 8, 7, 7, 128, 68, 68, 68, 2, 4, 4),
+    "stage1 float64": (64, 8, 8, 7, 7, 64, 66, 66, 66, 8, 8, 8),
 }
 
 
