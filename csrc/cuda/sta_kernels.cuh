@@ -447,6 +447,8 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
   // see plan_cells), each carried there between batches by its unit, a register during phase 2
   // only (one live across phase 1 beside the 9 x V sums spilled: ptxas, sm_90)
   const auto den_sh = [&] { return reinterpret_cast<acc_t*>(smem + p.x_off) - round_up(9 * p.NC, V); };
+  // the neighbour whose den this unit sums, or -1 (recomputed where used, for the same reason)
+  const auto den_neighbour = [&] { return NVU != NVC && u_c < 9 * V ? u_c / V : -1; };
   acc_t cacc[kAgg ? 9 : 1][V];
 #pragma unroll
   for (int k = 0; k < (kAgg ? 9 : 1); ++k) {
@@ -581,7 +583,7 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
         // this thread's unit: the pixels of cell u_tc in the batch, row by row, each channel
         // vector read once for the 9 slots (9 x V multiply-adds per vector)
         if (own_unit) {
-          const int den_k = NVU != NVC && u_c < 9 * V ? u_c / V : -1;
+          const int den_k = den_neighbour();
           acc_t den_sum = den_k >= 0 && pb > 0 ? den_sh()[u_tc * 9 + den_k] : acc_t(0);
           batch_cell_pixels(p, t, pb, nb, u_tc, [&](int qq, int64_t pix) {
             acc_t xv[V];
@@ -662,8 +664,7 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
           for (int v = 0; v < V; ++v) out.v[v] = cacc[k][v];
           store_vec(red + (u_tc * 9 + k) * p.CW + u_c, out);
         }
-        if (NVU != NVC && u_c < 9 * V) {  // den's vector: channels C .. C + V - 1 = CW - 1
-          const int k = u_c / V;
+        if (const int k = den_neighbour(); k >= 0) {  // den's vector: channels C .. CW - 1
           Vec<acc_t, V> out;
 #pragma unroll
           for (int v = 0; v < V; ++v) out.v[v] = v == 0 ? den_sh()[u_tc * 9 + k] : acc_t(0);
@@ -1001,11 +1002,12 @@ inline Plan plan_cells(int kind, int C, int h, int w, int ww, int acc_size, int 
     const bool want_units = units && need_a && L.cell_units;
     const int nunits = want_units ? pl.NC * units_per_cell(C, pl.CW, V, pl.NC, cand) : 0;
     pl.BS = imin(cand, round_up(imax(nunits, pixels), 32));
-    pl.cell_units = want_units && units_per_cell(C, pl.CW, V, pl.NC, pl.BS) > 0;
+    const int per_cell = want_units ? units_per_cell(C, pl.CW, V, pl.NC, pl.BS) : 0;
+    pl.cell_units = per_cell > 0;
     // A_sh and the x cache hold a row per pixel of a batch: min(BS, the tile's pixels)
     const size_t rows = imin(pl.BS, pl.NC * P);
     // A_sh, then (cell units without den's vector) den's 9 x NC sums (the kernel's den_sh)
-    const bool den_apart = pl.cell_units && units_per_cell(C, pl.CW, V, pl.NC, pl.BS) != pl.CW / V;
+    const bool den_apart = pl.cell_units && per_cell != pl.CW / V;
     const size_t a_bytes =
         need_a ? align16(static_cast<size_t>(a_rows_size(static_cast<int>(rows))) * scalar_size) +
                      (den_apart ? static_cast<size_t>(round_up(9 * pl.NC, V)) * acc_size : 0)
@@ -1056,8 +1058,8 @@ inline Plan plan_cells(int kind, int C, int h, int w, int ww, int acc_size, int 
     // where the largest such block is too small for cell units, a block of at least twice its
     // threads with them, in what two blocks of an SM may take (smem_block is a quarter of an
     // SM's less 1 KB): as many warps per SM, fewer batches per tile, no column units' rounds
-    // (STViT stage 2, C = 128, 4 cells a tile: 64 threads and 4 x 33 column units against 128
-    // threads and 4 x 32 cell units)
+    // (STViT stage 2, C = 128, 4x4 cells, 7 a tile: 64 threads of column units against 256 of
+    // 7 x 33 cell units; stage 1 at 128^2 tokens: 128 against 256 of 16 x 16)
     const size_t pair_limit = imin(2 * (L.smem_block + 1024) - 1024, L.smem_max);
     Plan wide;
     for (int wc = top; !pl.cell_units && wc >= 2 * pl.BS; wc /= 2) {
