@@ -282,35 +282,6 @@ class Refine(torch.autograd.Function):
         return _drop_absent_biases(grads, *biases) + (None,) * 3
 
 
-class SuperTokenStep(torch.autograd.Function):
-    """The whole STA module with its attention refine (``stvit::sta_forward`` / ``sta_backward``,
-    csrc/ops.cpp: associate, the written-out refine, upsample) as one autograd node and one C++
-    call each way, for the compiled family. Gradients into ``x`` and the four refine parameters,
-    with the module's semantics (``A`` and ``den`` are constants)."""
-
-    @staticmethod
-    def forward(ctx, x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads,
-                attn_scale, dtype=None):
-        ctx.set_materialize_grads(False)
-        y, *saved = torch.ops.stvit.sta_forward.default(
-            x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads, attn_scale,
-            dtype)
-        ctx.save_for_backward(*saved, qkv_weight, proj_weight)
-        # under autocast, the gradient into x in x's dtype (written so by the CUDA kernel)
-        ctx.args = (h, w, heads, attn_scale, None if dtype is None else x.dtype,
-                    qkv_bias is not None, proj_bias is not None)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        if gy is None:
-            return (None,) * 12
-        h, w, heads, attn_scale, x_dtype, *biases = ctx.args
-        grads = torch.ops.stvit.sta_backward.default(gy, *ctx.saved_tensors, h, w, heads, attn_scale,
-                                                     x_dtype)
-        return _drop_absent_biases(grads, *biases) + (None,) * 7
-
-
 def family_step_forward(K: Kernels, x, params, h, w, scale, n_iter, heads, attn_scale, dtype=None):
     """The STA module with its written-out refine on a family's kernels: ``(y, A, den, the refine's
     saved tensors)``. ``dtype``: the autocast dtype, or None; then ``x`` is cast as autocast would
@@ -323,8 +294,9 @@ def family_step_forward(K: Kernels, x, params, h, w, scale, n_iter, heads, attn_
 
 
 class FamilyStep(torch.autograd.Function):
-    """:class:`SuperTokenStep` for a family without a C++ ``sta_forward`` (the Triton kernels): the
-    family's ``associate``, ``stvit::refine_attention_forward``, the family's ``upsample``
+    """The module step of ``stvit::sta`` (one C++ autograd node, csrc/ops.cpp) for a family without
+    a C++ ``sta_forward`` (the Triton kernels), in Python: the family's ``associate``,
+    ``stvit::refine_attention_forward``, the family's ``upsample``
     (:func:`family_step_forward`), as one autograd node, autocast's cast of ``x`` included; the
     backward is the same pieces' gradients (the aggregation of the output gradient into the super
     tokens, ``stvit::refine_attention_backward``, ``associate_backward``, then the cast back into
@@ -468,7 +440,7 @@ def _fake_sta_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, sca
     return x.new_empty(x.shape), A, den, s, qkvh, attn, o
 
 
-def _fake_sta_inference(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads,
+def _fake_sta(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads,
                         attn_scale, dtype=None):
     return _fake_sta_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter,
                              heads, attn_scale, dtype)[0]
@@ -497,7 +469,7 @@ FAKES = {
 #: Triton counterpart.
 FAKES_COMPILED = {
     "sta_forward": _fake_sta_forward,
-    "sta_inference": _fake_sta_inference,
+    "sta": _fake_sta,
     "sta_backward": _fake_sta_backward,
     "refine_attention_forward": _fake_refine_forward,
     "refine_attention_backward": _fake_refine_backward,

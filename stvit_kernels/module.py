@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _ext
-from ._library import FamilyStep, Refine, SuperTokenStep, family_step_forward, needs_grad
+from ._library import FamilyStep, Refine, family_step_forward, needs_grad
 from ._utils import (StokenSize, autocast_cast_dtype, autocast_dtype, autocast_inputs, cast,
                      check_n_iter, pair)
 from .backends import resolve
@@ -19,9 +19,9 @@ from .backends import resolve
 _BUILT = _ext.load_error() is None
 _REFINE_OP = torch.ops.stvit.refine_attention.default if _BUILT else None
 _REFINE_FORWARD = torch.ops.stvit.refine_attention_forward.default if _BUILT else None
-#: The whole module in one C++ call without a gradient (csrc/ops.cpp), for the compiled kernel
-#: family (with one, SuperTokenStep calls stvit::sta_forward).
-_STA_INFERENCE = torch.ops.stvit.sta_inference.default if _BUILT else None
+#: The whole module in one C++ call (csrc/ops.cpp), for the compiled kernel family: one autograd
+#: node in C++ where a gradient is needed (stvit::sta_forward, then stvit::sta_backward).
+_STA = torch.ops.stvit.sta.default if _BUILT else None
 
 #: Whether autocast is on for any device: one C call, before the per-device question (which
 #: builds a torch.device) is asked.
@@ -220,9 +220,9 @@ class SuperTokenAttention(nn.Module):
         return y
 
     def _one_step(self, be, x: torch.Tensor, autocast: bool, params) -> Optional[torch.Tensor]:
-        """The module on padded ``x`` as one C++ call, ``stvit::sta_inference`` (or
-        ``stvit::sta_forward`` in :class:`SuperTokenStep`, one autograd node, when a gradient is
-        needed), where that call applies: a backend with ``one_step`` (the compiled kernels), the
+        """The module on padded ``x`` as one C++ call, ``stvit::sta`` (one autograd node in C++
+        when a gradient is needed: ``stvit::sta_forward``, then ``stvit::sta_backward``), where
+        that call applies: a backend with ``one_step`` (the compiled kernels), the
         attention refine (its ``weights()``: ``params``) with at most
         :data:`REFINE_FUSED_MAX_TOKENS` super tokens and no dropout in training, and under
         autocast parameters that cast to ``x``'s dtype. None otherwise (the per-piece path). The
@@ -253,9 +253,7 @@ class SuperTokenAttention(nn.Module):
             if needs_grad(x, *params):
                 return FamilyStep.apply(K.name, x, *params, *args)
             return family_step_forward(K, x, params, *args)[0]
-        if needs_grad(x, *params):
-            return SuperTokenStep.apply(x, *params, *args)
-        return _STA_INFERENCE(x, *params, *args)
+        return _STA(x, *params, *args)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in OFFICIAL_CONSTANT_KEYS:

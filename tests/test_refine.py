@@ -1,6 +1,6 @@
 """The lean training path: the refine attention written out (``stvit::refine_attention_forward`` /
 ``_backward``, :class:`stvit_kernels._library.Refine`) and the whole module as one call each way
-(``stvit::sta_forward`` / ``sta_backward``, :class:`stvit_kernels._library.SuperTokenStep`).
+(``stvit::sta_forward`` / ``sta_backward``, one C++ autograd node: ``stvit::sta``).
 
 Each is checked against the composition it replaces (SDPA and autograd's graph; the module's
 per-piece path of associate, refine and upsample), outputs and every gradient, with float64
@@ -96,6 +96,9 @@ def test_refine_gradcheck(heads, bias):
 
 
 # (B, C, heads, H, W, stoken_size, n_iter)
+#: The autograd node of stvit::sta (csrc/ops.cpp: a torch::autograd::Function in C++).
+STA_NODE = "CppNode<stvit::SuperTokenStep>"
+
 STEP_CASES = [
     pytest.param(2, 16, 1, 16, 16, (8, 8), 1, id="B2-C16-16x16-s8"),
     pytest.param(2, 12, 3, 13, 21, (4, 5), 2, id="B2-C12-h3-13x21-s4x5-pad-it2"),
@@ -127,7 +130,7 @@ def test_module_one_step_matches_per_piece(device, backend, dtype, B, C, heads, 
     g = torch.randn(B, C, H, W, device=device, dtype=dtype)
     y, grads, fn = _grads(m, x, g)
     nodes = autograd_node_names(fn)
-    node = "FamilyStepBackward" if backend == "triton" else "SuperTokenStepBackward"
+    node = "FamilyStepBackward" if backend == "triton" else STA_NODE
     assert node in nodes and "UpsampleBackward" not in nodes, nodes
     with torch.no_grad():
         y_nograd = m(x)
@@ -160,7 +163,7 @@ def test_one_step_gradcheck(step):
     def f(*p):
         if step == "triton":
             return _library.FamilyStep.apply("triton", x, *p, h, w, m.scale, 2, heads, r.scale)
-        return _library.SuperTokenStep.apply(x, *p, h, w, m.scale, 2, heads, r.scale)
+        return torch.ops.stvit.sta(x, *p, h, w, m.scale, 2, heads, r.scale)
 
     torch.autograd.gradcheck(f, params)
 
@@ -171,7 +174,7 @@ def _grad_fn_names(m, x):
 
 def test_which_path_runs(monkeypatch):
     x = torch.randn(1, 8, 16, 16)
-    one = "SuperTokenStepBackward"
+    one = STA_NODE
     assert one in _grad_fn_names(sk.SuperTokenAttention(8, 8, num_heads=2), x.clone())
     # another backend, the conv refine, no refine, dropout in training: the per-piece path
     assert one not in _grad_fn_names(sk.SuperTokenAttention(8, 8, num_heads=2, backend="reference"),
@@ -215,7 +218,9 @@ def test_opcheck_step_and_refine_ops(device, dtype, B, heads):
     samples = [
         (ops.sta_forward.default, (x, *W, h, w, m.scale, 2, heads, r.scale)),
         (ops.sta_forward.default, (x, W[0], None, W[2], None, h, w, m.scale, 1, heads, r.scale)),
-        (ops.sta_inference.default, (x, *W, h, w, m.scale, 2, heads, r.scale)),
+        (ops.sta.default, (x, *W, h, w, m.scale, 2, heads, r.scale)),
+        (ops.sta.default, (x.clone().requires_grad_(), *(t.clone().requires_grad_() for t in W), h,
+                           w, m.scale, 2, heads, r.scale)),
         (ops.sta_backward.default, (g, A, den, s, qkvh, attn, o, W[0], W[2], h, w, heads, r.scale)),
         (ops.refine_attention_forward.default, (s, *W, heads, r.scale)),
         (ops.refine_attention_backward.default,
@@ -229,7 +234,7 @@ def test_opcheck_step_and_refine_ops(device, dtype, B, heads):
         _, rq, ra, ro = ops.refine_attention_forward(s.float(), *W, heads, r.scale, bf)
         samples += [
             (ops.sta_forward.default, (x, *W, h, w, m.scale, 2, heads, r.scale, bf)),
-            (ops.sta_inference.default, (x, *W, h, w, m.scale, 1, heads, r.scale, bf)),
+            (ops.sta.default, (x, *W, h, w, m.scale, 1, heads, r.scale, bf)),
             (ops.sta_backward.default, (torch.randn_like(y), A, den, s, qkvh, attn, o, W[0], W[2],
                                         h, w, heads, r.scale)),
             (ops.sta_backward.default, (torch.randn_like(y), A, den, s, qkvh, attn, o, W[0], W[2],

@@ -31,14 +31,15 @@ GRAD_SHAPES = [
 
 
 def autograd_node_names(fn) -> set:
-    """Names of the autograd nodes reachable from ``fn`` (a ``grad_fn``)."""
+    """Names of the autograd nodes reachable from ``fn`` (a ``grad_fn``): ``name()`` without
+    ``torch::autograd::`` (``AccumulateGrad``, ``CppNode<stvit::SuperTokenStep>``)."""
     names, todo, seen = set(), [fn], set()
     while todo:
         f = todo.pop()
         if f is None or f in seen:
             continue
         seen.add(f)
-        names.add(type(f).__name__)
+        names.add(f.name().removeprefix("torch::autograd::"))
         try:
             todo += [n for n, _ in f.next_functions]
         except RuntimeError:  # torch 2.11: not readable on a custom Function's node
