@@ -46,21 +46,22 @@ def _kernel(prefix: str):
     return _sass()[hits[0]]
 
 
-def _innermost_fma_loop(code) -> collections.Counter:
-    """Opcode counts of the shortest loop (a backward branch and its target) that multiplies."""
+def _loops(code):
+    """Opcode counts of every loop (a backward branch and its target) of a kernel."""
     index = {a: i for i, (a, _) in enumerate(code)}
-    best = None
     for i, (a, op) in enumerate(code):
         m = re.search(r"\bBRA (?:!?P\d, )?0x([0-9a-f]+)", op)
         if m is None or int(m.group(1), 16) >= a:
             continue
-        body = [re.sub(r"^@!?U?P\w+\s+", "", o).split()[0].split(".")[0]
-                for _, o in code[index[int(m.group(1), 16)]:i + 1]]
-        ops = collections.Counter(body)
-        if ops["FFMA"] and (best is None or sum(ops.values()) < sum(best.values())):
-            best = ops
-    assert best is not None, "no loop with FFMA"
-    return best
+        yield collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", o).split()[0].split(".")[0]
+                                  for _, o in code[index[int(m.group(1), 16)]:i + 1])
+
+
+def _innermost_fma_loop(code) -> collections.Counter:
+    """Opcode counts of the shortest loop that multiplies."""
+    loops = [ops for ops in _loops(code) if ops["FFMA"]]
+    assert loops, "no loop with FFMA"
+    return min(loops, key=lambda ops: sum(ops.values()))
 
 
 @pytest.mark.parametrize("normalised", [False, True], ids=["upsample", "normalised"])
@@ -75,3 +76,16 @@ def test_upsample_channel_loop_is_multiply_adds(L, most, normalised):
     outputs = 4 * L
     assert ops["FFMA"] == 9 * outputs and ops["LDS"] == 9 and ops["STG"] == 4, ops
     assert sum(ops.values()) / outputs <= most, (sum(ops.values()) / outputs, ops)
+
+
+@pytest.mark.parametrize("kernel", ["pool_kernel<float, 4, float>", "pool_kernel<float, 1, float>",
+                                    "reduce_kernel<float>"])
+def test_grid_stride_loop_has_no_64_bit_division(kernel):
+    """The loop over a thread's outputs (it loads and stores) calls no 64-bit division subroutine
+    (~70 instructions each) below 2^31 outputs: the only CALL left is float division's rare slow
+    path (the pool's mean, the reduce's normalisation). The pool's loop had 3 CALLs before
+    2026-12-07, the reduce's 5 before 6b5b12d."""
+    code = _kernel(f"void stvit::cuda::{kernel}")
+    loops = [ops for ops in _loops(code) if ops["LDG"] and ops["STG"]]
+    assert loops, "no loop that loads and stores"
+    assert min(ops["CALL"] for ops in loops) <= 1, loops
