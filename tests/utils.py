@@ -39,7 +39,11 @@ def autograd_node_names(fn) -> set:
         if f is None or f in seen:
             continue
         seen.add(f)
-        names.add(f.name().removeprefix("torch::autograd::"))
+        try:
+            name = f.name().removeprefix("torch::autograd::")
+        except RuntimeError:  # torch 2.11: a Python Function's node has no name()
+            name = type(f).__name__
+        names.add(name)
         try:
             todo += [n for n, _ in f.next_functions]
         except RuntimeError:  # torch 2.11: not readable on a custom Function's node
