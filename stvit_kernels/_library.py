@@ -441,7 +441,7 @@ def _fake_sta_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, sca
 
 
 def _fake_sta(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads,
-                        attn_scale, dtype=None):
+              attn_scale, dtype=None):
     return _fake_sta_forward(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter,
                              heads, attn_scale, dtype)[0]
 

@@ -95,10 +95,10 @@ def test_refine_gradcheck(heads, bias):
     torch.autograd.gradcheck(f, (x, *params))
 
 
-# (B, C, heads, H, W, stoken_size, n_iter)
 #: The autograd node of stvit::sta (csrc/ops.cpp: a torch::autograd::Function in C++).
 STA_NODE = "CppNode<stvit::SuperTokenStep>"
 
+# (B, C, heads, H, W, stoken_size, n_iter)
 STEP_CASES = [
     pytest.param(2, 16, 1, 16, 16, (8, 8), 1, id="B2-C16-16x16-s8"),
     pytest.param(2, 12, 3, 13, 21, (4, 5), 2, id="B2-C12-h3-13x21-s4x5-pad-it2"),
