@@ -797,6 +797,28 @@ __global__ void __launch_bounds__(kMaxThreads) upsample_kernel(
 }
 
 // ------------------------------------------------------------------------------------------------
+// body(idx) for the outputs idx < total, a grid-stride loop over the threads of the grid, with idx
+// (and so the index math of the body, which takes its type) a uint32_t where the outputs are fewer
+// than 2^31 (the usual case: 32-bit divisions are a few instructions each, 64-bit ones a
+// subroutine of ~70 on sm_90; in 64 bits the index math was most of reduce's code, and pool's loop
+// called the subroutine twice per output, for 4 vector loads and 16 adds at STViT stage 2), else
+// an int64_t.
+template <typename Body>
+__device__ __forceinline__ void for_each_output(int64_t total, const Body& body) {
+  const auto loop = [&](auto n) {
+    using I = decltype(n);
+    const I stride = static_cast<I>(gridDim.x) * blockDim.x;
+    for (I idx = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n; idx += stride) {
+      body(idx);
+    }
+  };
+  if (total < (int64_t(1) << 31)) {
+    loop(static_cast<uint32_t>(total));
+  } else {
+    loop(total);
+  }
+}
+
 // num[b, c, u, v] (c < C) and den[b, 0, u, v] (c == C): the sum of the workspace slots that point
 // at super token (u, v), in a fixed order: source cell row u+1, u, u-1; within a row, the tile to
 // the left (when v is its tile's first column), v's own tile, the tile to the right (when v is
@@ -820,19 +842,16 @@ struct ReduceParams {
   bool den_ones = false;
 };
 
-// The output of thread index idx: (b, u, v, c) with c fastest, in I = uint32_t where the
-// outputs are fewer than 2^31 (the usual case: 32-bit divisions, a few instructions each, where
-// 64-bit ones are a subroutine of ~70; the whole index math was most of the kernel's sm_90 code),
-// else int64_t.
-template <typename scalar_t, typename I>
-__device__ __forceinline__ void reduce_outputs(const ReduceParams<scalar_t>& p, I total) {
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads) reduce_kernel(const ReduceParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   const int NCE = p.NC + 2;
-  const I C1 = static_cast<I>(p.C) + 1, ww = static_cast<I>(p.ww), hh = static_cast<I>(p.hh);
   const int64_t tile_sz = static_cast<int64_t>(3) * NCE * p.CW;
-  const I stride = static_cast<I>(gridDim.x) * blockDim.x;
-  for (I idx = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += stride) {
+  const int64_t total = p.B * p.hh * p.ww * (static_cast<int64_t>(p.C) + 1);
+  // output idx: (b, u, v, c), c fastest
+  for_each_output(total, [&](auto idx) {
+    using I = decltype(idx);
+    const I C1 = static_cast<I>(p.C) + 1, ww = static_cast<I>(p.ww), hh = static_cast<I>(p.hh);
     I cell = idx / C1;
     const int c = static_cast<int>(idx - cell * C1);
     I rest = cell / ww;
@@ -863,17 +882,7 @@ __device__ __forceinline__ void reduce_outputs(const ReduceParams<scalar_t>& p, 
     } else {
       p.den[(b * p.hh + u) * p.ww + v] = p.den_ones ? scalar_t(1) : static_cast<scalar_t>(sum);
     }
-  }
-}
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxThreads) reduce_kernel(const ReduceParams<scalar_t> p) {
-  const int64_t total = p.B * p.hh * p.ww * (static_cast<int64_t>(p.C) + 1);
-  if (total < (int64_t(1) << 31)) {
-    reduce_outputs<scalar_t, uint32_t>(p, static_cast<uint32_t>(total));
-  } else {
-    reduce_outputs<scalar_t, int64_t>(p, total);
-  }
+  });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -892,19 +901,16 @@ struct PoolParams {
   int H = 0, W = 0, h = 1, w = 1, hh = 0, ww = 0;
 };
 
-// The outputs of pool_kernel's thread, with the index math in I as in reduce_outputs (32-bit
-// below 2^31 outputs: in 64 bits the loop called the division subroutine twice per output, ~70
-// sm_90 instructions each, for 4 vector loads and 16 adds at STViT stage 2).
-template <typename scalar_t, int L, typename pixel_t, typename I>
-__device__ __forceinline__ void pool_outputs(const PoolParams<scalar_t, pixel_t>& p, I total) {
+template <typename scalar_t, int L, typename pixel_t = scalar_t>
+__global__ void __launch_bounds__(kMaxThreads) pool_kernel(const PoolParams<scalar_t, pixel_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   const int nv = p.w / L;  // vectors per row of a cell
   const int n = p.h * nv;  // vectors per cell
   const acc_t count = static_cast<acc_t>(p.h * p.w);
-  const I ww = static_cast<I>(p.ww), hh = static_cast<I>(p.hh);
-  const I stride = static_cast<I>(gridDim.x) * blockDim.x;
-  for (I idx = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += stride) {
+  // output idx: (b * C + c, u, v), v fastest
+  for_each_output(p.total, [&](auto idx) {
+    using I = decltype(idx);
+    const I ww = static_cast<I>(p.ww), hh = static_cast<I>(p.hh);
     const I rest = idx / ww;
     const int v = static_cast<int>(idx - rest * ww);
     const I bc = rest / hh;
@@ -936,16 +942,7 @@ __device__ __forceinline__ void pool_outputs(const PoolParams<scalar_t, pixel_t>
       }
     }
     p.s[idx] = static_cast<scalar_t>(sum / count);
-  }
-}
-
-template <typename scalar_t, int L, typename pixel_t = scalar_t>
-__global__ void __launch_bounds__(kMaxThreads) pool_kernel(const PoolParams<scalar_t, pixel_t> p) {
-  if (p.total < (int64_t(1) << 31)) {
-    pool_outputs<scalar_t, L, pixel_t, uint32_t>(p, static_cast<uint32_t>(p.total));
-  } else {
-    pool_outputs<scalar_t, L, pixel_t, int64_t>(p, p.total);
-  }
+  });
 }
 
 // ------------------------------------------------------------------------------------------------
