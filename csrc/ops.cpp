@@ -99,13 +99,6 @@ void check_stokens_affinity(const char* op, const at::Tensor& s, const at::Tenso
               s.sizes(), ", A.shape=", A.sizes(), ", (h, w) = (", h, ", ", w, ")");
 }
 
-// `num / (den + 1e-12)` in at least float32 (the kernels' own normalisation, for a gradient).
-at::Tensor normalised(const at::Tensor& num, const at::Tensor& den) {
-  const auto dt = num.scalar_type();
-  if (dt == at::kFloat || dt == at::kDouble) return num.div(den.add(1e-12));
-  return num.to(at::kFloat).div(den.to(at::kFloat).add(1e-12)).to(dt);
-}
-
 // The kernels of one device type behind one interface.
 struct CpuKernels {
   struct Guard {
@@ -135,11 +128,12 @@ struct CpuKernels {
     return affinity_aggregate_cpu(x, s, h, w, scale, normalise);
   }
   static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) { return pool_cpu(x, h, w); }
-  // upsample(g / (den + 1e-12), A), in out_dtype if given (cast after)
+  // upsample(g / (den + 1e-12), A): the division as the kernel stages g; in out_dtype if given
+  // (cast after)
   static at::Tensor upsample_normalised(const at::Tensor& g, const at::Tensor& A,
                                         const at::Tensor& den, int64_t h, int64_t w,
                                         std::optional<at::ScalarType> out_dtype) {
-    const at::Tensor y = upsample_cpu(normalised(g, den).contiguous(), A, h, w);
+    const at::Tensor y = upsample_cpu(g.contiguous(), A, h, w, den.contiguous());
     return out_dtype.has_value() ? y.to(*out_dtype) : y;
   }
   // Whether the kernels read pixels of dtype `x` for a computation in `dtype` (the cast folded
@@ -375,6 +369,13 @@ Tensor5 sta_backward(const at::Tensor& grad, const at::Tensor& A, const at::Tens
           dproj_b};
 }
 
+// The dispatcher's handle of operator `name`, whose schema's C++ signature is Fn (the callers keep
+// it in a static: the lookup is once per process).
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
 }  // namespace
 
 // The STA module as one autograd node (stvit::sta's Autograd kernel): sta_forward where a gradient
@@ -391,9 +392,7 @@ class SuperTokenStep : public torch::autograd::Function<SuperTokenStep> {
                             const std::optional<at::Tensor>& proj_bias, int64_t h, int64_t w,
                             double scale, int64_t n_iter, int64_t heads, double attn_scale,
                             std::optional<at::ScalarType> dtype) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("stvit::sta_forward", "")
-                               .typed<decltype(sta_forward<CpuKernels>)>();
+    static const auto op = op_handle<decltype(sta_forward<CpuKernels>)>("stvit::sta_forward");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, A, den, s, qkvh, attn, o] = op.call(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
                                                  h, w, scale, n_iter, heads, attn_scale, dtype);
@@ -412,9 +411,7 @@ class SuperTokenStep : public torch::autograd::Function<SuperTokenStep> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("stvit::sta_backward", "")
-                               .typed<decltype(sta_backward<CpuKernels>)>();
+    static const auto op = op_handle<decltype(sta_backward<CpuKernels>)>("stvit::sta_backward");
     torch::autograd::variable_list out(12);
     if (!grads[0].defined()) return out;
     const auto v = ctx->get_saved_variables();
@@ -447,9 +444,7 @@ at::Tensor sta_autograd(const at::Tensor& x, const at::Tensor& qkv_weight,
     return SuperTokenStep::apply(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale,
                                  n_iter, heads, attn_scale, dtype);
   }
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("stvit::sta", "")
-                             .typed<decltype(sta_inference<CpuKernels>)>();
+  static const auto op = op_handle<decltype(sta_inference<CpuKernels>)>("stvit::sta");
   at::AutoDispatchBelowADInplaceOrView below;
   return op.call(x, qkv_weight, qkv_bias, proj_weight, proj_bias, h, w, scale, n_iter, heads,
                  attn_scale, dtype);
