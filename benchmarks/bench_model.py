@@ -355,11 +355,7 @@ def main(argv=None) -> Dict:
                                        f"round, >= {args.min_run_time} s and 3 rounds each; median")),
                    results=rows, targets=targets)
     if not args.no_save:
-        common.save_json(out, payload)
-        if args.plot:
-            import plot
-
-            plot.plot_file(out)
+        common.save_results(out, payload, plot=args.plot)
     return payload
 
 

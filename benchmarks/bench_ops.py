@@ -1176,11 +1176,7 @@ def main(argv=None) -> Dict:
     if baseline is not None:
         payload["baseline"] = baseline
     if not args.no_save:
-        common.save_json(out, payload)
-        if args.plot:
-            import plot
-
-            plot.plot_file(out)
+        common.save_results(out, payload, plot=args.plot)
     return payload
 
 

@@ -202,6 +202,15 @@ def save_json(path: str, payload: Dict) -> None:
     print(f"saved {path}", file=sys.stderr)
 
 
+def save_results(path: str, payload: Dict, plot: bool) -> None:
+    """``save_json``, then the plots of the file (``plot.plot_file``) with ``plot``."""
+    save_json(path, payload)
+    if plot:
+        import plot as plotting
+
+        plotting.plot_file(path)
+
+
 def merge_results(path: str, rows: List[Dict], key_fields: Sequence[str], meta: Dict,
                   same: Dict[str, object]) -> tuple:
     """``--append``: the rows of the results file at ``path`` (if any) that this run did not
