@@ -128,12 +128,12 @@ struct CpuKernels {
     return affinity_aggregate_cpu(x, s, h, w, scale, normalise);
   }
   static at::Tensor pool(const at::Tensor& x, int64_t h, int64_t w) { return pool_cpu(x, h, w); }
-  // upsample(g / (den + 1e-12), A): the division as the kernel stages g; in out_dtype if given
-  // (cast after)
+  // upsample(g / (den + 1e-12), A): the division as the kernel stages g, which it reads in place
+  // (token-major as the refine's backward leaves it: no copy); in out_dtype if given (cast after)
   static at::Tensor upsample_normalised(const at::Tensor& g, const at::Tensor& A,
                                         const at::Tensor& den, int64_t h, int64_t w,
                                         std::optional<at::ScalarType> out_dtype) {
-    const at::Tensor y = upsample_cpu(g.contiguous(), A, h, w, den.contiguous());
+    const at::Tensor y = upsample_cpu(g, A, h, w, den.contiguous());
     return out_dtype.has_value() ? y.to(*out_dtype) : y;
   }
   // Whether the kernels read pixels of dtype `x` for a computation in `dtype` (the cast folded

@@ -40,7 +40,11 @@ using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 at::Tensor affinity_cpu(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
                         double scale, bool softmax);
 Tensor2 aggregate_cpu(const at::Tensor& x, const at::Tensor& A, int64_t h, int64_t w);
-at::Tensor upsample_cpu(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w);
+// s in any layout (read in place: e.g. token-major, as the refine's backward leaves a gradient);
+// with den [B, 1, hh, ww] defined (contiguous), the upsampling of s / (den + 1e-12)
+// (associate_backward), the division in the accumulation type as the kernel reads s
+at::Tensor upsample_cpu(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w,
+                        const at::Tensor& den = at::Tensor());
 // s undefined: the super tokens are pool_cpu(x, h, w), computed in the same pass over x.
 Tensor3 affinity_aggregate_cpu(const at::Tensor& x, const at::Tensor& s, int64_t h, int64_t w,
                                double scale, bool normalise);

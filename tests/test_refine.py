@@ -558,6 +558,27 @@ def test_cuda_refine_kernels_match_aten(B, C, heads, H, W, bias, dtype):
             assert err <= (2 if i < 4 else 3) * max(err_aten, eps), (name, err, err_aten)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_sta_backward_runs_no_aten_op_between_its_kernels(dtype):
+    """The CPU backward step's last kernel, upsample(g / (den + 1e-12), A), reads the refine
+    kernel's token-major gradient in place and divides as it stages it: no aten::add, div or
+    copy_ on the way (before 2026-12-08 an add, a division and a relayout copy preceded it). The
+    values: test_associate_backward_any_layout_of_g (token-major g) and the step's gradchecks."""
+    torch.manual_seed(seed_for("cpu-step-ops", dtype))
+    C, h, w, heads = 16, 4, 4, 2
+    m = sk.SuperTokenAttention(C, (h, w), num_heads=heads, qkv_bias=True).to(dtype)
+    r = m.stoken_refine
+    W = (r.qkv.weight.detach(), r.qkv.bias.detach(), r.proj.weight.detach(), r.proj.bias.detach())
+    x = torch.randn(2, C, 12, 16, dtype=dtype)
+    ops = torch.ops.stvit
+    y, A, den, s, qkvh, attn, o = ops.sta_forward(x, *W, h, w, m.scale, 1, heads, r.scale)
+    g = torch.randn_like(y)
+    calls = _aten_calls(lambda: ops.sta_backward(g, A, den, s, qkvh, attn, o, W[0], W[2], h, w,
+                                                 heads, r.scale),
+                        ("aten::add", "aten::div", "aten::copy_", "aten::contiguous"))
+    assert calls == 0
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("heads", [1, 2])
 def test_cuda_sta_step_copies_nothing(heads):

@@ -47,6 +47,11 @@ struct RefineGeometry {
   bool out_channel_major;  // out [B, C, N] (else token-major [B * N, C])
 };
 
+// Strides (elements) of super tokens [B, C, hh, ww] that are read in any layout.
+struct StokenStrides {
+  int64_t b, c, u, v;
+};
+
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
 
@@ -78,9 +83,12 @@ struct KernelSet {
   // super token; with `normalise`, num / (den + 1e-12) (divided in acc_t) goes into num.
   void (*reduce)(const Geometry& g, const acc_t* pnum, const acc_t* pden, scalar_t* num,
                  scalar_t* den, bool normalise, int64_t begin, int64_t end);
-  // y [B, C, H, W] = sum over valid k of A[k] * s[:, nbr_k].
-  void (*upsample)(const Geometry& g, const scalar_t* s, const scalar_t* A, scalar_t* y,
-                   int64_t begin, int64_t end);
+  // y [B, C, H, W] = sum over valid k of A[k] * s[:, nbr_k] (s laid out as ss says: e.g. token-
+  // major, as the refine's backward leaves a gradient); with den [B, 1, hh, ww] (else null), of
+  // s / (den + 1e-12) instead, divided in acc_t as the super tokens are read.
+  void (*upsample)(const Geometry& g, const scalar_t* s, const StokenStrides& ss,
+                   const scalar_t* A, const scalar_t* den, scalar_t* y, int64_t begin,
+                   int64_t end);
   // The refine attention's forward for items [begin, end) of b (s [B, C, N]; biases may be null):
   // q, k, v = the [heads, (q, k, v), d] channels of s's tokens @ wqkv^T + bqkv, into qkvh;
   // attn [B * heads, N, N] = softmax(scale q k^T); o [B * N, C] = attn v (token-major, the heads

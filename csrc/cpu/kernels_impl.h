@@ -429,19 +429,35 @@ struct BandTiles {
     load(A_img, 9, band, at.get(), astride);
   }
 
-  // st from s_img, one image of super tokens [C, hh, ww].
+  // st from s_img, one image of super tokens [C, hh, ww] (contiguous).
   void load_stokens(const scalar_t* s_img, const Band& band) {
+    load_stokens(s_img, {0, g.cells(), g.ww, 1}, band, nullptr);
+  }
+
+  // st from s_img, one image of super tokens laid out as `ss` says (its b stride unused); with
+  // den_img (the image's [1, hh, ww], contiguous; else null), s / (den + 1e-12), divided in acc_t.
+  void load_stokens(const scalar_t* s_img, const StokenStrides& ss, const Band& band,
+                    const scalar_t* den_img) {
     const scalar_t* rows[3];
     for (int i = 0; i < 3; ++i) {
       const int64_t nu = band.u + i - 1;
-      rows[i] = nu < 0 || nu >= g.hh ? nullptr : s_img + nu * g.ww;
+      rows[i] = nu < 0 || nu >= g.hh ? nullptr : s_img + nu * ss.u;
     }
-    load_stokens(rows, g.cells());
+    load_stokens(rows, ss.c, ss.v);
+    if (den_img == nullptr) return;
+    for (int i = 0; i < 3; ++i) {
+      if (rows[i] == nullptr) continue;
+      const scalar_t* den_row = den_img + (band.u + i - 1) * g.ww;
+      for (int64_t ch = 0; ch < g.C; ++ch) {
+        acc_t* d = st.get() + ch * schan + i * srow + 1;
+        for (int64_t j = 0; j < g.ww; ++j) d[j] /= static_cast<acc_t>(den_row[j]) + acc_t(1e-12);
+      }
+    }
   }
 
   // st from the grid rows u-1, u, u+1 of the band: rows[i] is channel 0 of row u+i-1 (null
-  // outside the grid), channels `ch_stride` apart.
-  void load_stokens(const scalar_t* const* rows, int64_t ch_stride) {
+  // outside the grid), channels `ch_stride` apart and columns `col_stride`.
+  void load_stokens(const scalar_t* const* rows, int64_t ch_stride, int64_t col_stride = 1) {
     acc_t* dst = st.get();
     for (int64_t ch = 0; ch < g.C; ++ch) {
       for (int i = 0; i < 3; ++i) {
@@ -451,7 +467,12 @@ struct BandTiles {
           continue;
         }
         d[0] = d[srow - 1] = acc_t(0);
-        convert_row(d + 1, rows[i] + ch * ch_stride, g.ww);
+        const scalar_t* src = rows[i] + ch * ch_stride;
+        if (col_stride == 1) {
+          convert_row(d + 1, src, g.ww);
+        } else {
+          for (int64_t j = 0; j < g.ww; ++j) d[1 + j] = static_cast<acc_t>(src[j * col_stride]);
+        }
       }
     }
   }
@@ -780,8 +801,9 @@ void reduce_stokens(const Geometry& g, const acc_type<scalar_t>* pnum,
 }
 
 template <typename scalar_t>
-void upsample_bands(const Geometry& g, const scalar_t* s, const scalar_t* A, scalar_t* y,
-                    int64_t begin, int64_t end) {
+void upsample_bands(const Geometry& g, const scalar_t* s, const StokenStrides& ss,
+                    const scalar_t* A, const scalar_t* den, scalar_t* y, int64_t begin,
+                    int64_t end) {
   using T = BandTiles<scalar_t>;
   const bool direct = (g.w == 4 && T::template direct_upsample<4>()) ||
                       (g.w == 8 && T::template direct_upsample<8>());
@@ -789,7 +811,8 @@ void upsample_bands(const Geometry& g, const scalar_t* s, const scalar_t* A, sca
   for (int64_t idx = begin; idx < end; ++idx) {
     const Band band = t.locate(idx);
     t.load_affinity(A + band.b * 9 * t.HW, band);
-    t.load_stokens(s + band.b * g.C * g.cells(), band);
+    t.load_stokens(s + band.b * ss.b, ss, band,
+                   den == nullptr ? nullptr : den + band.b * g.cells());
     scalar_t* y_img = y + band.b * g.C * t.HW;
     switch (g.w) {
       case 4: t.template upsample_band<4>(band, y_img); break;

@@ -195,16 +195,20 @@ Tensor2 aggregate_cpu(const at::Tensor& x, const at::Tensor& A, int64_t h, int64
   return out;
 }
 
-at::Tensor upsample_cpu(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
+at::Tensor upsample_cpu(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w,
+                        const at::Tensor& den) {
   const cpu::Geometry g = geometry(A, s.size(1), h, w);
   at::Tensor y = new_tensor({g.B, g.C, g.H, g.W}, s.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "upsample_cpu", [&] {
     const auto& k = cpu::kernels<scalar_t>();
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
     const scalar_t* Ap = A.const_data_ptr<scalar_t>();
+    const scalar_t* dp = den.defined() ? den.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.B * g.hh, grain(9 * g.C * g.h * g.W),
-                     [&](int64_t begin, int64_t end) { k.upsample(g, sp, Ap, yp, begin, end); });
+    const cpu::StokenStrides ss{s.stride(0), s.stride(1), s.stride(2), s.stride(3)};
+    at::parallel_for(0, g.B * g.hh, grain(9 * g.C * g.h * g.W), [&](int64_t begin, int64_t end) {
+      k.upsample(g, sp, ss, Ap, dp, yp, begin, end);
+    });
   });
   return y;
 }
