@@ -224,7 +224,7 @@ template <typename K>
 at::Tensor upsample(const at::Tensor& s, const at::Tensor& A, int64_t h, int64_t w) {
   check_stokens_affinity("upsample", s, A, h, w);
   typename K::Guard guard(s);
-  return K::upsample(s.contiguous(), A.contiguous(), h, w);
+  return K::upsample(s, A.contiguous(), h, w);  // s in any layout (both kernels take it)
 }
 
 template <typename K>
