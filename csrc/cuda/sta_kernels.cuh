@@ -441,7 +441,8 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
   // last one), or one per vector below C, unit j < 9 of the cell then summing den's neighbour j
   const int NVU = kAgg && p.cell_units ? units_per_cell(p.C, p.CW, V, p.NC, BS) : 0;
   const bool own_unit = q < t.nct * NVU;
-  const int u_tc = own_unit ? q / NVU : 0;
+  // (divided by 1 where a mode has no units: nvcc warned of q / 0 in its dead branch)
+  const int u_tc = own_unit ? q / (kAgg ? NVU : 1) : 0;
   const int u_c = own_unit ? (q - u_tc * NVU) * V : 0;
   // den's sums without their vector (den_sh): 9 x NC acc_t just below x_off (the A region's tail,
   // see plan_cells), each carried there between batches by its unit, a register during phase 2
