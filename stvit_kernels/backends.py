@@ -114,8 +114,8 @@ class ReferenceBackend(Backend):
 class FusedBackend(Backend):
     """A kernel family (:class:`stvit_kernels._library.Kernels`): the raw operators when no
     gradient is needed, else the autograd Functions of :mod:`stvit_kernels._library`. The raw
-    operators take any layout (the C++ ones copy other layouts to contiguous NCHW, the Triton ones
-    read through the strides)."""
+    operators take any layout (the C++ ones copy to contiguous NCHW only what their kernels cannot
+    read in place, the Triton ones read through the strides)."""
 
     def kernels(self) -> Kernels:
         raise NotImplementedError

@@ -29,7 +29,8 @@
 namespace stvit {
 namespace cpu {
 
-// Sizes of one call; every tensor is contiguous NCHW.
+// Sizes of one call; every tensor is contiguous NCHW (but the upsampling's super tokens, read
+// through StokenStrides).
 struct Geometry {
   int64_t B, C, H, W;  // pixels x: [B, C, H, W]
   int64_t h, w;        // cell (super-token) size
