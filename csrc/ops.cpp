@@ -133,7 +133,7 @@ struct CpuKernels {
   static at::Tensor upsample_normalised(const at::Tensor& g, const at::Tensor& A,
                                         const at::Tensor& den, int64_t h, int64_t w,
                                         std::optional<at::ScalarType> out_dtype) {
-    const at::Tensor y = upsample_cpu(g, A, h, w, den.contiguous());
+    const at::Tensor y = upsample_cpu(g, A, h, w, den);
     return out_dtype.has_value() ? y.to(*out_dtype) : y;
   }
   // Whether the kernels read pixels of dtype `x` for a computation in `dtype` (the cast folded
@@ -186,9 +186,9 @@ struct CudaKernels {
                                         const at::Tensor& den, int64_t h, int64_t w,
                                         std::optional<at::ScalarType> out_dtype) {
     if (out_dtype.has_value() && !pixel_dtype_ok_cuda(*out_dtype, g.scalar_type())) {
-      return upsample_cuda(g, A, h, w, den.contiguous()).to(*out_dtype);
+      return upsample_cuda(g, A, h, w, den).to(*out_dtype);
     }
-    return upsample_cuda(g, A, h, w, den.contiguous(), out_dtype);
+    return upsample_cuda(g, A, h, w, den, out_dtype);
   }
   // float32 x read for a float16 / bfloat16 computation (sta_launch.cuh, pixel_dtype_ok)
   static bool reads_cast(at::ScalarType x, at::ScalarType dtype) {
@@ -293,7 +293,7 @@ at::Tensor associate_backward_impl(const at::Tensor& g, const at::Tensor& A,
   check_same("associate_backward", "g", g, "den", den);
   check_stokens_affinity("associate_backward", g, A, h, w);
   typename K::Guard guard(A);
-  return K::upsample_normalised(g, A.contiguous(), den, h, w, out_dtype);
+  return K::upsample_normalised(g, A.contiguous(), den.contiguous(), h, w, out_dtype);
 }
 
 template <typename K>

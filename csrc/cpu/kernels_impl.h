@@ -439,25 +439,21 @@ struct BandTiles {
   void load_stokens(const scalar_t* s_img, const StokenStrides& ss, const Band& band,
                     const scalar_t* den_img) {
     const scalar_t* rows[3];
+    const scalar_t* den_rows[3];
     for (int i = 0; i < 3; ++i) {
       const int64_t nu = band.u + i - 1;
-      rows[i] = nu < 0 || nu >= g.hh ? nullptr : s_img + nu * ss.u;
+      const bool inside = nu >= 0 && nu < g.hh;
+      rows[i] = inside ? s_img + nu * ss.u : nullptr;
+      den_rows[i] = inside && den_img != nullptr ? den_img + nu * g.ww : nullptr;
     }
-    load_stokens(rows, ss.c, ss.v);
-    if (den_img == nullptr) return;
-    for (int i = 0; i < 3; ++i) {
-      if (rows[i] == nullptr) continue;
-      const scalar_t* den_row = den_img + (band.u + i - 1) * g.ww;
-      for (int64_t ch = 0; ch < g.C; ++ch) {
-        acc_t* d = st.get() + ch * schan + i * srow + 1;
-        for (int64_t j = 0; j < g.ww; ++j) d[j] /= static_cast<acc_t>(den_row[j]) + acc_t(1e-12);
-      }
-    }
+    load_stokens(rows, ss.c, ss.v, den_img != nullptr ? den_rows : nullptr);
   }
 
   // st from the grid rows u-1, u, u+1 of the band: rows[i] is channel 0 of row u+i-1 (null
-  // outside the grid), channels `ch_stride` apart and columns `col_stride`.
-  void load_stokens(const scalar_t* const* rows, int64_t ch_stride, int64_t col_stride = 1) {
+  // outside the grid), channels `ch_stride` apart and columns `col_stride`; with den_rows (row
+  // u+i-1 of den, null with rows[i]), each row divided by den + 1e-12 as it is staged.
+  void load_stokens(const scalar_t* const* rows, int64_t ch_stride, int64_t col_stride = 1,
+                    const scalar_t* const* den_rows = nullptr) {
     acc_t* dst = st.get();
     for (int64_t ch = 0; ch < g.C; ++ch) {
       for (int i = 0; i < 3; ++i) {
@@ -473,6 +469,9 @@ struct BandTiles {
         } else {
           for (int64_t j = 0; j < g.ww; ++j) d[1 + j] = static_cast<acc_t>(src[j * col_stride]);
         }
+        if (den_rows == nullptr) continue;
+        const scalar_t* den = den_rows[i];
+        for (int64_t j = 0; j < g.ww; ++j) d[1 + j] /= static_cast<acc_t>(den[j]) + acc_t(1e-12);
       }
     }
   }

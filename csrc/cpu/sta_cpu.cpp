@@ -1,6 +1,7 @@
 // The four STA primitives on the CPU (declared in stvit.h): output allocation, dtype dispatch,
 // threading (at::parallel_for over bands: rows of cells, or rows of super tokens for the
-// aggregation's second pass) and the choice of the kernels' instruction set. The kernels are in kernels_impl.h.
+// aggregation's second pass) and the choice of the kernels' instruction set. The kernels are
+// in kernels_impl.h.
 // Inputs arrive checked (shapes, dtypes, contiguity) by the host wrappers of ops.cpp.
 #include <algorithm>
 #include <atomic>
@@ -203,6 +204,8 @@ at::Tensor upsample_cpu(const at::Tensor& s, const at::Tensor& A, int64_t h, int
     const auto& k = cpu::kernels<scalar_t>();
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
     const scalar_t* Ap = A.const_data_ptr<scalar_t>();
+    TORCH_INTERNAL_ASSERT(!den.defined() || den.is_contiguous(),
+                          "upsample_cpu: den must be contiguous");
     const scalar_t* dp = den.defined() ? den.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const cpu::StokenStrides ss{s.stride(0), s.stride(1), s.stride(2), s.stride(3)};
