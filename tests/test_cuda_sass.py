@@ -89,3 +89,15 @@ def test_grid_stride_loop_has_no_64_bit_division(kernel):
     loops = [ops for ops in _loops(code) if ops["LDG"] and ops["STG"]]
     assert loops, "no loop that loads and stores"
     assert min(ops["CALL"] for ops in loops) <= 1, loops
+
+
+@pytest.mark.parametrize("scalar", ["float", "c10::Half", "c10::BFloat16"])
+@pytest.mark.parametrize("agg", [False, True], ids=["affinity", "aggregate"])
+def test_cell_kernel_uses_no_local_memory(scalar, agg):
+    """The cell kernels of two channels a thread (the STViT stages' float / half / bfloat16 path)
+    keep everything in registers and shared memory: no local load or store (spill or stack
+    array). Before 2026-12-08 each read a bool[3] of valid slot rows, indexed by a runtime row in
+    the aggregation's loops, from the stack: 3 stores and 3 loads of local memory."""
+    code = _kernel(f"void stvit::cuda::cell_kernel<{scalar}, 2, {str(agg).lower()}, float>")
+    local = [op for _, op in code if re.search(r"\b(LDL|STL)\b", op)]
+    assert not local, local

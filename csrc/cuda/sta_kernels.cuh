@@ -424,16 +424,21 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
   const pixel_t* x_b = p.x + t.b * p.C * HW;
 
   // aggregating kernels: the tile's slots (extended columns sc_lo .. sc_hi are in the grid, slot
-  // row sr where row_ok[sr]) and, with p.cell_units, this thread's unit for the whole tile: cell
+  // row sr where row_ok(sr)) and, with p.cell_units, this thread's unit for the whole tile: cell
   // u_tc, channels u_c .. u_c + V - 1, its sums into the 9 slots of that cell's neighbours in
   // registers (cacc[k]: neighbour k = 3 * slot row + column offset)
   const int NVC = p.CW / V;  // channel vectors per slot
   const int sc_lo = t.cj0 == 0 ? 1 : 0;
   const int sc_hi = imin(t.nct + 1, p.ww - t.cj0);
   acc_t* ws_tile = nullptr;
-  bool row_ok[3];
+  // bit sr: slot row sr in the grid (a mask, not a bool[3]: indexed by a runtime sr, an array
+  // went to local memory, 3 stores and a load per use)
+  unsigned row_mask = 0;
 #pragma unroll
-  for (int sr = 0; sr < 3; ++sr) row_ok[sr] = t.ci + sr - 1 >= 0 && t.ci + sr - 1 < p.hh;
+  for (int sr = 0; sr < 3; ++sr) {
+    row_mask |= unsigned(t.ci + sr - 1 >= 0 && t.ci + sr - 1 < p.hh) << sr;
+  }
+  const auto row_ok = [row_mask](int sr) { return (row_mask >> sr) & 1u; };
   if constexpr (kAgg) {
     ws_tile = p.ws + ((t.b * p.hh + t.ci) * p.NT + t.T) * static_cast<int64_t>(3 * NCE * p.CW);
   }
@@ -612,7 +617,7 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
           for (int sr = 0; sr < 3; ++sr) {
 #pragma unroll
             for (int v = 0; v < V; ++v) acc[sr][v] = acc_t(0);
-            if (pb > 0 && row_ok[sr]) {
+            if (pb > 0 && row_ok(sr)) {
               const Vec<acc_t, V> old = load_vec<acc_t, V>(ws_tile + (sr * NCE + sc) * p.CW + c);
 #pragma unroll
               for (int v = 0; v < V; ++v) acc[sr][v] = old.v[v];
@@ -640,7 +645,7 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
           }
 #pragma unroll
           for (int sr = 0; sr < 3; ++sr) {
-            if (!row_ok[sr]) continue;
+            if (!row_ok(sr)) continue;
             Vec<acc_t, V> out;
 #pragma unroll
             for (int v = 0; v < V; ++v) out.v[v] = acc[sr][v];
@@ -676,7 +681,7 @@ __global__ void __launch_bounds__(kMaxThreads) cell_kernel(const CellParams<scal
       const int per_row = (sc_hi - sc_lo + 1) * NVC;
       for (int i = q; i < 3 * per_row; i += BS) {
         const int sr = i / per_row;
-        if (!row_ok[sr]) continue;
+        if (!row_ok(sr)) continue;
         const int rest = i - sr * per_row;
         const int e = sc_lo + rest / NVC;
         const int c = (rest % NVC) * V;
