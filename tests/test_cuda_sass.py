@@ -91,13 +91,16 @@ def test_grid_stride_loop_has_no_64_bit_division(kernel):
     assert min(ops["CALL"] for ops in loops) <= 1, loops
 
 
-@pytest.mark.parametrize("scalar", ["float", "c10::Half", "c10::BFloat16"])
-@pytest.mark.parametrize("agg", [False, True], ids=["affinity", "aggregate"])
-def test_cell_kernel_uses_no_local_memory(scalar, agg):
-    """The cell kernels of two channels a thread (the STViT stages' float / half / bfloat16 path)
-    keep everything in registers and shared memory: no local load or store (spill or stack
+@pytest.mark.parametrize("kernel", [
+    f"cell_kernel<{scalar}, {mode}, true, {pixel}>"
+    for scalar in ["float", "c10::Half", "c10::BFloat16"] for mode in [1, 2]
+    for pixel in sorted({scalar, "float" if mode == 2 else scalar})])
+def test_cell_kernel_uses_no_local_memory(kernel):
+    """The aggregating cell kernels that production runs (mode 1 aggregate, 2 fused, with the x
+    cache; the fused one also reading float32 pixels for a 16-bit computation) keep everything in
+    registers and shared memory in float32 and 16-bit: no local load or store (spill or stack
     array). Before 2026-12-08 each read a bool[3] of valid slot rows, indexed by a runtime row in
-    the aggregation's loops, from the stack: 3 stores and 3 loads of local memory."""
-    code = _kernel(f"void stvit::cuda::cell_kernel<{scalar}, 2, {str(agg).lower()}, float>")
+    the aggregation's loops, from the stack: 3 stores and 3 loads a thread."""
+    code = _kernel(f"void stvit::cuda::{kernel}")
     local = [op for _, op in code if re.search(r"\b(LDL|STL)\b", op)]
     assert not local, local
