@@ -104,3 +104,18 @@ def test_cell_kernel_uses_no_local_memory(kernel):
     code = _kernel(f"void stvit::cuda::{kernel}")
     local = [op for _, op in code if re.search(r"\b(LDL|STL)\b", op)]
     assert not local, local
+
+
+@pytest.mark.parametrize("kernel", ["cell_kernel<float, 2, true, float>",
+                                    "cell_kernel<float, 1, true, float>",
+                                    "cell_kernel<c10::BFloat16, 2, true, float>"])
+def test_x_cache_fill_is_copies(kernel):
+    """The x cache's fill (fetch_pixel: a pixel's channels, one cp.async of 4 bytes each, the
+    aggregating kernels' main load of x) spends at most 5 instructions per copy in its unrolled
+    loop: the copy and a pointer stepped by a plane. It was 14.75 (118 for 8 copies) before
+    2026-12-08, each copy's address an index times HW in 64 bits and a wrap test."""
+    code = _kernel(f"void stvit::cuda::{kernel}")
+    loops = [ops for ops in _loops(code) if ops["LDGSTS"] >= 8]
+    assert loops, "no loop with 8 or more LDGSTS"
+    ops = min(loops, key=lambda ops: sum(ops.values()))  # the innermost: the unrolled channels
+    assert sum(ops.values()) / ops["LDGSTS"] <= 5, ops
