@@ -253,6 +253,41 @@ __device__ __forceinline__ void stage_stokens(acc_t* __restrict__ s_sh,
     token_major = p.s_sc == 1 && p.C > 1;
     den_b = p.den + t.b * plane;
   }
+  // Channel-plane-major s (not token-major), a block of at least 3 x (NC+2) threads: thread q
+  // keeps slot j = q % S (its bounds test, token and den computed once) and takes its channels
+  // q / S, + per, ...: a load, a store and a pointer step per element, kStageLoads loads in
+  // flight. (The index of the generic loop below, two divisions, bounds tests and a 64-bit
+  // address per element, made ~50 instructions per element in the sm_90 SASS.)
+  const int S = 3 * NCE;
+  const int per = BS / S;
+  if (!token_major && per > 0) {
+    const int q = threadIdx.x;
+    if (q >= per * S) return;
+    const int j = q % S;
+    const int row = j / NCE;
+    const int uu = t.ci + row - 1;
+    const int v = t.cj0 - 1 + (j - row * NCE);
+    const bool in_grid = uu >= 0 && uu < p.hh && v >= 0 && v < p.ww;
+    const int64_t token = in_grid ? static_cast<int64_t>(uu) * p.ww + v : 0;
+    acc_t div = acc_t(1);  // a division, as the generic loop and the CPU kernels do
+    if constexpr (NORMALISED) div = static_cast<acc_t>(den_b[token]) + acc_t(1e-12);
+    acc_t* d = s_sh + j * p.SK;
+    const int c_end = in_grid ? imin(p.CK, p.C - c0) : 0;  // channels cc < c_end are read
+    for (int cc0 = q / S; cc0 < p.CK; cc0 += kStageLoads * per) {
+      acc_t val[kStageLoads];
+      const scalar_t* src = s_b + static_cast<int64_t>(c0 + cc0) * plane + token;
+#pragma unroll
+      for (int u = 0; u < kStageLoads; ++u, src += per * plane) {
+        val[u] = cc0 + u * per < c_end ? static_cast<acc_t>(src[0]) : acc_t(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kStageLoads; ++u) {
+        if constexpr (NORMALISED) val[u] = val[u] / div;
+        if (cc0 + u * per < p.CK) d[cc0 + u * per] = val[u];
+      }
+    }
+    return;
+  }
   for (int base = threadIdx.x; base < n; base += kStageLoads * BS) {
     acc_t val[kStageLoads];
     acc_t div[NORMALISED ? kStageLoads : 1];
